@@ -1,0 +1,1 @@
+"""TFDS builders (manual_dir) for BUSI and BUS-BRA."""

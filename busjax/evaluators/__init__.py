@@ -1,0 +1,1 @@
+"""Evaluators: metrics with confidence intervals, calibration, report figures."""

@@ -1,0 +1,1 @@
+"""Trainers: one standalone ``train_and_evaluate(config, workdir)`` per regime."""
