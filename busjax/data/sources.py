@@ -1,0 +1,626 @@
+"""Real breast-ultrasound sources -> `records.Collection`, validated eagerly at load time.
+
+Sources: BUSI (original folder layout), BUS-BRA (official CSVs and folds), BreastMNIST (MedMNIST
+``.npz``), a CSV manifest of the user's own images, and a built TFDS dataset. `from_config` picks
+one from ``config.data``.
+
+Every image (and its masks) is fully decoded once at load, in a thread pool, so that a truncated
+file, an unreadable mode or a mask of the wrong size is reported here as a `records.DataError`
+naming the file, not as a crash an hour into training. With ``on_error="skip"`` such records are
+dropped and one warning counts them. Structural problems (a missing folder or CSV, a class left
+with no images) always raise.
+
+Labels follow busjax's convention everywhere: malignant = 1. BreastMNIST's inverted labels
+(0 = malignant) are flipped here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from busjax.data import records
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+BREASTMNIST_SPLITS = ("train", "val", "test")
+_MASK_NAME = re.compile(r"^(?P<base>.+)_mask(?:_(?P<n>\d+))?$")
+_LABEL_NAMES = {name: i for i, name in enumerate(records.THREE_CLASSES)}
+_MAX_LISTED_PROBLEMS = 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared validation machinery.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Candidate:
+  """A record before its files are checked; masks are merged during the check."""
+
+  record: records.Record
+  mask_paths: tuple[str, ...] = ()
+  expected_shape: tuple[int, int] | None = None  # (H, W) a metadata file claims.
+  expected_where: str = ""  # Where that claim comes from, for the error message.
+  problem: str | None = None  # Found before decoding (bad CSV row, duplicate path, ...).
+
+
+class _Problems:
+  """Collects per-record problems: raises on the first with on_error='raise', else counts."""
+
+  def __init__(self, source: str, on_error: str):
+    if on_error not in ("raise", "skip"):
+      raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    self.source = source
+    self.on_error = on_error
+    self.messages: list[str] = []
+    self.skipped_images = 0
+
+  def add(self, message: str, *, is_image: bool = True) -> None:
+    """Raises, or records the problem (is_image=False for stray files that are not records)."""
+    if self.on_error == "raise":
+      raise records.DataError(message)
+    self.messages.append(message)
+    self.skipped_images += int(is_image)
+
+  def summarise(self, total: int) -> None:
+    """Logs one counted warning for everything skipped."""
+    if not self.messages:
+      return
+    listed = "; ".join(self.messages[:_MAX_LISTED_PROBLEMS])
+    more = len(self.messages) - _MAX_LISTED_PROBLEMS
+    suffix = f"; ... and {more} more" if more > 0 else ""
+    logging.warning("%s: skipped %d of %d images: %s%s", self.source, self.skipped_images,
+                    total, listed, suffix)
+
+
+def _image_mode(path: str) -> str:
+  """The PIL mode on disk (header only), e.g. 'RGB' for BUSI images with colour annotations."""
+  try:
+    with Image.open(path) as img:
+      return img.mode
+  except Exception:  # noqa: BLE001 - read_image_file has already reported a real problem.
+    return "unknown"
+
+
+def _check(candidate: _Candidate) -> tuple[records.Record | None, str | None]:
+  """Fully decodes one image and its masks; returns (checked record, None) or (None, problem)."""
+  if candidate.problem:
+    return None, candidate.problem
+  record = candidate.record
+  try:
+    image = records.read_image_file(record.image)
+    shape = tuple(image.shape)
+    merged = None
+    for mask_path in candidate.mask_paths:
+      mask = records.read_image_file(mask_path)
+      if mask.shape != shape:
+        return None, (f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                      f"{record.image} is {shape[1]}x{shape[0]}")
+      merged = mask > 0 if merged is None else merged | (mask > 0)
+  except records.DataError as e:
+    return None, str(e)
+  if len(candidate.mask_paths) == 1:
+    mask_value = candidate.mask_paths[0]  # One mask: keep the path, load_mask reads it.
+  elif candidate.mask_paths:
+    mask_value = merged.astype(np.uint8)  # Several masks: the lesion is their union.
+  else:
+    mask_value = None
+  meta = dict(record.meta, height=shape[0], width=shape[1], mode=_image_mode(record.image))
+  if candidate.expected_shape is not None and shape != tuple(candidate.expected_shape):
+    # Metadata, not pixels, is wrong here (BUS-BRA's bus_0857-r: CSV says 409 rows, image and
+    # mask agree on 393): note it and let _finish warn, since image and mask are consistent.
+    exp_h, exp_w = candidate.expected_shape
+    meta["size_note"] = (f"{record.image} is {shape[1]}x{shape[0]} but {candidate.expected_where}"
+                         f" says {exp_w}x{exp_h}")
+  if len(candidate.mask_paths) > 1:
+    meta["mask_files"] = len(candidate.mask_paths)
+  return dataclasses.replace(record, mask=mask_value, meta=meta), None
+
+
+def _num_threads() -> int:
+  # PIL releases the GIL while inflating PNGs, so threads scale a little beyond the core count.
+  return min(16, 2 * (os.cpu_count() or 1))
+
+
+def _mark_duplicates(candidates: Sequence[_Candidate]) -> None:
+  """Marks every candidate whose image file was already listed (same real path)."""
+  seen: dict[str, str] = {}
+  for c in candidates:
+    if c.problem or not isinstance(c.record.image, str):
+      continue
+    key = os.path.realpath(c.record.image)
+    if key in seen:
+      c.problem = f"{c.record.image}: duplicate path (already listed as {seen[key]})"
+    else:
+      seen[key] = c.record.id
+
+
+def _finish(name: str, candidates: Sequence[_Candidate], *, class_names: tuple[str, ...],
+            root: str | None, on_error: str, problems: _Problems | None = None,
+            class_hint: Callable[[str], str] | None = None) -> records.Collection:
+  """Checks all candidates in a thread pool and builds the collection."""
+  problems = problems or _Problems(name, on_error)
+  _mark_duplicates(candidates)
+  with concurrent.futures.ThreadPoolExecutor(_num_threads()) as pool:
+    checked = list(pool.map(_check, candidates))
+  kept = []
+  for record, problem in checked:  # In listing order, so the first error raised is deterministic.
+    if problem is not None:
+      problems.add(problem)
+    else:
+      kept.append(record)
+  problems.summarise(len(candidates))
+  notes = [r.meta["size_note"] for r in kept if "size_note" in r.meta]
+  if notes:
+    logging.warning("%s: %d images differ in size from their metadata (kept, the mask matches "
+                    "the image): %s", name, len(notes), "; ".join(notes[:_MAX_LISTED_PROBLEMS]))
+  counts = np.bincount([r.label for r in kept], minlength=len(class_names))
+  for label, class_name in enumerate(class_names):
+    if counts[label] == 0:
+      where = class_hint(class_name) if class_hint else (root or name)
+      raise records.DataError(f"{where}: no usable images of class {class_name!r}"
+                              f" ({problems.skipped_images} records skipped)")
+  return records.Collection(name=name, records=tuple(kept), class_names=class_names,
+                            synthetic=False, root=root)
+
+
+def _natural_key(text: str) -> list[Any]:
+  """Sorts 'benign (2)' before 'benign (10)'."""
+  return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def _require_dir(path: str, what: str) -> None:
+  if not os.path.isdir(path):
+    raise records.DataError(f"{path}: {what} folder not found")
+
+
+def _require_file(path: str, what: str) -> None:
+  if not os.path.isfile(path):
+    raise records.DataError(f"{path}: {what} file not found")
+
+
+def _read_csv(path: str, required: Iterable[str], delimiter: str = ","
+              ) -> list[tuple[int, dict[str, str]]]:
+  """Rows of a CSV/TSV as (line number, row), checking the header has the required columns."""
+  _require_file(path, "CSV")
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      reader = csv.DictReader(f, delimiter=delimiter)
+      header = [h.strip() for h in (reader.fieldnames or [])]
+      reader.fieldnames = header
+      missing = [c for c in required if c not in header]
+      if missing:
+        raise records.DataError(f"{path}: missing column(s) {missing} (header is {header})")
+      rows = []
+      for row in reader:
+        if None in row:
+          raise records.DataError(f"{path} line {reader.line_num}: more fields than the header")
+        rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items()}))
+  except UnicodeDecodeError as e:
+    raise records.DataError(f"{path}: not a UTF-8 text file ({e})") from e
+  except csv.Error as e:
+    raise records.DataError(f"{path}: malformed CSV ({e})") from e
+  if not rows:
+    raise records.DataError(f"{path}: no rows")
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# BUSI.
+# ----------------------------------------------------------------------------------------------
+
+
+def _busi_listing(folder: str) -> tuple[dict[str, str], dict[str, list[tuple[int, str]]]]:
+  """Images (stem -> path) and masks (image stem -> [(index, path)]) in one class folder."""
+  images: dict[str, str] = {}
+  masks: dict[str, list[tuple[int, str]]] = {}
+  for entry in os.scandir(folder):
+    stem, suffix = os.path.splitext(entry.name)
+    if entry.name.startswith(".") or suffix.lower() not in IMAGE_SUFFIXES or not entry.is_file():
+      continue
+    match = _MASK_NAME.match(stem)
+    if match:
+      masks.setdefault(match["base"], []).append((int(match["n"] or 0), entry.path))
+    else:
+      images[stem] = entry.path
+  return images, masks
+
+
+def _read_busi_split_file(path: str) -> dict[str, tuple[int, str, int, int]]:
+  """busi_name -> (line, medmnist_split, medmnist_index, breastmnist_label)."""
+  rows = _read_csv(path, ("busi_name", "medmnist_split", "medmnist_index"), delimiter="\t")
+  label_column = next((c for c in rows[0][1] if c.startswith("breastmnist_label")), None)
+  if label_column is None:
+    raise records.DataError(f"{path}: missing column 'breastmnist_label'")
+  table = {}
+  for line, row in rows:
+    split, name = row["medmnist_split"], row["busi_name"]
+    if split not in BREASTMNIST_SPLITS:
+      raise records.DataError(f"{path} line {line}: medmnist_split {split!r} is not one of "
+                              f"{BREASTMNIST_SPLITS}")
+    try:
+      index, label = int(row["medmnist_index"]), int(row[label_column])
+    except ValueError as e:
+      raise records.DataError(f"{path} line {line}: medmnist_index and breastmnist_label must be"
+                              f" integers ({e})") from e
+    if label not in (0, 1):
+      raise records.DataError(f"{path} line {line}: breastmnist_label {label} is not 0 or 1")
+    if name in table:
+      raise records.DataError(f"{path} line {line}: {name!r} listed twice")
+    table[name] = (line, split, index, label)
+  return table
+
+
+def busi(root: str, *, classes: str = "binary", split_file: str | None = None,
+         on_error: str = "raise") -> records.Collection:
+  """BUSI in its original layout ``root/{benign,malignant,normal}/``.
+
+  Masks ``X_mask.png``, ``X_mask_1.png``, ... are merged by union; a single mask stays a path,
+  several become one uint8 {0, 1} array. Patient ids are unknown in BUSI, so each image is its
+  own patient (splits.py groups near-duplicates).
+
+  Args:
+    root: the ``Dataset_BUSI_with_GT`` folder.
+    classes: "binary" (benign 0, malignant 1; normal dropped) or "three" (normal = 2).
+    split_file: optional ``busi_breastmnist_split.tsv``; adds meta["split"] and
+      meta["medmnist_index"] and checks its (inverted, 0 = malignant) labels against the folders.
+    on_error: "raise" or "skip" bad images (one counted warning).
+
+  Returns:
+    The collection, ordered by class then natural file order.
+  """
+  class_names = _class_names(classes)
+  _require_dir(root, "BUSI")
+  split_table = _read_busi_split_file(split_file) if split_file is not None else None
+  problems = _Problems("busi", on_error)
+  candidates = []
+  for label, class_name in enumerate(class_names):
+    folder = os.path.join(root, class_name)
+    _require_dir(folder, f"BUSI class {class_name!r}")
+    images, masks = _busi_listing(folder)
+    for orphan in sorted(set(masks) - set(images), key=_natural_key):
+      problems.add(f"{masks[orphan][0][1]}: mask without an image {orphan}.png",
+                   is_image=False)
+    for stem in sorted(images, key=_natural_key):
+      path = images[stem]
+      record_id = f"{class_name}/{os.path.basename(path)}"
+      meta: dict[str, Any] = {"class_folder": class_name}
+      problem = None
+      if split_table is not None:
+        meta, problem = _busi_split_meta(record_id, label, meta, split_table, split_file)
+      mask_paths = tuple(p for _, p in sorted(masks.get(stem, [])))
+      record = records.Record(id=record_id, label=label, patient_id=record_id, image=path,
+                              meta=meta)
+      candidates.append(_Candidate(record, mask_paths, problem=problem))
+  if split_table is not None:
+    unlisted = sum(1 for c in candidates if "split" not in c.record.meta and not c.problem)
+    if unlisted:
+      logging.warning("busi: %d of %d images are not in %s (no meta['split'])", unlisted,
+                      len(candidates), split_file)
+  return _finish("busi", candidates, class_names=class_names, root=root, on_error=on_error,
+                 problems=problems, class_hint=lambda c: os.path.join(root, c))
+
+
+def _busi_split_meta(record_id, label, meta, split_table, split_file):
+  """Adds the BreastMNIST split to meta; returns (meta, problem or None)."""
+  if record_id not in split_table:
+    return meta, None
+  line, split, index, bm_label = split_table[record_id]
+  # BreastMNIST: 0 = malignant, 1 = benign or normal.
+  if (bm_label == 0) != (label == records.MALIGNANT):
+    return meta, (f"{split_file} line {line}: {record_id} has breastmnist_label {bm_label} "
+                  f"(0 = malignant) but sits in the {meta['class_folder']!r} folder")
+  return dict(meta, split=split, medmnist_index=index), None
+
+
+def _class_names(classes: str) -> tuple[str, ...]:
+  if classes == "binary":
+    return records.BINARY_CLASSES
+  if classes == "three":
+    return records.THREE_CLASSES
+  raise ValueError(f"classes must be 'binary' or 'three', got {classes!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# BUS-BRA.
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_busbra_folds(path: str) -> dict[str, int]:
+  """ID -> official fold (the ``kFold`` column), or {} when the file is absent."""
+  if not os.path.isfile(path):
+    logging.warning("busbra: %s not found; no official folds in meta", path)
+    return {}
+  folds = {}
+  for line, row in _read_csv(path, ("ID", "kFold")):
+    try:
+      folds[row["ID"]] = int(row["kFold"])
+    except ValueError as e:
+      raise records.DataError(f"{path} line {line}: kFold {row['kFold']!r} is not an integer"
+                              ) from e
+  return folds
+
+
+def busbra(root: str, *, on_error: str = "raise") -> records.Collection:
+  """BUS-BRA: ``Images/bus_XXXX-s.png``, ``Masks/mask_XXXX-s.png``, ``bus_data.csv``.
+
+  Patients come from the ``Case`` column; meta holds ``birads`` (int), ``device``, ``histology``,
+  ``side`` and, from the official ``5-fold-cv.csv`` / ``10-fold-cv.csv``, ``fold5`` / ``fold10``.
+  The image size is checked against the CSV's Width/Height.
+
+  Args:
+    root: the BUS-BRA folder.
+    on_error: "raise" or "skip" bad images.
+  """
+  for sub in ("Images", "Masks"):
+    _require_dir(os.path.join(root, sub), f"BUS-BRA {sub}")
+  data_csv = os.path.join(root, "bus_data.csv")
+  rows = _read_csv(data_csv, ("ID", "Case", "Pathology", "BIRADS", "Device"))
+  fold5 = _read_busbra_folds(os.path.join(root, "5-fold-cv.csv"))
+  fold10 = _read_busbra_folds(os.path.join(root, "10-fold-cv.csv"))
+  candidates = []
+  for line, row in rows:
+    image_id = row["ID"]
+    where = f"{data_csv} line {line}"
+    image = os.path.join(root, "Images", f"{image_id}.png")
+    mask = os.path.join(root, "Masks", f"{image_id.replace('bus_', 'mask_', 1)}.png")
+    meta: dict[str, Any] = {"device": row["Device"], "histology": row.get("Histology", ""),
+                            "side": row.get("Side", "")}
+    problem, label, expected = None, 0, None
+    pathology = row["Pathology"].lower()
+    if pathology not in records.BINARY_CLASSES:
+      problem = f"{where}: unknown Pathology {row['Pathology']!r} for {image_id}"
+    else:
+      label = records.BINARY_CLASSES.index(pathology)
+    try:
+      meta["birads"] = int(row["BIRADS"])
+      if row.get("Width") and row.get("Height"):
+        expected = (int(row["Height"]), int(row["Width"]))
+    except ValueError:
+      problem = problem or f"{where}: BIRADS/Width/Height not integers for {image_id}"
+    if not os.path.isfile(mask):
+      problem = problem or f"{mask}: mask file not found (listed at {where})"
+    for key, folds in (("fold5", fold5), ("fold10", fold10)):
+      if image_id in folds:
+        meta[key] = folds[image_id]
+    record = records.Record(id=image_id, label=label, patient_id=row["Case"], image=image,
+                            meta=meta)
+    candidates.append(_Candidate(record, (mask,), expected_shape=expected,
+                                 expected_where=where, problem=problem))
+  seen_ids: set[str] = set()
+  for c in candidates:  # Duplicate IDs would silently share one file.
+    if c.record.id in seen_ids and not c.problem:
+      c.problem = f"{data_csv}: ID {c.record.id} listed twice"
+    seen_ids.add(c.record.id)
+  return _finish("busbra", candidates, class_names=records.BINARY_CLASSES, root=root,
+                 on_error=on_error, class_hint=lambda c: f"{data_csv} (Pathology {c})")
+
+
+# ----------------------------------------------------------------------------------------------
+# BreastMNIST.
+# ----------------------------------------------------------------------------------------------
+
+
+def breastmnist(path: str, *, on_error: str = "raise") -> records.Collection:
+  """MedMNIST ``breastmnist.npz`` / ``breastmnist_{64,128,224}.npz`` as in-memory records.
+
+  MedMNIST labels are inverted (0 = malignant, 1 = benign or normal); they come out
+  malignant = 1, so class 0 here means "benign or normal". meta["split"] is the MedMNIST split.
+  """
+  _require_file(path, "BreastMNIST .npz")
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      arrays = {k: npz[k] for k in npz.files}
+  except (ValueError, OSError, EOFError) as e:
+    raise records.DataError(f"{path}: not a readable numeric .npz ({e})") from e
+  problems = _Problems("breastmnist", on_error)
+  kept, total = [], 0
+  for split in BREASTMNIST_SPLITS:
+    for key in (f"{split}_images", f"{split}_labels"):
+      if key not in arrays:
+        raise records.DataError(f"{path}: missing array {key!r} (has {sorted(arrays)})")
+    images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"].reshape(-1)
+    if images.ndim == 4 and images.shape[-1] == 1:
+      images = images[..., 0]
+    if images.ndim != 3 or images.dtype != np.uint8:
+      raise records.DataError(f"{path}: {split}_images is {images.dtype} {images.shape}, "
+                              "expected uint8 (N, H, W)")
+    if len(labels) != len(images):
+      raise records.DataError(f"{path}: {len(images)} {split} images but {len(labels)} labels")
+    total += len(images)
+    for i, (image, medmnist_label) in enumerate(zip(images, labels, strict=True)):
+      if medmnist_label not in (0, 1):
+        problems.add(f"{path}: {split}_labels[{i}] = {medmnist_label} is not 0 or 1")
+        continue
+      record_id = f"{split}/{i}"
+      kept.append(records.Record(
+          id=record_id, label=int(medmnist_label == 0), patient_id=record_id, image=image,
+          meta={"split": split, "medmnist_index": i}))
+  problems.summarise(total)
+  return _in_memory_collection("breastmnist", kept, records.BINARY_CLASSES, path)
+
+
+def _in_memory_collection(name, kept, class_names, root) -> records.Collection:
+  counts = np.bincount([r.label for r in kept], minlength=len(class_names))
+  for label, class_name in enumerate(class_names):
+    if counts[label] == 0:
+      raise records.DataError(f"{root}: no usable images of class {class_name!r}")
+  return records.Collection(name=name, records=tuple(kept), class_names=class_names, root=root)
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV manifest.
+# ----------------------------------------------------------------------------------------------
+
+
+def _parse_label(text: str) -> int | None:
+  if text.isdigit() and int(text) < len(records.THREE_CLASSES):
+    return int(text)
+  return _LABEL_NAMES.get(text.lower())
+
+
+def csv_manifest(path: str, *, on_error: str = "raise") -> records.Collection:
+  """A CSV ``path,label[,patient_id][,mask][,split]`` with paths relative to the CSV.
+
+  Labels are 0/1/2 or benign/malignant/normal (malignant = 1); any normal row makes the
+  collection three-class. Extra columns go to meta as strings. Bad rows name the CSV line.
+  """
+  rows = _read_csv(path, ("path", "label"))
+  base = os.path.dirname(os.path.abspath(path))
+  candidates = []
+  for line, row in rows:
+    where = f"{path} line {line}"
+    label = _parse_label(row["label"])
+    problem = None
+    if not row["path"]:
+      problem = f"{where}: empty path"
+    elif label is None:
+      problem = f"{where}: unknown label {row['label']!r} (use 0/1/2 or benign/malignant/normal)"
+    image = os.path.join(base, row["path"])
+    if not problem and not os.path.isfile(image):
+      problem = f"{where}: image file {image} not found"
+    mask_paths: tuple[str, ...] = ()
+    if row.get("mask"):
+      mask_paths = (os.path.join(base, row["mask"]),)
+      if not problem and not os.path.isfile(mask_paths[0]):
+        problem = f"{where}: mask file {mask_paths[0]} not found"
+    meta = {k: v for k, v in row.items() if k not in ("path", "label", "patient_id", "mask")}
+    meta["line"] = line
+    record = records.Record(id=row["path"], label=label or 0,
+                            patient_id=row.get("patient_id") or row["path"], image=image,
+                            meta=meta)
+    candidates.append(_Candidate(record, mask_paths, problem=problem))
+  has_normal = any(c.record.label == 2 for c in candidates if not c.problem)
+  class_names = records.THREE_CLASSES if has_normal else records.BINARY_CLASSES
+  return _finish(os.path.splitext(os.path.basename(path))[0], candidates,
+                 class_names=class_names, root=base, on_error=on_error,
+                 class_hint=lambda c: f"{path} (label {c})")
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS.
+# ----------------------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> Any:
+  """TFDS numpy decoding gives bytes for Text features."""
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    return _text(value.item())
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def _register_builders() -> None:
+  """Imports busjax's builders so that tfds finds them by name."""
+  from busjax.data.tfds import busbra as _busbra  # noqa: F401
+  from busjax.data.tfds import busi as _busi  # noqa: F401
+
+
+def tfds_source(name: str, data_dir: str, split: str = "train") -> records.Collection:
+  """A built TFDS dataset (e.g. "busi/binary", "busbra") read with tfds, without TensorFlow.
+
+  Records hold decoded uint8 arrays. Nothing is downloaded or built here: build first with
+  ``tfds build`` or the builder's ``download_and_prepare`` (see busjax/data/tfds/).
+  """
+  import tensorflow_datasets as tfds  # Lazy: an optional dependency.
+
+  _register_builders()
+  if not os.path.isdir(data_dir):
+    raise records.DataError(f"{data_dir}: TFDS data_dir not found")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    source = builder.as_data_source(split=split)
+  except Exception as e:  # noqa: BLE001 - tfds raises many types for "not built here".
+    raise records.DataError(f"{data_dir}: cannot read TFDS dataset {name!r} split {split!r} "
+                            f"({type(e).__name__}: {e})") from e
+  class_names = tuple(builder.info.features["label"].names)
+  if "malignant" in class_names and class_names.index("malignant") != records.MALIGNANT:
+    raise records.DataError(f"{data_dir}/{name}: label 'malignant' is class "
+                            f"{class_names.index('malignant')}, busjax needs it at 1")
+  kept = []
+  for i in range(len(source)):
+    example = source[i]
+    image = np.asarray(example["image"])
+    if image.ndim == 3:
+      image = image[..., 0]
+    mask = example.get("mask")
+    if mask is not None:
+      mask = (np.asarray(mask)[..., 0] > 0).astype(np.uint8)
+    record_id = _text(example.get("id", f"{split}/{i}"))
+    meta = {k: _text(v) for k, v in dict(example.get("metadata", {})).items()}
+    kept.append(records.Record(
+        id=record_id, label=int(example["label"]),
+        patient_id=_text(example.get("patient_id", record_id)), image=image, mask=mask,
+        meta=meta))
+  return _in_memory_collection(f"tfds:{name}", kept, class_names, data_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config dispatch.
+# ----------------------------------------------------------------------------------------------
+
+
+def _breastmnist_file(root: str, image_size: int | None) -> str:
+  """root may be the .npz itself or a folder holding breastmnist[_SIZE].npz."""
+  if os.path.isfile(root) or not os.path.isdir(root):
+    return root
+  for name in (f"breastmnist_{image_size}.npz", "breastmnist.npz"):
+    if os.path.isfile(os.path.join(root, name)):
+      return os.path.join(root, name)
+  raise records.DataError(f"{root}: no breastmnist_{image_size}.npz or breastmnist.npz here")
+
+
+def _restrict_classes(collection: records.Collection, classes: str) -> records.Collection:
+  """Drops normal when a three-class source feeds a binary task; refuses the reverse."""
+  want = _class_names(classes)
+  if collection.class_names == want:
+    return collection
+  if want == records.BINARY_CLASSES and collection.class_names == records.THREE_CLASSES:
+    keep = [i for i, r in enumerate(collection.records) if r.label != 2]
+    return dataclasses.replace(collection.subset(keep), class_names=want)
+  raise records.DataError(f"{collection.root}: source {collection.name!r} has classes "
+                          f"{collection.class_names}, cannot serve classes={classes!r}")
+
+
+def from_config(data_config: Any) -> records.Collection:
+  """The collection ``config.data`` describes (``source`` picks the loader)."""
+  source = data_config.source
+  classes = data_config.get("classes", "binary")
+  on_error = data_config.get("on_error", "raise")
+  root = data_config.get("root")
+  if source == "phantom":
+    from busjax.data import phantom  # Lazy: written in parallel, heavy numpy set-up.
+
+    return phantom.make_collection(**dict(data_config.get("phantom") or {}),
+                                   image_size=data_config.image_size,
+                                   include_normal=(classes == "three"))
+  if source != "tfds" and not root:
+    raise records.DataError(f"config.data.root is empty for source {source!r}")
+  if source == "busi":
+    collection = busi(root, classes=classes, split_file=data_config.get("split_file"),
+                      on_error=on_error)
+  elif source == "busbra":
+    collection = busbra(root, on_error=on_error)
+  elif source == "breastmnist":
+    path = _breastmnist_file(root, data_config.get("image_size"))
+    collection = breastmnist(path, on_error=on_error)
+  elif source == "csv":
+    collection = csv_manifest(root, on_error=on_error)
+  elif source == "tfds":
+    collection = tfds_source(data_config.tfds_name, data_config.get("tfds_data_dir") or root,
+                             data_config.get("tfds_split", "train"))
+  else:
+    raise ValueError(f"unknown config.data.source {source!r}")
+  return _restrict_classes(collection, classes)
