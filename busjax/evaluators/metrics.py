@@ -343,16 +343,26 @@ def threshold_metrics(y: Any, p: Any, threshold: float) -> dict[str, float]:
   }
 
 
-def _specificity_at_sensitivity_point(y, p, target_sens) -> tuple[float, float, float]:
-  """(specificity, achieved sensitivity, threshold) of the best point with sens >= target."""
+def specificity_at_sensitivity_point(
+    y: np.ndarray, p: np.ndarray, target_sens: float
+) -> tuple[float, float, float]:
+  """(specificity, achieved sensitivity, threshold) of the best point with sens >= target.
+
+  No validation and no interval: the fast core for bootstraps. ``y`` must hold both classes.
+  """
   fpr, tpr, thresholds = _roc_points_unchecked(y, p)
   # tpr and fpr never decrease along the curve: the first point reaching the target has least fpr.
   i = int(np.argmax(tpr >= target_sens - _TARGET_TOLERANCE))
   return 1.0 - float(fpr[i]), float(tpr[i]), float(thresholds[i])
 
 
-def _sensitivity_at_specificity_point(y, p, target_spec) -> tuple[float, float, float]:
-  """(sensitivity, achieved specificity, threshold) of the best point with spec >= target."""
+def sensitivity_at_specificity_point(
+    y: np.ndarray, p: np.ndarray, target_spec: float
+) -> tuple[float, float, float]:
+  """(sensitivity, achieved specificity, threshold) of the best point with spec >= target.
+
+  No validation and no interval: the fast core for bootstraps. ``y`` must hold both classes.
+  """
   fpr, tpr, thresholds = _roc_points_unchecked(y, p)
   i = int(np.flatnonzero(1.0 - fpr >= target_spec - _TARGET_TOLERANCE)[-1])
   return float(tpr[i]), 1.0 - float(fpr[i]), float(thresholds[i])
@@ -380,11 +390,11 @@ def specificity_at_sensitivity(
   y, p = check_binary(y, p)
   if not _has_both_classes(y):
     raise ValueError("specificity at sensitivity needs both classes")
-  spec, sens, threshold = _specificity_at_sensitivity_point(y, p, target_sens)
+  spec, sens, threshold = specificity_at_sensitivity_point(y, p, target_sens)
   ci = None
   if n_bootstrap:
     ci = bootstrap_ci(
-        lambda yy, pp: _specificity_at_sensitivity_point(yy, pp, target_sens)[0],
+        lambda yy, pp: specificity_at_sensitivity_point(yy, pp, target_sens)[0],
         y, p, clusters=clusters, n=n_bootstrap, alpha=alpha, seed=seed,
     )
   return {
@@ -415,11 +425,11 @@ def sensitivity_at_specificity(
   y, p = check_binary(y, p)
   if not _has_both_classes(y):
     raise ValueError("sensitivity at specificity needs both classes")
-  sens, spec, threshold = _sensitivity_at_specificity_point(y, p, target_spec)
+  sens, spec, threshold = sensitivity_at_specificity_point(y, p, target_spec)
   ci = None
   if n_bootstrap:
     ci = bootstrap_ci(
-        lambda yy, pp: _sensitivity_at_specificity_point(yy, pp, target_spec)[0],
+        lambda yy, pp: sensitivity_at_specificity_point(yy, pp, target_spec)[0],
         y, p, clusters=clusters, n=n_bootstrap, alpha=alpha, seed=seed,
     )
   return {
