@@ -1,0 +1,56 @@
+"""Entry point: `python -m busjax.main --config=configs/X.py[:arg] --workdir=DIR [--config.a.b=value]`.
+
+Parses flags, initialises multi-process JAX when asked, logs the devices and dispatches to
+`busjax.trainers.<config.trainer>.train_and_evaluate(config, workdir)`. Logic lives in the trainers.
+"""
+
+import importlib
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from busjax import configlib
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, `path.py` or `path.py:arg`.",
+                                          lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+flags.DEFINE_string("coordinator", None, "Multi-process: coordinator `host:port` (omit on SLURM / TPU VMs).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (SLURM, Cloud TPU: no arguments).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  if FLAGS.coordinator or FLAGS.distributed:
+    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  logging.info("JAX %s, process %d/%d, %d local / %d global devices: %s", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices())
+  try:
+    configlib.validate(config)
+  except configlib.ConfigError as e:
+    print(f"busjax: bad config: {e}", file=sys.stderr)
+    return 2
+  trainer = importlib.import_module(f"busjax.trainers.{config.trainer}")
+  trainer.train_and_evaluate(config, FLAGS.workdir)
+  return 0
+
+
+def run():
+  # absl prints a full usage dump for bad flags; keep the one line that says what is wrong.
+  try:
+    app.run(main)
+  except flags.Error as e:
+    print(f"busjax: bad flag: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()
