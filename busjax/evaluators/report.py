@@ -1,0 +1,483 @@
+"""Evaluation reports: one strict JSON, three PNG figures and a predictions CSV per evaluated set.
+
+Layout written by `write_report(out_dir, name=NAME, ...)`::
+
+  out_dir/NAME/report.json       metrics with intervals, calibration, reader comparison, provenance
+  out_dir/NAME/predictions.csv   one row per image: id, patient_id, label, p_malignant (+ extras)
+  out_dir/NAME/roc.png           ROC with the operating point(s) and the reader's point
+  out_dir/NAME/reliability.png   reliability diagram and histogram of p(malignant)
+  out_dir/NAME/confusion.png     confusion matrix at the operating threshold
+
+NAME is a plain file name such as ``test``, ``fold3_val`` or ``busbra_external``. Every figure and
+the JSON state the data source, the split and whether the data is synthetic; synthetic data carries
+"SYNTHETIC DATA" in every figure title and as a watermark, so a phantom result cannot pass for a
+clinical one. The JSON is strict (NaN and inf are written as null). Call from process 0 only.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib import figure as mpl_figure
+
+from busjax.data import records
+from busjax.evaluators import calibration, metrics, readers
+
+SCHEMA = "busjax.report/1"
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_REQUIRED_PROVENANCE = {"source": str, "split": str, "synthetic": bool}
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict JSON and CSV.
+# ----------------------------------------------------------------------------------------------
+
+
+def to_jsonable(value: Any) -> Any:
+  """Plain JSON types: numpy scalars/arrays unwrapped, NaN/inf -> None, Intervals -> dicts."""
+  if isinstance(value, metrics.Interval):
+    return to_jsonable(value.to_dict())
+  if isinstance(value, Mapping):
+    return {str(k): to_jsonable(v) for k, v in value.items()}
+  if isinstance(value, np.ndarray):
+    return to_jsonable(value.tolist())
+  if isinstance(value, (list, tuple)):
+    return [to_jsonable(v) for v in value]
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  if value is None or isinstance(value, str):
+    return value
+  return str(value)
+
+
+def _write_atomically(path: str, text: str) -> None:
+  tmp_path = f"{path}.tmp"
+  with open(tmp_path, "w", encoding="utf-8", newline="") as f:
+    f.write(text)
+  os.replace(tmp_path, path)  # Readers never see a half-written report.
+
+
+def write_json(path: str, data: Mapping[str, Any]) -> None:
+  """Writes strict JSON (``allow_nan=False``; NaN becomes null) atomically."""
+  _write_atomically(path, json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n")
+
+
+def _default_class_names(n_classes: int) -> tuple[str, ...]:
+  if n_classes == len(records.BINARY_CLASSES):
+    return records.BINARY_CLASSES
+  if n_classes == len(records.THREE_CLASSES):
+    return records.THREE_CLASSES
+  return tuple(f"class{i}" for i in range(n_classes))
+
+
+def write_predictions_csv(
+    path: str,
+    ids: Sequence[Any],
+    labels: Any,
+    probs: Any,
+    patient_ids: Sequence[Any] | None = None,
+    extra: Mapping[str, Sequence[Any]] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> None:
+  """One row per image: ``id, [patient_id], label, p_<class>..., [extra columns]``.
+
+  Args:
+    path: the CSV file to write.
+    ids: image ids (n,).
+    labels: integer labels (n,) (malignant = 1).
+    probs: p(malignant) (n,), written as ``p_malignant``; or class probabilities (n, C), written
+      as ``p_<class name>`` (so ``p_malignant`` is always there).
+    patient_ids: optional patient ids (n,).
+    extra: further columns, name -> values (n,), e.g. ``{"birads": ..., "device": ...}``.
+    class_names: names for the columns of 2-D ``probs``; by default binary or three-class names.
+  """
+  labels = np.asarray(labels)
+  probs = np.asarray(probs, np.float64)
+  n = labels.shape[0]
+  if probs.ndim == 1:
+    prob_columns = {"p_malignant": probs}
+  elif probs.ndim == 2:
+    names = tuple(class_names or _default_class_names(probs.shape[1]))
+    if len(names) != probs.shape[1]:
+      raise ValueError(f"{len(names)} class names for {probs.shape[1]} probability columns")
+    prob_columns = {f"p_{c}": probs[:, i] for i, c in enumerate(names)}
+  else:
+    raise ValueError(f"probs must be (n,) or (n, C), got shape {probs.shape}")
+  columns: dict[str, Sequence[Any]] = {"id": list(ids)}
+  if patient_ids is not None:
+    columns["patient_id"] = list(patient_ids)
+  columns["label"] = [int(v) for v in labels]
+  columns.update(prob_columns)
+  for column, values in (extra or {}).items():
+    if column in columns:
+      raise ValueError(f"extra column {column!r} clashes with a standard column")
+    columns[column] = list(values)
+  for column, values in columns.items():
+    if len(values) != n:
+      raise ValueError(f"column {column!r} has {len(values)} values for {n} images")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp_path = f"{path}.tmp"
+  with open(tmp_path, "w", encoding="utf-8", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(columns.keys())
+    for row in zip(*columns.values(), strict=True):
+      writer.writerow(repr(float(v)) if isinstance(v, (float, np.floating)) else v for v in row)
+  os.replace(tmp_path, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers.
+# ----------------------------------------------------------------------------------------------
+
+
+def _operating_point(y, p, threshold, chosen, clusters, bootstrap, alpha, seed) -> dict[str, Any]:
+  point = metrics.threshold_metrics(y, p, threshold)
+  point.update(threshold=float(threshold), chosen=chosen)
+  if bootstrap:
+    point["ci"] = {
+        name: metrics.bootstrap_ci(
+            lambda yy, pp, name=name: metrics.threshold_metrics(yy, pp, threshold)[name],
+            y, p, clusters=clusters, n=bootstrap, alpha=alpha, seed=seed,
+        )
+        for name in ("sensitivity", "specificity", "balanced_accuracy")
+    }
+  return point
+
+
+def evaluate(
+    y: Any,
+    p: Any,
+    *,
+    threshold: float | None = None,
+    patient_ids: Any = None,
+    class_names: Sequence[str] = records.BINARY_CLASSES,
+    probs_full: Any = None,
+    labels_full: Any = None,
+    bootstrap: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    n_bins: int = 15,
+) -> dict[str, Any]:
+  """All numbers of a report for malignant-vs-rest predictions.
+
+  Args:
+    y: truth 0/1, malignant = 1 (for three-class models ``label == 1``).
+    p: p(malignant), shape (n,).
+    threshold: operating threshold chosen on validation data (e.g. `metrics.youden_threshold`);
+      metrics are reported there and always at 0.5 too.
+    patient_ids: patient per image; when some patient has several images, intervals come from a
+      patient-clustered bootstrap.
+    class_names: the model's classes (malignant at index 1).
+    probs_full: (n, C) class probabilities of a multi-class model, for top-label calibration.
+    labels_full: (n,) C-class labels matching ``probs_full``.
+    bootstrap: resamples for the intervals (0 skips them).
+    seed: resampling seed.
+    alpha: 1 - coverage of every interval.
+    n_bins: equal-width bins of the calibration error.
+
+  Returns:
+    A dict (not yet JSON-cleaned: it holds `metrics.Interval` objects and may hold NaN).
+  """
+  y, p = metrics.check_binary(y, p, probabilities=True)
+  if p.ndim != 1:
+    raise ValueError(f"p must be p(malignant) of shape (n,), got {p.shape}")
+  clusters = None
+  n_patients = y.shape[0]
+  if patient_ids is not None:
+    patient_ids = np.asarray(patient_ids)
+    if patient_ids.shape != y.shape:
+      raise ValueError(f"{patient_ids.shape[0]} patient ids for {y.shape[0]} images")
+    n_patients = len(np.unique(patient_ids))
+    clusters = patient_ids if n_patients < y.shape[0] else None
+  n_positive = int(y.sum())
+  negative_names = [c for i, c in enumerate(class_names) if i != records.MALIGNANT]
+  result: dict[str, Any] = {
+      "positive_class": class_names[records.MALIGNANT],
+      "negative_class": " or ".join(negative_names),
+      "counts": {
+          "images": int(y.shape[0]),
+          "patients": int(n_patients),
+          "positive": n_positive,
+          "negative": int(y.shape[0] - n_positive),
+          "prevalence": n_positive / y.shape[0],
+      },
+      "bootstrap": {"resamples": bootstrap, "clustered_by_patient": clusters is not None,
+                    "alpha": alpha, "seed": seed},
+  }
+  auc: dict[str, Any] = {"value": None, "bootstrap_ci": None, "delong_ci": None}
+  if 0 < n_positive < y.shape[0]:
+    auc["value"] = metrics.roc_auc(y, p)
+    if bootstrap:
+      auc["bootstrap_ci"] = metrics.bootstrap_ci(
+          metrics.roc_auc, y, p, clusters=clusters, n=bootstrap, alpha=alpha, seed=seed)
+    if min(n_positive, y.shape[0] - n_positive) >= 2:
+      auc["delong_ci"] = metrics.delong_ci(y, p, alpha=alpha)
+      auc["delong_note"] = "assumes independent images; prefer bootstrap_ci when clustered"
+  else:
+    auc["reason"] = "undefined: the set holds only one class"
+  result["auc"] = auc
+  points = {}
+  if threshold is not None:
+    points["at_threshold"] = _operating_point(
+        y, p, threshold, "given (chosen on validation data)", clusters, bootstrap, alpha, seed)
+  points["at_0.5"] = _operating_point(y, p, 0.5, "fixed 0.5", clusters, bootstrap, alpha, seed)
+  result["operating_points"] = points
+  result["calibration"] = {
+      "ece": calibration.expected_calibration_error(y, p, n_bins),
+      "n_bins": n_bins,
+      "brier": calibration.brier(y, p),
+      "nll": calibration.nll(y, p),
+  }
+  if probs_full is not None and labels_full is not None:
+    labels_full, probs_full = calibration.check_multiclass(labels_full, probs_full)
+    if probs_full.shape[0] != y.shape[0]:
+      raise ValueError(f"probs_full has {probs_full.shape[0]} rows for {y.shape[0]} images")
+    if not np.allclose(probs_full[:, records.MALIGNANT], p, atol=1e-5):
+      raise ValueError("p must equal probs_full[:, 1] (p(malignant))")
+    if not np.array_equal(labels_full == records.MALIGNANT, y == 1):
+      raise ValueError("y must equal (labels_full == 1)")
+    predicted = probs_full.argmax(axis=1)
+    n_classes = probs_full.shape[1]
+    confusion = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(confusion, (labels_full, predicted), 1)
+    result["multiclass"] = {
+        "class_names": list(class_names),
+        "accuracy": float(np.mean(predicted == labels_full)),
+        "confusion_matrix": confusion,  # Rows: truth, columns: argmax prediction.
+        "top_label_ece": calibration.top_label_ece(labels_full, probs_full, n_bins),
+        "brier": calibration.multiclass_brier(labels_full, probs_full),
+        "nll": calibration.multiclass_nll(labels_full, probs_full),
+    }
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures.
+# ----------------------------------------------------------------------------------------------
+
+
+def _new_figure(provenance: Mapping[str, Any], what: str, size=(5.6, 5.6)) -> mpl_figure.Figure:
+  """A figure whose title names the data, split and synthetic status; watermarked if synthetic."""
+  # No pyplot: no global state and no GUI backend. Constrained layout keeps labels inside the
+  # canvas; the bottom strip is left free for the provenance footer.
+  fig = mpl_figure.Figure(figsize=size, dpi=110, layout="constrained")
+  fig.get_layout_engine().set(rect=(0.0, 0.035, 1.0, 0.965))
+  synthetic = bool(provenance["synthetic"])
+  title = f"{what}: {provenance['source']}, split {provenance['split']}"
+  fig.suptitle(("SYNTHETIC DATA - " if synthetic else "") + title, fontsize=10,
+               color="firebrick" if synthetic else "black")
+  if synthetic:
+    fig.text(0.5, 0.5, "SYNTHETIC DATA", fontsize=38, color="firebrick", alpha=0.13,
+             rotation=30, ha="center", va="center", zorder=0)
+  footer = " | ".join(
+      f"{key} {provenance[key]}" for key in ("model", "step", "trained_on") if key in provenance)
+  if footer:
+    fig.text(0.01, 0.005, footer, fontsize=7, color="dimgray", ha="left", va="bottom")
+  return fig
+
+
+def _interval_text(interval: Any) -> str:
+  if interval is None or not all(math.isfinite(v) for v in interval):
+    return ""
+  return f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})"
+
+
+def _plot_roc(path, y, p, result, provenance, comparison) -> None:
+  fig = _new_figure(provenance, "ROC")
+  ax = fig.add_subplot(1, 1, 1)
+  ax.plot([0, 1], [0, 1], color="lightgray", lw=1, ls="--")
+  counts = result["counts"]
+  if result["auc"]["value"] is not None:
+    fpr, tpr, _ = metrics.roc_points(y, p)
+    ci_text = _interval_text(result["auc"]["bootstrap_ci"])
+    label = f"model AUC {result['auc']['value']:.3f}{ci_text}"
+    ax.plot(fpr, tpr, color="tab:blue", lw=1.8, label=label)  # Ties run diagonally.
+  markers = {"at_threshold": ("o", "tab:orange"), "at_0.5": ("s", "tab:green")}
+  for key, point in result["operating_points"].items():
+    marker, color = markers[key]
+    if math.isfinite(point["sensitivity"]) and math.isfinite(point["specificity"]):
+      where = "validation threshold p >= " if key == "at_threshold" else "p >= "
+      ax.plot(1 - point["specificity"], point["sensitivity"], marker, color=color, ms=8,
+              mec="black", label=f"{where}{point['threshold']:.3g}: sens "
+              f"{point['sensitivity']:.2f}, spec {point['specificity']:.2f}")
+  if comparison is not None:
+    reader = comparison["reader"]
+    sens, spec = reader["sensitivity"], reader["specificity"]
+    xerr = yerr = None
+    if reader["specificity_ci"] is not None:
+      lo, hi = reader["specificity_ci"]
+      xerr = [[max(hi - spec, 0.0)], [max(spec - lo, 0.0)]]  # 1 - spec flips the interval.
+      lo, hi = reader["sensitivity_ci"]
+      yerr = [[max(sens - lo, 0.0)], [max(hi - sens, 0.0)]]
+    ax.errorbar(1 - spec, sens, xerr=xerr, yerr=yerr, fmt="*", color="crimson", ms=13,
+                mec="black", capsize=3, label=f"reader ({reader['rule']}): sens {sens:.2f}, "
+                f"spec {spec:.2f}")
+  ax.set_xlim(-0.01, 1.01)
+  ax.set_ylim(-0.01, 1.01)
+  ax.set_aspect("equal")
+  ax.set_xlabel("1 - specificity (false-positive rate)")
+  ax.set_ylabel("sensitivity (true-positive rate)")
+  ax.set_title(f"{counts['images']} images, {counts['patients']} patients, "
+               f"{counts['positive']} {result['positive_class']}", fontsize=8)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right", fontsize=6.5)
+  fig.savefig(path)
+
+
+def _plot_reliability(path, y, p, result, provenance) -> None:
+  fig = _new_figure(provenance, "Reliability", size=(5.6, 6.4))
+  grid = fig.add_gridspec(2, 1, height_ratios=(3, 1))
+  ax = fig.add_subplot(grid[0])
+  hist_ax = fig.add_subplot(grid[1], sharex=ax)
+  n_bins = result["calibration"]["n_bins"]
+  curve = calibration.reliability_curve(y, p, n_bins)
+  filled = curve["counts"] > 0
+  ax.plot([0, 1], [0, 1], color="lightgray", ls="--", lw=1, label="perfect calibration")
+  ax.plot(curve["mean_predicted"][filled], curve["fraction_positive"][filled], "o-",
+          color="tab:blue", label=f"model: ECE {result['calibration']['ece']:.3f} "
+          f"({n_bins} bins), Brier {result['calibration']['brier']:.3f}")
+  ax.set_ylabel(f"observed fraction {result['positive_class']}")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="upper left", fontsize=7)
+  ax.tick_params(labelbottom=False)
+  edges = curve["bin_edges"]
+  hist_ax.hist([p[y == 0], p[y == 1]], bins=edges, stacked=True,
+               color=["tab:gray", "tab:red"], label=[result["negative_class"],
+                                                      result["positive_class"]])
+  hist_ax.set_xlabel(f"predicted p({result['positive_class']})")
+  hist_ax.set_ylabel("images")
+  hist_ax.legend(fontsize=6.5, loc="upper center")
+  fig.savefig(path)
+
+
+def _draw_confusion(ax, matrix, row_names, col_names, title) -> None:
+  matrix = np.asarray(matrix)
+  row_share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+  ax.imshow(row_share, cmap="Blues", vmin=0, vmax=1)
+  for i in range(matrix.shape[0]):
+    for j in range(matrix.shape[1]):
+      ax.text(j, i, f"{matrix[i, j]}\n{100 * row_share[i, j]:.0f}%", ha="center", va="center",
+              color="white" if row_share[i, j] > 0.6 else "black", fontsize=9)
+  ax.set_xticks(range(len(col_names)), col_names, fontsize=8)
+  ax.set_yticks(range(len(row_names)), row_names, fontsize=8)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("truth")
+  ax.set_title(title, fontsize=8)
+
+
+def _plot_confusion(path, result, provenance) -> None:
+  points = result["operating_points"]
+  key = "at_threshold" if "at_threshold" in points else "at_0.5"
+  point = points[key]
+  multiclass = result.get("multiclass")
+  fig = _new_figure(provenance, "Confusion", size=(9.0 if multiclass else 5.0, 4.6))
+  names = [result["negative_class"], result["positive_class"]]
+  ax = fig.add_subplot(1, 2 if multiclass else 1, 1)
+  _draw_confusion(ax, [[point["tn"], point["fp"]], [point["fn"], point["tp"]]], names, names,
+                  f"p >= {point['threshold']:.3g} ({point['chosen']}); row %")
+  if multiclass:
+    ax = fig.add_subplot(1, 2, 2)
+    _draw_confusion(ax, multiclass["confusion_matrix"], multiclass["class_names"],
+                    multiclass["class_names"], "argmax over classes; row %")
+  fig.savefig(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_provenance(provenance: Mapping[str, Any]) -> None:
+  for key, kind in _REQUIRED_PROVENANCE.items():
+    if key not in provenance:
+      raise ValueError(
+          f"provenance lacks {key!r}: a report must state {sorted(_REQUIRED_PROVENANCE)}")
+    if not isinstance(provenance[key], kind):
+      raise ValueError(f"provenance[{key!r}] must be {kind.__name__}, got {provenance[key]!r}")
+
+
+def write_report(
+    out_dir: str,
+    *,
+    name: str,
+    provenance: Mapping[str, Any],
+    y: Any,
+    p: Any,
+    patient_ids: Any = None,
+    ids: Sequence[Any] | None = None,
+    threshold: float | None = None,
+    reader: Any = None,
+    class_names: Sequence[str] = records.BINARY_CLASSES,
+    probs_full: Any = None,
+    labels_full: Any = None,
+    bootstrap: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+  """Evaluates and writes ``out_dir/name/`` (see the module docstring); returns the JSON dict.
+
+  Args:
+    out_dir: parent folder (created if needed).
+    name: sub-folder name for this set, e.g. ``"test"`` or ``"busbra_external"``.
+    provenance: must hold ``source`` (str), ``split`` (str) and ``synthetic`` (bool); should hold
+      ``trained_on``, ``model`` and ``step``; every key is copied into the JSON.
+    y, p, patient_ids, threshold, class_names, probs_full, labels_full, bootstrap, seed: as in
+      `evaluate`.
+    ids: image ids for the predictions CSV (row numbers when None).
+    reader: BI-RADS per image (array), or a mapping ``{"birads": ..., "threshold": 4}``; adds a
+      `readers.compare_model_to_reader` section and the reader's point on the ROC figure.
+  """
+  if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+    raise ValueError(f"report name {name!r} must be a plain file name (letters, digits, . _ -)")
+  _check_provenance(provenance)
+  result = evaluate(y, p, threshold=threshold, patient_ids=patient_ids, class_names=class_names,
+                    probs_full=probs_full, labels_full=labels_full, bootstrap=bootstrap, seed=seed)
+  y, p = metrics.check_binary(y, p, probabilities=True)
+  ids = [str(i) for i in range(y.shape[0])] if ids is None else list(ids)
+  comparison = None
+  extra = {}
+  if reader is not None:
+    reader_spec = dict(reader) if isinstance(reader, Mapping) else {"birads": reader}
+    clusters = patient_ids if result["bootstrap"]["clustered_by_patient"] else None
+    comparison = readers.compare_model_to_reader(
+        y, p, reader_spec["birads"], clusters, threshold=reader_spec.get("threshold", 4),
+        n_bootstrap=bootstrap, seed=seed)
+    extra["birads"] = list(np.asarray(reader_spec["birads"], dtype=object))
+  report_dir = os.path.join(out_dir, name)
+  os.makedirs(report_dir, exist_ok=True)
+  files = {"json": "report.json", "predictions": "predictions.csv", "roc": "roc.png",
+           "reliability": "reliability.png", "confusion": "confusion.png"}
+  labels = labels_full if labels_full is not None else y
+  write_predictions_csv(
+      os.path.join(report_dir, files["predictions"]), ids, labels,
+      probs_full if probs_full is not None else p, patient_ids=patient_ids, extra=extra,
+      class_names=class_names if probs_full is not None else None)
+  _plot_roc(os.path.join(report_dir, files["roc"]), y, p, result, provenance, comparison)
+  _plot_reliability(os.path.join(report_dir, files["reliability"]), y, p, result, provenance)
+  _plot_confusion(os.path.join(report_dir, files["confusion"]), result, provenance)
+  report = {
+      "schema": SCHEMA,
+      "name": name,
+      "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+      "provenance": dict(provenance),
+      "synthetic": bool(provenance["synthetic"]),  # Top level too: it must be impossible to miss.
+      **result,
+      "reader_comparison": comparison,
+      "files": files,
+  }
+  report = to_jsonable(report)
+  write_json(os.path.join(report_dir, files["json"]), report)
+  return report
