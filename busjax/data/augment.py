@@ -1,0 +1,302 @@
+"""Ultrasound-aware augmentation on uint8 grayscale images (numpy + PIL, runs inside Grain).
+
+Everything here works on one uint8 (H, W) image, optionally with a lesion mask that gets the
+same geometry. Geometry is ONE affine warp (crop, fit, field-of-view zoom-out, horizontal flip,
+small rotation) done by PIL in C; intensity changes are a 256-entry lookup table (gamma, gain,
+contrast) followed, when enabled, by two spatial multiplications (TGC ramp, speckle).
+
+Choices that follow from how B-mode images are made:
+  * No vertical flip, ever, and rotations stay small: the vertical axis is depth, with
+    direction (skin on top, shadowing below a lesion). Flipping it makes impossible images.
+  * Tissue aspect ratio is kept by default (``stretch=0``): "taller than wide" is a BI-RADS
+    malignancy feature, so a stretch could change the label's evidence.
+  * Zero means "no echo": padding, the fan's black surround and every intensity op keep 0 at 0.
+  * Field-of-view jitter (zoom-out with a black border) mimics the gap between BUS-BRA's
+    lesion-centred crops and BUSI's wide views.
+  * Caliper/text suppression is off by default: it would also erase bright microcalcification
+    foci, which are a malignancy sign. Use it as a random augmentation that teaches invariance
+    to on-screen marks (many BUSI images carry them), not as cleaning.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+# 8-connectivity: calipers are drawn as diagonal crosses too.
+_EIGHT_CONNECTED = np.ones((3, 3), bool)
+
+
+def default_config(mode: str = "train") -> ml_collections.ConfigDict:
+  """The augmentation knobs, with the defaults used for training.
+
+  Args:
+    mode: ``"train"`` for the random pipeline below, ``"none"`` for evaluation
+      (aspect-preserving resize + zero pad only; every other knob is ignored).
+
+  Returns:
+    A ConfigDict; every ``probability`` is per image, ranges are ``(low, high)``.
+  """
+  c = ml_collections.ConfigDict()
+  c.mode = mode  # "train" | "none" (eval: resize_pad only).
+  # Random crop that keeps depth order. `scale` is the crop's share of the image area;
+  # `aspect` is the crop's aspect relative to the image's (log-uniform). The crop is then fitted
+  # aspect-preserving into the output, so this changes the view, not tissue shape.
+  c.crop = ml_collections.ConfigDict(dict(probability=0.8, scale=(0.7, 1.0), aspect=(0.8, 1.25)))
+  c.hflip_probability = 0.5  # Left/right is arbitrary in breast US (probe orientation).
+  # Small in-plane rotation in degrees (probe tilt); keeps depth order.
+  c.rotate = ml_collections.ConfigDict(dict(probability=0.5, max_degrees=10.0))
+  # Shape distortion: x and y scales differ by up to exp(stretch). 0 keeps tissue aspect.
+  c.stretch = 0.0
+  # Field-of-view jitter: zoom out by a factor in `zoom` with a black border, random placement.
+  c.fov = ml_collections.ConfigDict(dict(probability=0.3, zoom=(0.7, 1.0)))
+  # Global intensity, as one lookup table: v -> mean + contrast * (gain * v**gamma - mean).
+  c.gamma = (0.8, 1.25)  # Log-uniform; display/compression curve differences between scanners.
+  c.gain = (0.8, 1.25)  # Log-uniform; overall receive gain.
+  c.contrast = (0.8, 1.25)  # Log-uniform; dynamic-range setting.
+  # Time-gain compensation: a depth-dependent log-gain = slope * (depth - 0.5) plus a smooth
+  # wobble through `knots` random points with std `wobble`, as an operator's TGC sliders do.
+  c.tgc = ml_collections.ConfigDict(dict(probability=0.5, slope=0.3, wobble=0.1, knots=4))
+  # Speckle-like multiplicative noise: log-normal with mean 1 and std `sigma`, drawn on a
+  # grid `correlation` times coarser than the output and upsampled bilinearly (a little spatial
+  # correlation, as real speckle has).
+  c.speckle = ml_collections.ConfigDict(dict(probability=0.5, sigma=0.15, correlation=2))
+  # Caliper/text suppression: near-saturated (>= threshold) connected blobs that are small
+  # (area <= max_area) or thin (mean thickness <= max_thickness) are replaced by the median of
+  # their surroundings (within `radius` px). Off by default: see the module docstring.
+  c.suppress_marks = ml_collections.ConfigDict(
+      dict(probability=0.0, threshold=245, max_area=150, max_thickness=3.0, radius=4))
+  return c
+
+
+def _fit_matrix(width: float, height: float, size: int) -> np.ndarray:
+  """Input->output affine (3x3) fitting a width x height box centred in size x size."""
+  scale = size / max(width, height)
+  return np.array([[scale, 0.0, (size - width * scale) / 2],
+                   [0.0, scale, (size - height * scale) / 2],
+                   [0.0, 0.0, 1.0]])
+
+
+def _warp(image: np.ndarray, forward: np.ndarray, size: int, resample: int) -> Image.Image:
+  """Applies the input->output affine `forward` with PIL; outside the input is 0."""
+  inverse = np.linalg.inv(forward)
+  # PIL wants output->input coefficients; its coordinates put pixel centres at i + 0.5, the
+  # same continuous convention as the matrices built here.
+  data = tuple(float(v) for v in inverse[:2].ravel())
+  return Image.fromarray(image).transform((size, size), Image.Transform.AFFINE, data,
+                                          resample=resample, fillcolor=0)
+
+
+def resize_pad(image: np.ndarray, size: int, mask: np.ndarray | None = None):
+  """Aspect-preserving resize into size x size, centred, zero padding (the eval geometry).
+
+  Args:
+    image: uint8 (H, W).
+    size: output side.
+    mask: optional uint8 (H, W) lesion mask; resized nearest-neighbour.
+
+  Returns:
+    uint8 (size, size) image, and the mask likewise when one is given.
+  """
+  height, width = image.shape
+  scale = size / max(width, height)
+  new_w = max(1, min(size, round(width * scale)))
+  new_h = max(1, min(size, round(height * scale)))
+  top, left = (size - new_h) // 2, (size - new_w) // 2
+
+  def place(array, resample):
+    small = np.asarray(Image.fromarray(array).resize((new_w, new_h), resample))
+    canvas = np.zeros((size, size), np.uint8)
+    canvas[top:top + new_h, left:left + new_w] = small
+    return canvas
+
+  # PIL's resize filters (unlike transform) antialias when shrinking: no aliasing at eval.
+  out = place(image, Image.Resampling.BILINEAR)
+  if mask is None:
+    return out
+  return out, place(mask, Image.Resampling.NEAREST)
+
+
+def suppress_marks(image: np.ndarray, *, threshold: int = 245, max_area: int = 150,
+                   max_thickness: float = 3.0, radius: int = 4) -> np.ndarray:
+  """Replaces small or thin near-saturated marks (calipers, text) by their local median.
+
+  Args:
+    image: uint8 (H, W).
+    threshold: pixels >= this are candidate marks.
+    max_area: blobs up to this many pixels are marks.
+    max_thickness: larger blobs are marks too when area / longest bbox side <= this (lines).
+    radius: the surrounding window (px) whose unmarked pixels give the fill value.
+
+  Returns:
+    A new uint8 (H, W) array (the input when nothing is found).
+  """
+  bright = image >= threshold
+  if not bright.any():
+    return image
+  labels, count = ndimage.label(bright, structure=_EIGHT_CONNECTED)
+  areas = np.bincount(labels.ravel(), minlength=count + 1)
+  out = image.copy()
+  height, width = image.shape
+  for label, box in enumerate(ndimage.find_objects(labels), start=1):
+    rows, cols = box
+    longest = max(rows.stop - rows.start, cols.stop - cols.start)
+    area = areas[label]
+    if area > max_area and area > max_thickness * longest:
+      continue  # Large and thick: tissue (or a bright region we must not erase).
+    y0, y1 = max(rows.start - radius, 0), min(rows.stop + radius, height)
+    x0, x1 = max(cols.start - radius, 0), min(cols.stop + radius, width)
+    window = image[y0:y1, x0:x1]
+    # One pixel of growth also takes the mark's antialiased edge.
+    mark = ndimage.binary_dilation(labels[y0:y1, x0:x1] == label, _EIGHT_CONNECTED)
+    surround = ~mark & (window < threshold)
+    fill = np.median(window[surround]) if surround.any() else 0
+    out[y0:y1, x0:x1][mark] = np.uint8(fill)
+  return out
+
+
+def _log_uniform(rng: np.random.Generator, bounds) -> float:
+  low, high = float(bounds[0]), float(bounds[1])
+  if low <= 0 or high < low:
+    raise ValueError(f"log-uniform range must be 0 < low <= high, got {bounds}")
+  return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+
+class Augmenter:
+  """Random ultrasound augmentation to a fixed square size; picklable for Grain workers.
+
+  Usage: ``Augmenter(default_config(), 224)(image, rng)`` or with ``mask=`` to get
+  ``(image, mask)``. Deterministic for a given ``rng`` state.
+  """
+
+  def __init__(self, augment_config: ml_collections.ConfigDict | None, image_size: int):
+    config = augment_config if augment_config is not None else default_config("none")
+    if config.mode not in ("train", "none"):
+      raise ValueError(f"augment mode must be 'train' or 'none', got {config.mode!r}")
+    self.image_size = int(image_size)
+    self.train = config.mode == "train"
+    # Plain dict copy: cheap attribute access per image, and no ConfigDict locking surprises.
+    self.config = config.to_dict()
+
+  def _geometry(self, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Samples the input->output affine for one image (identity crop = resize_pad)."""
+    c, size = self.config, self.image_size
+    # Crop box in input coordinates.
+    crop_w, crop_h, x0, y0 = float(width), float(height), 0.0, 0.0
+    if rng.random() < c["crop"]["probability"]:
+      area = rng.uniform(*c["crop"]["scale"])
+      aspect = _log_uniform(rng, c["crop"]["aspect"])
+      crop_w = min(width * math.sqrt(area * aspect), float(width))
+      crop_h = min(height * math.sqrt(area / aspect), float(height))
+      x0 = rng.uniform(0.0, width - crop_w)
+      y0 = rng.uniform(0.0, height - crop_h)
+    scale = size / max(crop_w, crop_h)
+    log_stretch = rng.uniform(-c["stretch"], c["stretch"]) if c["stretch"] > 0 else 0.0
+    scale_x, scale_y = scale * math.exp(log_stretch / 2), scale * math.exp(-log_stretch / 2)
+    offset_x = offset_y = 0.0
+    if rng.random() < c["fov"]["probability"]:
+      zoom = rng.uniform(*c["fov"]["zoom"])
+      scale_x, scale_y = scale_x * zoom, scale_y * zoom
+      # Place the shrunken view anywhere it still fits in the canvas.
+      slack_x = max(size - crop_w * scale_x, 0.0) / 2
+      slack_y = max(size - crop_h * scale_y, 0.0) / 2
+      offset_x, offset_y = rng.uniform(-slack_x, slack_x), rng.uniform(-slack_y, slack_y)
+    flip = -1.0 if rng.random() < c["hflip_probability"] else 1.0
+    angle = 0.0
+    if rng.random() < c["rotate"]["probability"]:
+      angle = math.radians(rng.uniform(-1.0, 1.0) * c["rotate"]["max_degrees"])
+    cos, sin = math.cos(angle), math.sin(angle)
+    # output = T(centre + offset) . R(angle) . Flip . S(scale) . T(-crop centre)
+    to_origin = np.array([[1, 0, -(x0 + crop_w / 2)], [0, 1, -(y0 + crop_h / 2)], [0, 0, 1.0]])
+    scale_flip = np.diag([flip * scale_x, scale_y, 1.0])
+    rotate = np.array([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1.0]])
+    to_canvas = np.array([[1, 0, size / 2 + offset_x], [0, 1, size / 2 + offset_y], [0, 0, 1.0]])
+    return to_canvas @ rotate @ scale_flip @ to_origin
+
+  def _intensity(self, warped: Image.Image, pivot: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Gamma/gain/contrast as one lookup table, then optional TGC ramp and speckle.
+
+    Args:
+      warped: the geometrically augmented image (PIL "L", image_size square).
+      pivot: mean intensity in [0, 1] that contrast scales around.
+      rng: randomness.
+    """
+    c, size = self.config, self.image_size
+    gamma = _log_uniform(rng, c["gamma"])
+    gain = _log_uniform(rng, c["gain"])
+    contrast = _log_uniform(rng, c["contrast"])
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    levels = pivot + contrast * (gain * levels**gamma - pivot)
+    lut = np.clip(levels * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8)
+    lut[0] = 0  # "No echo" stays black: padding and the fan's surround must not light up.
+    out = warped.point(lut.tolist())  # A C table lookup, faster than numpy fancy indexing.
+    use_tgc = rng.random() < c["tgc"]["probability"]
+    use_speckle = rng.random() < c["speckle"]["probability"]
+    if not (use_tgc or use_speckle):
+      return np.array(out)
+    out = np.asarray(out, dtype=np.float32)
+    if use_speckle:
+      # Log-normal with mean 1 and std sigma (close to gamma-distributed speckle), drawn coarse
+      # and upsampled so neighbouring pixels correlate, as real speckle grains span pixels.
+      sigma = float(c["speckle"]["sigma"])
+      log_std = math.sqrt(math.log1p(sigma * sigma))
+      coarse = max(2, size // max(1, int(c["speckle"]["correlation"])))
+      noise = rng.standard_normal((coarse, coarse), dtype=np.float32)
+      noise = np.exp(noise * np.float32(log_std) - np.float32(log_std * log_std / 2))
+      out *= np.asarray(Image.fromarray(noise, mode="F").resize(
+          (size, size), Image.Resampling.BILINEAR))
+    if use_tgc:
+      depth = np.linspace(0.0, 1.0, size)
+      knots = int(c["tgc"]["knots"])
+      wobble = np.interp(depth, np.linspace(0.0, 1.0, knots),
+                         rng.normal(0.0, c["tgc"]["wobble"], knots))
+      slope = rng.uniform(-c["tgc"]["slope"], c["tgc"]["slope"])
+      out *= np.exp(slope * (depth - 0.5) + wobble).astype(np.float32)[:, None]
+    np.clip(out, 0.0, 255.0, out=out)
+    out += 0.5
+    return out.astype(np.uint8)
+
+  def __call__(self, image: np.ndarray, rng: np.random.Generator,
+               mask: np.ndarray | None = None):
+    """Augments one image (and its mask with the same geometry).
+
+    Args:
+      image: uint8 (H, W) grayscale, any size (best: longest side ~1.15 * image_size).
+      rng: the only source of randomness.
+      mask: optional uint8 (H, W) lesion mask, same shape as `image`.
+
+    Returns:
+      uint8 (image_size, image_size), plus the mask when one is given.
+    """
+    if image.dtype != np.uint8 or image.ndim != 2:
+      raise ValueError(f"Augmenter wants uint8 (H, W), got {image.dtype} {image.shape}")
+    if mask is not None and mask.shape != image.shape:
+      raise ValueError(f"mask shape {mask.shape} != image shape {image.shape}")
+    size = self.image_size
+    if not self.train:
+      return resize_pad(image, size, mask)
+    marks = self.config["suppress_marks"]
+    if marks["probability"] > 0 and rng.random() < marks["probability"]:
+      image = suppress_marks(image, threshold=marks["threshold"], max_area=marks["max_area"],
+                             max_thickness=marks["max_thickness"], radius=marks["radius"])
+    height, width = image.shape
+    # The warp samples bilinearly without antialiasing: shrink big inputs by an integer
+    # factor first (box filter) so they don't alias; the pipeline's cache makes this rare.
+    factor = int(max(height, width) // (1.5 * size))
+    if factor >= 2:
+      image = np.asarray(Image.fromarray(image).reduce(factor))
+      if mask is not None:
+        mask = np.asarray(Image.fromarray(mask).resize(image.shape[::-1],
+                                                       Image.Resampling.NEAREST))
+      height, width = image.shape
+    forward = self._geometry(width, height, rng)
+    pivot = float(image[::4, ::4].mean()) / 255.0  # A subsample is plenty for a mean.
+    out = self._intensity(_warp(image, forward, size, Image.Resampling.BILINEAR), pivot, rng)
+    if mask is None:
+      return out
+    return out, np.array(_warp(mask, forward, size, Image.Resampling.NEAREST))

@@ -1,0 +1,91 @@
+"""Device mesh, the two shardings busjax uses, and host batches -> global jax.Arrays.
+
+Data parallelism only needs a 1-D ``("data",)`` mesh; a config may name more axes for later
+model sharding. Axes are built with ``AxisType.Auto``: ``jax.make_mesh`` defaults to Explicit
+axes, and an Explicit ``data`` axis makes ``softmax_cross_entropy_with_integer_labels``
+gradients fail with a ShardingTypeError. Where a mesh context is needed use
+``jax.set_mesh(mesh)`` (``with mesh:`` is deprecated).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def make_mesh(mesh_config: Mapping[str, int] | None = None) -> Mesh:
+  """A mesh over all devices with Auto axis types.
+
+  Args:
+    mesh_config: ordered mapping axis name -> size (e.g. ``{"data": -1}`` or a ConfigDict);
+      at most one size may be -1, meaning "all remaining devices". Default ``{"data": -1}``.
+
+  Returns:
+    A jax.sharding.Mesh whose axis sizes multiply to jax.device_count().
+  """
+  axes = dict(mesh_config) if mesh_config is not None else {DATA_AXIS: -1}
+  if not axes:
+    raise ValueError("mesh_config names no axes")
+  names = tuple(axes)
+  sizes = [int(v) for v in axes.values()]
+  devices = jax.device_count()
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {axes}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh axis sizes must be positive or -1, got {axes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if devices % known:
+      raise ValueError(f"mesh {axes}: {devices} devices not divisible by {known}")
+    sizes[sizes.index(-1)] = devices // known
+  if math.prod(sizes) != devices:
+    raise ValueError(f"mesh {dict(zip(names, sizes, strict=True))} needs {math.prod(sizes)} "
+                     f"devices, have {devices}")
+  return jax.make_mesh(tuple(sizes), names,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the "data" axis, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Fully replicated on every device of the mesh (parameters, optimizer state, rngs)."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded over "data".
+
+  Every process calls this with its own per-process batch (same shapes on all processes); the
+  global batch dimension is per-process rows * process_count, in process order.
+
+  Args:
+    batch: name -> array with the per-process batch as leading dimension.
+    mesh: the mesh (its "data" axis size must divide the global batch).
+
+  Returns:
+    name -> jax.Array of global shape, sharded with data_sharding(mesh).
+  """
+  sharding = data_sharding(mesh)
+  data_devices = mesh.shape[DATA_AXIS]
+  process_count = jax.process_count()
+  out = {}
+  for name, local in batch.items():
+    local = np.asarray(local)
+    if local.ndim == 0:
+      raise ValueError(f"batch[{name!r}] is a scalar; every entry needs a batch dimension")
+    global_rows = local.shape[0] * process_count
+    if global_rows % data_devices:
+      raise ValueError(f"batch[{name!r}]: global batch {global_rows} is not divisible by the "
+                       f"{data_devices} devices on the '{DATA_AXIS}' axis")
+    global_shape = (global_rows, *local.shape[1:])
+    out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+  return out
