@@ -559,7 +559,9 @@ def tfds_source(name: str, data_dir: str, split: str = "train") -> records.Colle
     if mask is not None:
       mask = (np.asarray(mask)[..., 0] > 0).astype(np.uint8)
     record_id = _text(example.get("id", f"{split}/{i}"))
+    # TFDS has no null: busjax's builders write "" or -1 for "unknown", which we drop again.
     meta = {k: _text(v) for k, v in dict(example.get("metadata", {})).items()}
+    meta = {k: v for k, v in meta.items() if not (isinstance(v, str | int) and v in ("", -1))}
     kept.append(records.Record(
         id=record_id, label=int(example["label"]),
         patient_id=_text(example.get("patient_id", record_id)), image=image, mask=mask,
