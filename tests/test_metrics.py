@@ -1,0 +1,245 @@
+"""Tests for evaluators.metrics and .calibration: hand examples, sklearn, a DeLong reference."""
+
+import numpy as np
+import pytest
+from sklearn import metrics as sk_metrics
+
+from busjax.evaluators import calibration, metrics
+
+
+def _scores_with_ties(n=300, seed=0):
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 2, n)
+  p = np.round(rng.random(n) * 0.7 + 0.3 * y, 1)  # Rounding makes many cross-class ties.
+  return y, p
+
+
+def _delong_reference(y, scores):
+  """DeLong et al. (1988) with the explicit O(m n) Mann-Whitney kernel, for comparison."""
+  pos, neg = scores[y == 1], scores[y == 0]
+  m, n = pos.shape[0], neg.shape[0]
+  kernel = (pos[:, None, :] > neg[None, :, :]) + 0.5 * (pos[:, None, :] == neg[None, :, :])
+  v10 = kernel.mean(axis=1)  # (m, k): per positive.
+  v01 = kernel.mean(axis=0)  # (n, k): per negative.
+  aucs = kernel.mean(axis=(0, 1))
+  cov = np.atleast_2d(np.cov(v10, rowvar=False)) / m + np.atleast_2d(np.cov(v01, rowvar=False)) / n
+  return aucs, cov
+
+
+# ---------------------------------------------------------------------------------------- AUC
+
+
+def test_auc_matches_sklearn_with_ties():
+  y, p = _scores_with_ties()
+  assert metrics.roc_auc(y, p) == pytest.approx(sk_metrics.roc_auc_score(y, p), abs=1e-12)
+
+
+def test_auc_known_cases():
+  y = np.array([0, 0, 0, 1, 1])
+  assert metrics.roc_auc(y, [0.1, 0.2, 0.3, 0.8, 0.9]) == 1.0
+  assert metrics.roc_auc(y, [0.9, 0.8, 0.7, 0.2, 0.1]) == 0.0
+  assert metrics.roc_auc(y, np.full(5, 0.5)) == 0.5  # All tied: a tie counts 1/2.
+  assert metrics.roc_auc(y.astype(bool), [0.1, 0.2, 0.3, 0.8, 0.9]) == 1.0
+
+
+def test_auc_rejects_bad_input():
+  with pytest.raises(ValueError, match="both classes"):
+    metrics.roc_auc([1, 1, 1], [0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match="0/1"):
+    metrics.roc_auc([0, 1, 2], [0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match="NaN"):
+    metrics.roc_auc([0, 1, 1], [0.1, np.nan, 0.3])
+  with pytest.raises(ValueError, match="rows"):
+    metrics.roc_auc([0, 1, 1], [0.1, 0.3])
+
+
+def test_roc_points_match_sklearn():
+  y, p = _scores_with_ties(seed=1)
+  fpr, tpr, thresholds = metrics.roc_points(y, p)
+  sk_fpr, sk_tpr, sk_thresholds = sk_metrics.roc_curve(y, p, drop_intermediate=False)
+  np.testing.assert_allclose(fpr, sk_fpr)
+  np.testing.assert_allclose(tpr, sk_tpr)
+  np.testing.assert_allclose(thresholds[1:], sk_thresholds[1:])
+
+
+# ---------------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_brackets_auc_and_agrees_with_delong():
+  rng = np.random.default_rng(2)
+  y = rng.integers(0, 2, 400)
+  p = rng.normal(size=400) + 1.2 * y
+  auc = metrics.roc_auc(y, p)
+  lo, hi = metrics.bootstrap_ci(metrics.roc_auc, y, p, n=300, seed=0)
+  d_lo, d_hi = metrics.delong_ci(y, p)
+  assert lo < auc < hi
+  assert lo == pytest.approx(d_lo, abs=0.02) and hi == pytest.approx(d_hi, abs=0.02)
+
+
+def test_bootstrap_ci_perfect_separation_is_degenerate_and_reproducible():
+  y = np.array([0] * 10 + [1] * 10)
+  p = np.linspace(0, 1, 20)
+  ci = metrics.bootstrap_ci(metrics.roc_auc, y, p, n=100, seed=3)
+  assert tuple(ci) == (1.0, 1.0)
+  assert ci.method == "bootstrap" and ci.n_resamples == 100
+  y2, p2 = _scores_with_ties(seed=4)
+  first = metrics.bootstrap_ci(metrics.roc_auc, y2, p2, n=50, seed=7)
+  assert first == metrics.bootstrap_ci(metrics.roc_auc, y2, p2, n=50, seed=7)
+
+
+def test_clustered_bootstrap_is_wider_when_patients_repeat_images():
+  rng = np.random.default_rng(5)
+  n_patients, copies = 40, 5
+  y_patient = rng.integers(0, 2, n_patients)
+  p_patient = rng.normal(size=n_patients) + y_patient
+  # Five identical images per patient: the plain bootstrap counts them as 200 independent cases.
+  y, p = np.repeat(y_patient, copies), np.repeat(p_patient, copies)
+  patients = np.repeat(np.arange(n_patients), copies)
+  plain = metrics.bootstrap_ci(metrics.roc_auc, y, p, n=300, seed=0)
+  clustered = metrics.bootstrap_ci(metrics.roc_auc, y, p, clusters=patients, n=300, seed=0)
+  assert clustered.method == "bootstrap-clustered"
+  assert (clustered.hi - clustered.lo) > 1.6 * (plain.hi - plain.lo)  # ~sqrt(5) expected.
+
+
+def test_clustered_resample_takes_all_images_of_drawn_patients():
+  patients = np.array(["a", "a", "a", "b", "c", "c"])
+  for idx in metrics.bootstrap_indices(6, clusters=patients, n_resamples=20, seed=1):
+    drawn = patients[idx]
+    for patient, size in (("a", 3), ("b", 1), ("c", 2)):
+      assert np.sum(drawn == patient) % size == 0
+
+
+def test_one_class_resamples_are_skipped_and_counted():
+  y = np.array([1] + [0] * 9)
+  p = np.linspace(0, 1, 10)
+  ci = metrics.bootstrap_ci(metrics.roc_auc, y, p, n=200, seed=0)
+  assert ci.n_skipped_one_class > 20  # (9/10)^10 ~ 35% of resamples hold no malignant case.
+  assert ci.n_resamples + ci.n_skipped_one_class + ci.n_skipped_nan == 200
+  ppv_ci = metrics.bootstrap_ci(
+      lambda yy, pp: metrics.threshold_metrics(yy, pp, 2.0)["ppv"], y, p, n=20, seed=0)
+  assert ppv_ci.n_skipped_nan + ppv_ci.n_skipped_one_class == 20  # Never called positive.
+  assert np.isnan(ppv_ci.lo) and np.isnan(ppv_ci.hi)
+
+
+# ------------------------------------------------------------------------------------- DeLong
+
+
+def test_delong_matches_mann_whitney_reference():
+  y, p1 = _scores_with_ties(n=120, seed=6)
+  rng = np.random.default_rng(6)
+  p2 = np.round(p1 + rng.normal(0, 0.3, p1.shape), 1)
+  ref_aucs, ref_cov = _delong_reference(y, np.stack([p1, p2], axis=1))
+  result = metrics.delong_test(y, p1, p2)
+  assert result["auc1"] == pytest.approx(ref_aucs[0])
+  assert result["auc2"] == pytest.approx(ref_aucs[1])
+  ref_se = np.sqrt(ref_cov[0, 0] + ref_cov[1, 1] - 2 * ref_cov[0, 1])
+  assert result["se"] == pytest.approx(ref_se, rel=1e-9)
+  assert result["z"] == pytest.approx((ref_aucs[0] - ref_aucs[1]) / ref_se, rel=1e-9)
+  assert 0.0 <= result["p_value"] <= 1.0
+  single = metrics.delong_ci(y, p1)
+  assert single.se == pytest.approx(np.sqrt(ref_cov[0, 0]), rel=1e-9)
+  assert single.lo < single.estimate < single.hi
+  assert single.estimate == pytest.approx(sk_metrics.roc_auc_score(y, p1))
+
+
+def test_delong_identical_and_clearly_different_models():
+  y, p = _scores_with_ties(n=200, seed=8)
+  same = metrics.delong_test(y, p, p)
+  assert same["diff"] == 0.0 and same["p_value"] == 1.0
+  rng = np.random.default_rng(8)
+  random_scores = rng.random(200)
+  assert metrics.delong_test(y, p, random_scores)["p_value"] < 1e-4
+
+
+# ---------------------------------------------------------------------------- operating points
+
+
+def test_threshold_metrics_by_hand():
+  y = [1, 1, 1, 0, 0, 0, 0]
+  p = [0.9, 0.6, 0.2, 0.7, 0.3, 0.1, 0.5]
+  m = metrics.threshold_metrics(y, p, 0.5)  # Called: 0.9, 0.6, 0.7, 0.5 (p >= t).
+  assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 1, 2, 2)
+  assert m["sensitivity"] == pytest.approx(2 / 3)
+  assert m["specificity"] == pytest.approx(0.5)
+  assert m["ppv"] == pytest.approx(0.5)
+  assert m["npv"] == pytest.approx(2 / 3)
+  assert m["accuracy"] == pytest.approx(4 / 7)
+  assert m["f1"] == pytest.approx(4 / 7)
+  assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 0.5) / 2)
+
+
+def test_threshold_metrics_zero_over_zero_is_nan():
+  nothing_called = metrics.threshold_metrics([0, 1, 0], [0.1, 0.2, 0.3], 0.9)
+  assert np.isnan(nothing_called["ppv"]) and nothing_called["sensitivity"] == 0.0
+  no_malignant = metrics.threshold_metrics([0, 0, 0], [0.1, 0.2, 0.9], 0.5)
+  assert np.isnan(no_malignant["sensitivity"]) and np.isnan(no_malignant["balanced_accuracy"])
+  assert no_malignant["specificity"] == pytest.approx(2 / 3)
+
+
+def test_youden_and_targets_by_hand():
+  y = [0, 0, 1, 1]
+  p = [0.1, 0.4, 0.35, 0.8]
+  # J = 0.5 at 0.8 and at 0.35: the higher threshold wins.
+  assert metrics.youden_threshold(y, p) == 0.8
+  at_sens = metrics.specificity_at_sensitivity(y, p, 0.9, n_bootstrap=0)
+  assert (at_sens["specificity"], at_sens["sensitivity"], at_sens["threshold"]) == (0.5, 1.0, 0.35)
+  at_spec = metrics.sensitivity_at_specificity(y, p, 1.0, n_bootstrap=0)
+  assert (at_spec["sensitivity"], at_spec["specificity"], at_spec["threshold"]) == (0.5, 1.0, 0.8)
+
+
+def test_targets_agree_with_sklearn_curve_and_intervals_bracket():
+  y, p = _scores_with_ties(n=300, seed=9)
+  fpr, tpr, _ = sk_metrics.roc_curve(y, p)
+  result = metrics.specificity_at_sensitivity(y, p, 0.8, n_bootstrap=200, seed=1)
+  assert result["specificity"] == pytest.approx(1 - fpr[tpr >= 0.8].min())
+  assert result["ci"].lo <= result["specificity"] <= result["ci"].hi
+  check = metrics.threshold_metrics(y, p, result["threshold"])
+  assert check["sensitivity"] >= 0.8 and check["specificity"] == result["specificity"]
+  result = metrics.sensitivity_at_specificity(y, p, 0.8, n_bootstrap=200, seed=1)
+  assert result["sensitivity"] == pytest.approx(tpr[1 - fpr >= 0.8].max())
+  assert result["ci"].lo <= result["sensitivity"] <= result["ci"].hi
+
+
+# --------------------------------------------------------------------------------- calibration
+
+
+def test_ece_small_when_calibrated_large_when_overconfident():
+  rng = np.random.default_rng(10)
+  p = rng.random(20000)
+  y = (rng.random(20000) < p).astype(int)
+  assert calibration.expected_calibration_error(y, p) < 0.02
+  overconfident = np.where(p > 0.5, 1 - (1 - p) ** 4, p**4)
+  assert calibration.expected_calibration_error(y, overconfident) > 0.15
+
+
+def test_ece_and_curve_by_hand():
+  y = [0, 1, 1, 0, 1]
+  p = [0.1, 0.1, 0.9, 0.9, 1.0]  # p == 1 belongs to the last bin.
+  # Bin [0, .5): mean y .5 vs mean p .1; bin [.5, 1]: 2/3 vs 2.8/3.
+  expected = (2 * 0.4 + 3 * abs(2 / 3 - 2.8 / 3)) / 5
+  assert calibration.expected_calibration_error(y, p, n_bins=2) == pytest.approx(expected)
+  curve = calibration.reliability_curve(y, p, n_bins=4)
+  np.testing.assert_array_equal(curve["counts"], [2, 0, 0, 3])
+  assert np.isnan(curve["mean_predicted"][1]) and curve["fraction_positive"][0] == 0.5
+
+
+def test_brier_and_nll_match_sklearn():
+  rng = np.random.default_rng(11)
+  p = rng.random(100)
+  y = (rng.random(100) < p).astype(int)
+  assert calibration.brier(y, p) == pytest.approx(sk_metrics.brier_score_loss(y, p))
+  assert calibration.nll(y, p) == pytest.approx(sk_metrics.log_loss(y, p))
+  assert np.isfinite(calibration.nll([1, 0], [0.0, 1.0]))  # Clipped, not infinite.
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    calibration.brier([0, 1], [0.2, 1.5])
+
+
+def test_top_label_ece():
+  labels = np.array([0, 1, 2, 1])
+  confident_right = np.eye(3)[labels]
+  assert calibration.top_label_ece(labels, confident_right) == 0.0
+  confident_wrong = np.eye(3)[(labels + 1) % 3]
+  assert calibration.top_label_ece(labels, confident_wrong) == pytest.approx(1.0)
+  assert calibration.multiclass_nll(labels, confident_right) == pytest.approx(0.0, abs=1e-6)
+  with pytest.raises(ValueError, match="sum to 1"):
+    calibration.top_label_ece(labels, confident_right * 0.5)
