@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from busjax.data import augment, records
@@ -189,6 +190,10 @@ def _finish(stream: grain.MapDataset, *, image_size: int, global_batch_size: int
   dataset = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_THREADS))
   if num_workers > 0:
+    # Grain's workers read absl flags; a notebook or test that never ran absl.app would crash
+    # with UnparsedFlagAccessError, so fall back to the flags' defaults there.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                                per_worker_buffer_size=2))
   return dataset
