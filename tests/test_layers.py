@@ -1,0 +1,125 @@
+"""Layer rewrites in busjax.models.layers match nnx.Conv: outputs and gradients, both paddings."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from busjax.models import layers
+
+
+def _reference_padding(x_shape, kernel_size, stride, padding):
+  return [
+    layers.pad_widths(x_shape[1], kernel_size, stride, padding),
+    layers.pad_widths(x_shape[2], kernel_size, stride, padding),
+  ]
+
+
+def _assert_same_outputs_and_grads(fast, reference, x):
+  """Compares f(x) and the gradients of a weighted sum w.r.t. (kernel, x), same kernel in both."""
+  kernel = fast.kernel[...]
+  # A non-uniform cotangent so that a transposed or shifted result cannot pass.
+  weights = jax.random.normal(jax.random.key(7), fast(x).shape)
+
+  @jax.jit
+  def outputs_and_grads(kernel, inputs):
+    results = []
+    for module in (fast, reference):
+      graphdef, state = nnx.split(module)
+
+      def loss(kernel, inputs, graphdef=graphdef, state=state):
+        copy = nnx.merge(graphdef, state)
+        copy.kernel = nnx.Param(kernel)
+        y = copy(inputs)
+        return jnp.sum(y * weights), y
+
+      grads, y = jax.grad(loss, argnums=(0, 1), has_aux=True)(kernel, inputs)
+      results.append((y, *grads))
+    return results
+
+  (y_fast, *g_fast), (y_ref, *g_ref) = outputs_and_grads(kernel, x)
+  assert y_fast.shape == y_ref.shape
+  np.testing.assert_allclose(y_fast, y_ref, atol=1e-5, rtol=1e-5)
+  for a, b in zip(g_fast, g_ref, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())), rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["symmetric", "same"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [8, 9])
+def test_depthwise_matches_grouped_nnx_conv(padding, stride, size):
+  channels = 6
+  x = jax.random.normal(jax.random.key(0), (2, size, size + 1, channels))
+  fast = layers.DepthwiseConv(channels, kernel_size=3, strides=stride, padding=padding,
+                              rngs=nnx.Rngs(1))
+  assert fast.kernel.shape == (3, 3, 1, channels)
+  reference = nnx.Conv(
+    channels, channels, (3, 3), strides=stride, feature_group_count=channels, use_bias=False,
+    padding=_reference_padding(x.shape, 3, stride, padding), rngs=nnx.Rngs(2),
+  )
+  assert reference.kernel.shape == fast.kernel.shape
+  _assert_same_outputs_and_grads(fast, reference, x)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_matches_nnx_conv(stride):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 5))
+  fast = layers.PointwiseConv(5, 7, strides=stride, rngs=nnx.Rngs(1))
+  reference = nnx.Conv(5, 7, (1, 1), strides=stride, use_bias=False, padding="VALID",
+                       rngs=nnx.Rngs(2))
+  assert fast.kernel.shape == reference.kernel.shape == (1, 1, 5, 7)
+  _assert_same_outputs_and_grads(fast, reference, x)
+
+
+@pytest.mark.parametrize("padding", ["symmetric", "same"])
+@pytest.mark.parametrize("kernel_size,stride", [(3, 1), (3, 2), (7, 2), (1, 2)])
+def test_conv_matches_nnx_conv(padding, kernel_size, stride):
+  x = jax.random.normal(jax.random.key(0), (2, 10, 11, 3))
+  fast = layers.Conv(3, 4, kernel_size, strides=stride, padding=padding, rngs=nnx.Rngs(1))
+  reference = nnx.Conv(
+    3, 4, (kernel_size, kernel_size), strides=stride, use_bias=False,
+    padding=_reference_padding(x.shape, kernel_size, stride, padding), rngs=nnx.Rngs(2),
+  )
+  _assert_same_outputs_and_grads(fast, reference, x)
+
+
+def test_same_padding_is_tensorflow_same_and_differs_from_symmetric():
+  # TF 'SAME' at stride 2 on an even size pads only after; torchvision pads both sides.
+  assert layers.pad_widths(224, 3, 2, "same") == (0, 1)
+  assert layers.pad_widths(225, 3, 2, "keras") == (1, 1)
+  assert layers.pad_widths(224, 3, 2, "torch") == (1, 1)
+  assert layers.pad_widths(224, 7, 2, "same") == (2, 3)
+  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+  conv_same = layers.DepthwiseConv(4, strides=2, padding="same", rngs=nnx.Rngs(0))
+  conv_sym = layers.DepthwiseConv(4, strides=2, padding="symmetric", rngs=nnx.Rngs(0))
+  # Same kernel, same output shape, different values: the conventions really differ.
+  assert conv_same(x).shape == conv_sym(x).shape == (1, 4, 4, 4)
+  assert not np.allclose(conv_same(x), conv_sym(x))
+  # And 'same' agrees with XLA's own SAME padding.
+  reference = nnx.Conv(4, 4, (3, 3), strides=2, feature_group_count=4, use_bias=False,
+                       padding="SAME", rngs=nnx.Rngs(0))
+  reference.kernel[...] = conv_same.kernel[...]
+  np.testing.assert_allclose(conv_same(x), reference(x), atol=1e-5)
+
+
+def test_unknown_padding_is_rejected():
+  with pytest.raises(ValueError, match="padding"):
+    layers.Conv(3, 4, 3, padding="reflect", rngs=nnx.Rngs(0))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  block = layers.ConvBN(4, 4, 3, kind="depthwise", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  y = block(x)
+  assert y.dtype == jnp.bfloat16
+  assert block.conv.kernel.dtype == jnp.float32
+  assert block.bn.scale.dtype == jnp.float32 and block.bn.mean.dtype == jnp.float32
+  pointwise = layers.PointwiseConv(4, 6, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert pointwise(x).dtype == jnp.bfloat16
+
+
+def test_depthwise_rejects_wrong_channel_count():
+  conv = layers.DepthwiseConv(4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="4 channels"):
+    conv(jnp.zeros((1, 8, 8, 3)))
