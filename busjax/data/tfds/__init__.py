@@ -26,6 +26,48 @@ def png_bytes(array: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
+def _is_gray8_png(path) -> bool:
+  """True for an 8-bit grayscale PNG file, whose bytes TFDS can store unchanged."""
+  if not isinstance(path, str) or not path.lower().endswith(".png"):
+    return False
+  with Image.open(path) as img:
+    return img.format == "PNG" and img.mode == "L"
+
+
+def encode_record(record) -> tuple[bytes, bytes]:
+  """(image PNG bytes, mask PNG bytes 0/255) for a validated `records.Record`.
+
+  8-bit grayscale PNG files are passed through byte for byte (most of BUSI and BUS-BRA):
+  re-encoding them was most of the build time. Other modes are converted by `records`.
+  """
+  from busjax.data import records  # Lazy: keep this package import-light.
+
+  if _is_gray8_png(record.image):
+    with open(record.image, "rb") as f:
+      image_bytes = f.read()
+    shape = (record.meta["height"], record.meta["width"]) if "height" in record.meta else None
+  else:
+    image = records.load_image(record)
+    image_bytes, shape = png_bytes(image), image.shape
+  if _is_gray8_png(record.mask):
+    with open(record.mask, "rb") as f:
+      mask_bytes = f.read()  # Readers threshold at > 0, as records.load_mask does.
+  else:
+    mask_bytes = png_bytes(records.load_mask(record, shape) * np.uint8(255))
+  return image_bytes, mask_bytes
+
+
+def encoded_records(collection):
+  """Yields (record, image bytes, mask bytes) in order, encoding in a thread pool."""
+  import concurrent.futures
+  import os
+
+  with concurrent.futures.ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool:
+    for record, (image, mask) in zip(collection.records,
+                                     pool.map(encode_record, collection.records), strict=True):
+      yield record, image, mask
+
+
 def prepare(builder_cls, *, manual_dir: str, data_dir: str, config: str | None = None):
   """Builds `builder_cls` from the user's folder into `data_dir`; returns the builder.
 

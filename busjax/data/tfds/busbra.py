@@ -64,13 +64,12 @@ class Busbra(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples(os.fspath(dl_manager.manual_dir))}
 
   def _generate_examples(self, root):
-    for record in sources.busbra(root).records:
-      image = records.load_image(record)
-      mask = records.load_mask(record, image.shape) * np.uint8(255)
+    collection = sources.busbra(root)
+    for record, image, mask in busjax_tfds.encoded_records(collection):
       yield record.id, {
           "id": record.id,
-          "image": busjax_tfds.png_bytes(image),
-          "mask": busjax_tfds.png_bytes(mask),
+          "image": image,
+          "mask": mask,
           "label": record.label,
           "patient_id": record.patient_id,
           "metadata": {

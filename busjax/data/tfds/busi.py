@@ -86,13 +86,11 @@ class Busi(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, busi_dir, split_file):
     classes = "three" if self.builder_config.name == "three" else "binary"
     collection = sources.busi(busi_dir, classes=classes, split_file=split_file)
-    for record in collection.records:
-      image = records.load_image(record)
-      mask = records.load_mask(record, image.shape) * np.uint8(255)
+    for record, image, mask in busjax_tfds.encoded_records(collection):
       yield record.id, {
           "id": record.id,
-          "image": busjax_tfds.png_bytes(image),
-          "mask": busjax_tfds.png_bytes(mask),
+          "image": image,
+          "mask": mask,
           "label": record.label,
           "patient_id": record.patient_id,
           "metadata": {
