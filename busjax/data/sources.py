@@ -449,11 +449,17 @@ def breastmnist(path: str, *, on_error: str = "raise") -> records.Collection:
   return _in_memory_collection("breastmnist", kept, records.BINARY_CLASSES, path)
 
 
-def _in_memory_collection(name, kept, class_names, root) -> records.Collection:
+def _in_memory_collection(name, kept, class_names, root, *, every_class: bool = True
+                          ) -> records.Collection:
+  """Builds the collection; a class with no images raises (every_class) or warns."""
+  if not kept:
+    raise records.DataError(f"{root}: {name} has no usable images")
   counts = np.bincount([r.label for r in kept], minlength=len(class_names))
   for label, class_name in enumerate(class_names):
     if counts[label] == 0:
-      raise records.DataError(f"{root}: no usable images of class {class_name!r}")
+      if every_class:
+        raise records.DataError(f"{root}: no usable images of class {class_name!r}")
+      logging.warning("%s: no images of class %r", name, class_name)
   return records.Collection(name=name, records=tuple(kept), class_names=class_names, root=root)
 
 
@@ -566,7 +572,9 @@ def tfds_source(name: str, data_dir: str, split: str = "train") -> records.Colle
         id=record_id, label=int(example["label"]),
         patient_id=_text(example.get("patient_id", record_id)), image=image, mask=mask,
         meta=meta))
-  return _in_memory_collection(f"tfds:{name}", kept, class_names, data_dir)
+  # A slice such as "train[:2]" may legitimately miss a class; the build checked the whole set.
+  return _in_memory_collection(f"tfds:{name}[{split}]", kept, class_names, data_dir,
+                               every_class=False)
 
 
 # ----------------------------------------------------------------------------------------------
