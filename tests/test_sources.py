@@ -404,3 +404,14 @@ def test_real_busbra():
   assert collection.describe()["per_class"] == {"benign": 514, "malignant": 247}
   assert collection.describe()["patients"] == 425
   assert {r.meta["fold5"] for r in collection.records} == {1, 2}
+
+
+def test_from_config_real_phantom_classes():
+  phantom = pytest.importorskip("busjax.data.phantom")
+  if not hasattr(phantom, "make_collection"):
+    pytest.skip("phantom.make_collection not written yet")
+  config = _data_config(source="phantom", classes="binary", image_size=64,
+                        phantom=ml_collections.ConfigDict({"counts": (3, 2, 2), "seed": 1}))
+  collection = sources.from_config(config)
+  assert collection.synthetic and collection.class_names == records.BINARY_CLASSES
+  assert collection.describe()["per_class"] == {"benign": 3, "malignant": 2}

@@ -613,7 +613,10 @@ def from_config(data_config: Any) -> records.Collection:
   if source == "phantom":
     from busjax.data import phantom  # Lazy: written in parallel, heavy numpy set-up.
 
-    return phantom.make_collection(**dict(data_config.get("phantom") or {}),
+    phantom_kwargs = data_config.get("phantom") or {}
+    if hasattr(phantom_kwargs, "to_dict"):  # ConfigDict: plain nested dicts for the generator.
+      phantom_kwargs = phantom_kwargs.to_dict()
+    return phantom.make_collection(**dict(phantom_kwargs),
                                    image_size=data_config.image_size,
                                    include_normal=(classes == "three"))
   if source != "tfds" and not root:
