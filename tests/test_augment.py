@@ -5,10 +5,16 @@ import pytest
 
 from busjax.data import augment
 
+BACKENDS = [
+    "pil",
+    pytest.param("cv2", marks=pytest.mark.skipif(augment.cv2 is None, reason="no opencv")),
+]
 
-def _quiet_config():
+
+def _quiet_config(backend="pil"):
   """Train mode with every random op switched off (identity apart from the fit)."""
   c = augment.default_config("train")
+  c.backend = backend
   c.crop.probability = 0.0
   c.hflip_probability = 0.0
   c.rotate.probability = 0.0
@@ -40,12 +46,13 @@ def test_resize_pad_keeps_aspect_and_pads_with_zero():
   np.testing.assert_array_equal(out_mask, expected)
 
 
-def test_quiet_train_mode_matches_resize_pad():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quiet_train_mode_matches_resize_pad(backend):
   # Checks the affine's pixel-centre convention: a shifted warp would differ by ~1 px.
   rng = np.random.default_rng(0)
   yy, xx = np.mgrid[0:48, 0:40]
   image = (120 + 80 * np.sin(xx / 6.0) * np.cos(yy / 7.0)).astype(np.uint8)
-  out = augment.Augmenter(_quiet_config(), 48)(image, rng)
+  out = augment.Augmenter(_quiet_config(backend), 48)(image, rng)
   reference = augment.resize_pad(image, 48)
   assert np.abs(out.astype(int) - reference.astype(int)).mean() < 2.0
 
@@ -68,9 +75,11 @@ def test_same_rng_same_output_different_rng_different():
   assert not np.array_equal(a, c)
 
 
-def test_depth_order_survives_every_augmentation():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_depth_order_survives_every_augmentation(backend):
   image = _depth_gradient()
   config = augment.default_config()
+  config.backend = backend
   config.fov.probability = 0.5
   augmenter = augment.Augmenter(config, 48)
   rng = np.random.default_rng(0)
@@ -82,17 +91,19 @@ def test_depth_order_survives_every_augmentation():
     assert top < bottom - 40, "deep tissue must stay at the bottom (no vertical flip)"
 
 
-def test_horizontal_flip_mirrors():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_horizontal_flip_mirrors(backend):
   yy, xx = np.mgrid[0:40, 0:40]
   image = (20 + 5 * xx).astype(np.uint8)  # Dark left, bright right.
-  config = _quiet_config()
+  config = _quiet_config(backend)
   config.hflip_probability = 1.0
   out = augment.Augmenter(config, 40)(image, np.random.default_rng(0))
   reference = augment.resize_pad(image, 40)[:, ::-1]
   assert np.abs(out.astype(int) - reference.astype(int)).mean() < 2.0
 
 
-def test_mask_follows_image_geometry():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_follows_image_geometry(backend):
   image = np.full((56, 64), 30, np.uint8)
   mask = np.zeros((56, 64), np.uint8)
   mask[10:30, 35:55] = 1  # Off-centre so flips, crops and shifts all show.
@@ -102,6 +113,7 @@ def test_mask_follows_image_geometry():
   config.tgc.probability = config.speckle.probability = 0.0
   config.fov.probability = 0.5
   config.stretch = 0.1
+  config.backend = backend
   augmenter = augment.Augmenter(config, 48)
   rng = np.random.default_rng(1)
   for _ in range(30):
@@ -115,9 +127,10 @@ def test_mask_follows_image_geometry():
     assert iou > 0.8
 
 
-def test_intensity_ops_keep_black_black_and_change_levels():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_intensity_ops_keep_black_black_and_change_levels(backend):
   image = np.full((20, 40), 100, np.uint8)  # Padded rows above and below stay "no echo".
-  config = _quiet_config()
+  config = _quiet_config(backend)
   config.gamma = config.gain = config.contrast = (0.6, 1.6)
   config.tgc.probability = config.speckle.probability = 1.0
   augmenter = augment.Augmenter(config, 40)
@@ -130,9 +143,10 @@ def test_intensity_ops_keep_black_black_and_change_levels():
   assert np.std(levels) > 5  # Global intensity really jitters.
 
 
-def test_speckle_is_unit_mean_multiplicative_and_correlated():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_speckle_is_unit_mean_multiplicative_and_correlated(backend):
   image = np.full((64, 64), 100, np.uint8)
-  config = _quiet_config()
+  config = _quiet_config(backend)
   config.speckle.probability = 1.0
   config.speckle.sigma = 0.3
   out = augment.Augmenter(config, 64)(image, np.random.default_rng(0)).astype(float)
@@ -156,6 +170,21 @@ def test_tgc_changes_brightness_with_depth():
     ratios.append(out[-4:].mean() / out[:4].mean())
   assert max(ratios) > 1.3 and min(ratios) < 0.77  # Both signs of slope occur.
   assert all(abs(np.log(r)) <= 1.0 + 0.05 for r in ratios)
+
+
+@pytest.mark.skipif(augment.cv2 is None, reason="no opencv")
+def test_backends_agree():
+  yy, xx = np.mgrid[0:70, 0:60]
+  image = (120 + 80 * np.sin(xx / 5.0) * np.cos(yy / 6.0)).astype(np.uint8)
+  mask = ((yy - 30) ** 2 + (xx - 35) ** 2 < 150).astype(np.uint8)
+  outputs = {}
+  for backend in ("pil", "cv2"):
+    config = augment.default_config()
+    config.backend = backend
+    outputs[backend] = augment.Augmenter(config, 48)(image, np.random.default_rng(7), mask=mask)
+  (pil_image, pil_mask), (cv_image, cv_mask) = outputs["pil"], outputs["cv2"]
+  assert np.abs(pil_image.astype(int) - cv_image.astype(int)).mean() < 2.0
+  assert (pil_mask != cv_mask).mean() < 0.01
 
 
 def test_suppress_marks_removes_calipers_and_text_but_not_tissue():
@@ -190,4 +219,8 @@ def test_bad_inputs_raise():
   bad = augment.default_config()
   bad.mode = "eval"
   with pytest.raises(ValueError, match="mode"):
+    augment.Augmenter(bad, 32)
+  bad = augment.default_config()
+  bad.backend = "skimage"
+  with pytest.raises(ValueError, match="backend"):
     augment.Augmenter(bad, 32)
