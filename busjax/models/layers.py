@@ -258,7 +258,7 @@ def batch_norm(
 
 
 class ConvBN(nnx.Module):
-  """Convolution (no bias) -> BatchNorm -> optional activation; the block every backbone uses.
+  """Convolution (bias only if `use_bias`) -> BatchNorm -> optional activation.
 
   `kind` picks the implementation: "conv" (general, 1x1 via matmul) or "depthwise".
   Parameters live at ``conv.kernel`` and ``bn.{scale,bias,mean,var}``.
@@ -274,6 +274,7 @@ class ConvBN(nnx.Module):
     padding: str = "symmetric",
     activation: Callable[[jax.Array], jax.Array] | None = jax.nn.relu,
     kind: str = "conv",
+    use_bias: bool = False,
     bn_epsilon: float = 1e-5,
     bn_momentum: float = 0.9,
     dtype: jnp.dtype | None = None,
@@ -283,13 +284,13 @@ class ConvBN(nnx.Module):
       if in_features != out_features:
         raise ValueError("a depthwise ConvBN needs in_features == out_features")
       self.conv = DepthwiseConv(
-        in_features, kernel_size=kernel_size, strides=strides, padding=padding, dtype=dtype,
-        rngs=rngs,
+        in_features, kernel_size=kernel_size, strides=strides, padding=padding,
+        use_bias=use_bias, dtype=dtype, rngs=rngs,
       )
     elif kind == "conv":
       self.conv = Conv(
-        in_features, out_features, kernel_size, strides=strides, padding=padding, dtype=dtype,
-        rngs=rngs,
+        in_features, out_features, kernel_size, strides=strides, padding=padding,
+        use_bias=use_bias, dtype=dtype, rngs=rngs,
       )
     else:
       raise ValueError(f"kind must be 'conv' or 'depthwise', got {kind!r}")
