@@ -1,5 +1,6 @@
 """Tests for busjax.data.augment: geometry conventions, depth order, mask alignment, intensity."""
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -203,6 +204,16 @@ def test_suppress_marks_removes_calipers_and_text_but_not_tissue():
   assert augment.suppress_marks(quiet) is quiet
 
 
+def test_partial_config_takes_defaults():
+  image = _depth_gradient()
+  partial = augment.Augmenter({"hflip_probability": 0.0, "rotate": {"max_degrees": 5.0}}, 32)
+  assert partial.config["crop"] == augment.default_config().crop.to_dict()
+  assert partial.config["rotate"]["max_degrees"] == 5.0
+  assert partial(image, np.random.default_rng(0)).shape == (32, 32)
+  frozen = ml_collections.FrozenConfigDict(augment.default_config())
+  assert augment.Augmenter(frozen, 32).train
+
+
 def test_large_inputs_are_reduced_before_warping():
   image = _depth_gradient(600, 500)
   out = augment.Augmenter(augment.default_config(), 32)(image, np.random.default_rng(0))
@@ -220,6 +231,8 @@ def test_bad_inputs_raise():
   bad.mode = "eval"
   with pytest.raises(ValueError, match="mode"):
     augment.Augmenter(bad, 32)
+  with pytest.raises(ValueError, match="unknown augment option 'crop.scal'"):
+    augment.Augmenter({"crop": {"scal": (0.5, 1.0)}}, 32)
   bad = augment.default_config()
   bad.backend = "skimage"
   with pytest.raises(ValueError, match="backend"):

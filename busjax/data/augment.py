@@ -192,6 +192,29 @@ def suppress_marks(image: np.ndarray, *, threshold: int = 245, max_area: int = 1
   return out
 
 
+def _merge_with_defaults(config) -> dict:
+  """The config as a plain dict, missing knobs filled from default_config(its mode).
+
+  A config file may then set only what it changes; a misspelt knob is an error, not ignored.
+  """
+  given = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  merged = default_config(given.get("mode", "train")).to_dict()
+
+  def update(target: dict, source: dict, path: str) -> None:
+    for key, value in source.items():
+      if key not in target:
+        raise ValueError(f"unknown augment option '{path}{key}'; known: {sorted(target)}")
+      if isinstance(target[key], dict):
+        if not isinstance(value, dict):
+          raise ValueError(f"augment option '{path}{key}' must be a dict, got {value!r}")
+        update(target[key], value, f"{path}{key}.")
+      else:
+        target[key] = value
+
+  update(merged, given, "")
+  return merged
+
+
 def _log_uniform(rng: np.random.Generator, bounds) -> float:
   low, high = float(bounds[0]), float(bounds[1])
   if low <= 0 or high < low:
@@ -206,15 +229,17 @@ class Augmenter:
   ``(image, mask)``. Deterministic for a given ``rng`` state.
   """
 
-  def __init__(self, augment_config: ml_collections.ConfigDict | None, image_size: int):
+  def __init__(self, augment_config: ml_collections.ConfigDict | dict | None, image_size: int):
+    """Args: augment_config: default_config()-shaped (missing knobs take the defaults of its
+    mode; unknown ones raise); None means mode "none". image_size: output side."""
     config = augment_config if augment_config is not None else default_config("none")
-    if config.mode not in ("train", "none"):
-      raise ValueError(f"augment mode must be 'train' or 'none', got {config.mode!r}")
+    # Plain dict: cheap access per image, picklable for workers, no ConfigDict locking.
+    self.config = _merge_with_defaults(config)
+    if self.config["mode"] not in ("train", "none"):
+      raise ValueError(f"augment mode must be 'train' or 'none', got {self.config['mode']!r}")
     self.image_size = int(image_size)
-    self.train = config.mode == "train"
-    # Plain dict copy: cheap attribute access per image, and no ConfigDict locking surprises.
-    self.config = config.to_dict()
-    self.backend = self.config.get("backend", "pil")
+    self.train = self.config["mode"] == "train"
+    self.backend = self.config["backend"]
     if self.backend not in ("pil", "cv2"):
       raise ValueError(f"augment backend must be 'pil' or 'cv2', got {self.backend!r}")
     if self.backend == "cv2" and cv2 is None:
