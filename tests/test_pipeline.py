@@ -194,3 +194,25 @@ def test_worker_processes_give_the_in_process_batches():
     _assert_batches_equal(_take(iterator, 3), expected)
   finally:
     iterator.close()
+
+
+_BUSI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                     "Dataset_BUSI_with_GT")
+
+
+@pytest.mark.skipif(not os.path.isdir(_BUSI), reason="real BUSI data not present")
+def test_real_busi_files_through_train_and_eval():
+  from busjax.data import sources  # pylint: disable=g-import-not-at-top
+
+  collection = sources.busi(_BUSI, classes="three")
+  small = collection.subset(np.linspace(0, len(collection) - 1, 8).astype(int))
+  batch = next(iter(pipeline.train_dataset(small, image_size=64, global_batch_size=4, seed=0,
+                                           augment_config=augment.default_config(),
+                                           process_index=0, process_count=1,
+                                           with_masks=True)))
+  assert batch["image"].shape == (4, 64, 64, 1) and batch["image"].max() > 0
+  assert set(np.unique(batch["mask"])) <= {0, 1}
+  evals = list(pipeline.eval_batches(small, image_size=64, batch_size=8, process_index=0,
+                                     process_count=1))
+  np.testing.assert_array_equal(evals[0]["index"], np.arange(8))
+  np.testing.assert_array_equal(evals[0]["label"], small.labels)
