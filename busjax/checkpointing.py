@@ -75,6 +75,11 @@ def _open_manager(
     cleanup_tmp_directories=not read_only,
     create=not read_only,
     read_only=read_only,
+    # "latest" and "best" may save the same step at once; in a multi-process run their
+    # barriers (keyed by step) would collide without distinct prefixes.
+    multiprocessing_options=ocp.options.MultiprocessingOptions(
+      barrier_sync_key_prefix=f"busjax_{directory.name}"
+    ),
   )
   return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -284,3 +285,77 @@ def test_to_json_value_is_strict():
   json.dumps(converted, allow_nan=False)
   with pytest.raises(ValueError, match=r"metrics\.x: expected a scalar"):
     checkpointing.to_json_value({"x": np.zeros(3)}, name="metrics")
+
+
+_TWO_PROCESS_SCRIPT = textwrap.dedent(
+  """
+  import os, sys
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax
+  jax.config.update("jax_num_cpu_devices", 2)
+  port, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+  import grain, numpy as np
+  from jax.experimental import multihost_utils
+  from busjax import checkpointing
+
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  full = np.arange(16.0, dtype=np.float32).reshape(8, 2)
+  state = {"w": jax.make_array_from_callback((8, 2), sharding, lambda idx: full[idx]), "step": 4}
+
+  def make_iterator():
+    # Each process reads its own shard, so each has its own iterator state.
+    return iter(grain.MapDataset.range(100).shuffle(seed=pid).to_iter_dataset())
+
+  iterator = make_iterator()
+  for _ in range(3 + pid):
+    next(iterator)
+  # latest and best save the same step concurrently: their barriers must not collide.
+  ckpt = checkpointing.Checkpointer(workdir, best_metric="auc", async_save=True)
+  ckpt.save(4, state, data_iterator=iterator, metrics={"auc": 0.5})
+  expected = [next(iterator) for _ in range(3)]
+  fresh = make_iterator()
+  step, restored = ckpt.restore_latest(checkpointing.abstract_like(state), data_iterator=fresh)
+  assert step == 4 and [next(fresh) for _ in range(3)] == expected
+  assert restored["w"].sharding == sharding
+  gathered = multihost_utils.process_allgather(restored["w"], tiled=True)
+  assert np.array_equal(np.asarray(gathered), full)
+  assert ckpt.best_step() == 4
+  ckpt.close()
+  print("OK", pid, flush=True)
+  """
+)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_save_and_restore_sharded_state_and_iterators(tmp_path):
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  script = tmp_path / "two_process.py"
+  script.write_text(_TWO_PROCESS_SCRIPT)
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  workers = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(port), str(pid), str(tmp_path / "run")],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for pid in range(2)
+  ]
+  outputs = []
+  try:
+    for worker in workers:
+      outputs.append(worker.communicate(timeout=180)[0])
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        worker.kill()
+  for pid, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
+    assert worker.returncode == 0 and f"OK {pid}" in output, output[-3000:]
+  iterator_dir = tmp_path / "run" / "checkpoints" / "latest" / "4" / "data_iterator"
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(iterator_dir))
