@@ -34,7 +34,9 @@ def normalization_stats(name: str) -> tuple[Any, Any]:
   try:
     return NORMALIZATIONS[name]
   except KeyError:
-    raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {name!r}") from None
+    raise ValueError(
+      f"normalization must be one of {sorted(NORMALIZATIONS)}, got {name!r}"
+    ) from None
 
 
 def compute_dtype(dtype: str | jnp.dtype | None) -> jnp.dtype:
