@@ -135,19 +135,34 @@ def _randomise_busjax(model, seed):
       variable[...] = rng.normal(0, 0.1, shape).astype(np.float32)
 
 
-def test_torchvision_safetensors_round_trip(tmp_path):
-  source = _busjax_model("mobilenet_v2", num_classes=5, width=0.35)
+@nnx.jit
+def _forward(model, x):
+  return model(x)
+
+
+SMALL = {"mobilenet_v2": dict(width=0.35), "densenet121": dict(growth_rate=4, num_init_features=8)}
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2",
+                                  pytest.param("densenet121", marks=pytest.mark.slow)])
+def test_torchvision_safetensors_round_trip(tmp_path, arch):
+  source = _busjax_model(arch, num_classes=5, **SMALL[arch])
   _randomise_busjax(source, seed=0)
-  state = _torchvision_state(source, "mobilenet_v2")
-  assert "features.0.0.weight" in state and state["features.0.0.weight"].shape == (16, 3, 3, 3)
-  assert state["features.2.conv.1.0.weight"].shape[1:] == (1, 3, 3)  # depthwise (C, 1, 3, 3)
-  path = str(tmp_path / "mnv2_torchvision.safetensors")
+  state = _torchvision_state(source, arch)
+  if arch == "mobilenet_v2":
+    assert state["features.0.0.weight"].shape == (16, 3, 3, 3)
+    assert state["features.2.conv.1.0.weight"].shape[1:] == (1, 3, 3)  # depthwise (C, 1, 3, 3)
+  else:
+    assert state["features.conv0.weight"].shape == (8, 3, 7, 7)
+    assert "features.denseblock4.denselayer16.conv2.weight" in state
+  path = str(tmp_path / f"{arch}_torchvision.safetensors")
   safetensors_numpy.save_file(state, path)
-  target = _busjax_model("mobilenet_v2", num_classes=5, width=0.35, seed=7)
+  target = _busjax_model(arch, num_classes=5, seed=7, **SMALL[arch])
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
-  assert not np.allclose(np.asarray(target(x)), np.asarray(source(x)))
-  pretrained.load_pretrained(target, path, arch="mobilenet_v2", skip_head=False)
-  np.testing.assert_allclose(np.asarray(target(x)), np.asarray(source(x)), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(np.asarray(_forward(target, x)), np.asarray(_forward(source, x)))
+  pretrained.load_pretrained(target, path, arch=arch, skip_head=False)
+  np.testing.assert_allclose(np.asarray(_forward(target, x)), np.asarray(_forward(source, x)),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_skip_head_keeps_the_models_classifier(tmp_path):
@@ -206,7 +221,8 @@ def test_torch_pth_is_read_with_weights_only(tmp_path):
   target = _busjax_model("mobilenet_v2", width=0.35, seed=8)
   pretrained.load_pretrained(target, path, arch="mobilenet_v2", skip_head=False)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 32, 3)), jnp.float32)
-  np.testing.assert_allclose(np.asarray(target(x)), np.asarray(source(x)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(_forward(target, x)), np.asarray(_forward(source, x)),
+                             rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,19 +97,19 @@ def _densenet_units(block_sizes=(6, 12, 24, 16)) -> list[Unit]:
            Unit("bn", "stem.bn", "conv1_bn", "features.norm0")]
   for b, size in enumerate(block_sizes):
     for j in range(size):
-      path = f"blocks.{b}.layers.{j}"
+      path = f"blocks.{b}.{j}"
       keras = f"conv{b + 2}_block{j + 1}"
       torch = f"features.denseblock{b + 1}.denselayer{j + 1}"
-      units += [Unit("bn", f"{path}.bn1", f"{keras}_0_bn", f"{torch}.norm1"),
+      units += [Unit("bn", f"{path}.norm1", f"{keras}_0_bn", f"{torch}.norm1"),
                 Unit("conv", f"{path}.conv1", f"{keras}_1_conv", f"{torch}.conv1"),
-                Unit("bn", f"{path}.bn2", f"{keras}_1_bn", f"{torch}.norm2"),
+                Unit("bn", f"{path}.norm2", f"{keras}_1_bn", f"{torch}.norm2"),
                 Unit("conv", f"{path}.conv2", f"{keras}_2_conv", f"{torch}.conv2")]
     if b < len(block_sizes) - 1:
       path = f"transitions.{b}"
-      units += [Unit("bn", f"{path}.bn", f"pool{b + 2}_bn", f"features.transition{b + 1}.norm"),
+      units += [Unit("bn", f"{path}.norm", f"pool{b + 2}_bn", f"features.transition{b + 1}.norm"),
                 Unit("conv", f"{path}.conv", f"pool{b + 2}_conv",
                      f"features.transition{b + 1}.conv")]
-  units += [Unit("bn", "final_bn", "bn", "features.norm5"),
+  units += [Unit("bn", "final_norm", "bn", "features.norm5"),
             Unit("dense", "head.fc", "predictions", "classifier", head=True)]
   return units
 
