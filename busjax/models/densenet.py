@@ -9,7 +9,8 @@ explicit ZeroPadding2D), so `padding` defaults to "symmetric"; Keras uses BatchN
 1.001e-5, torchvision 1e-5.
 
 Size options: `growth_rate` and `num_init_features` (defaults from the variant), or `width`
-scaling both; `small_stem` (3x3/1 conv, no max pool) for 32-96 px inputs.
+scaling both; `block_config` (layers per dense block, for tiny test/smoke models);
+`small_stem` (3x3/1 conv, no max pool) for 32-96 px inputs.
 
 Feature maps (NHWC) by name: "stem" (after the max pool), "block_1".."block_4" (dense block
 outputs, pre-activation as in the network: a head on them should normalise), "features"
@@ -86,6 +87,7 @@ class DenseNet(nnx.Module):
     growth_rate: int | None = None,
     num_init_features: int | None = None,
     width: float = 1.0,
+    block_config: tuple[int, ...] | None = None,
     bn_size: int = 4,
     compression: float = 0.5,
     dropout: float = 0.0,
@@ -97,7 +99,8 @@ class DenseNet(nnx.Module):
   ):
     if variant not in VARIANTS:
       raise ValueError(f"DenseNet variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    default_growth, block_config, default_init = VARIANTS[variant]
+    default_growth, default_blocks, default_init = VARIANTS[variant]
+    block_config = tuple(block_config or default_blocks)
     growth_rate = growth_rate or common.scaled_channels(default_growth, width)
     num_init_features = num_init_features or common.scaled_channels(default_init, width)
     self.variant = variant
@@ -156,7 +159,7 @@ class DenseNet(nnx.Module):
 
 def create(model_config: Any, *, num_classes: int, rngs: nnx.Rngs) -> DenseNet:
   """Builds a DenseNet from ``config.model`` (fields: variant, width, growth_rate,
-  num_init_features, in_channels, dropout, dtype, small_stem, bn_epsilon, padding)."""
+  num_init_features, block_config, in_channels, dropout, dtype, small_stem, bn_epsilon, padding)."""
   get = lambda field, default: common.config_get(model_config, field, default)
   return DenseNet(
     get("variant", "densenet121"),
@@ -165,6 +168,7 @@ def create(model_config: Any, *, num_classes: int, rngs: nnx.Rngs) -> DenseNet:
     growth_rate=get("growth_rate", None),
     num_init_features=get("num_init_features", None),
     width=get("width", 1.0),
+    block_config=get("block_config", None),
     dropout=get("dropout", 0.0),
     dtype=get("dtype", "float32"),
     small_stem=get("small_stem", False),

@@ -86,7 +86,8 @@ class ResNet(nnx.Module):
 
   Attributes:
     num_features: channels of the "features" map.
-    stage_names: feature names at strides 4, 8, 16, 32 (2..16 with `small_stem`).
+    stage_names: feature names at strides 4, 8, 16, 32 (1..8 with `small_stem`); the last is
+      "features" (the same map as "stage4").
   """
 
   def __init__(
@@ -133,7 +134,7 @@ class ResNet(nnx.Module):
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
     self.num_features = in_features
-    self.stage_names = ("stage1", "stage2", "stage3", "stage4")
+    self.stage_names = ("stage1", "stage2", "stage3", "features")
     self.head = common.Head(in_features, num_classes, dropout=dropout, dtype=self.dtype,
                             rngs=rngs)
 
