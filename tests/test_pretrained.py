@@ -16,7 +16,6 @@ from flax import nnx  # noqa: E402
 
 from busjax.models import pretrained  # noqa: E402
 
-keras = pytest.importorskip("keras")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 ARCH_MODULES = {"mobilenet_v2": "mobilenet_v2", "densenet121": "densenet"}
@@ -52,6 +51,7 @@ def _randomise_keras(model, seed=0):
 
 
 def _keras_net(arch, size):
+  keras = pytest.importorskip("keras")  # only the parity tests need Keras
   kwargs = dict(weights=None, input_shape=(size, size, 3), classifier_activation=None)
   if arch == "mobilenet_v2":
     return keras.applications.MobileNetV2(**kwargs)
