@@ -123,3 +123,22 @@ def test_depthwise_rejects_wrong_channel_count():
   conv = layers.DepthwiseConv(4, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="4 channels"):
     conv(jnp.zeros((1, 8, 8, 3)))
+
+
+@pytest.mark.parametrize(
+  "init,shape,fan",
+  [
+    (layers.default_kernel_init, (3, 3, 16, 32), 3 * 3 * 32),  # He fan-out, torchvision
+    (layers.depthwise_kernel_init, (3, 3, 1, 64), 3 * 3),  # per-channel fan-in
+    (layers.dense_kernel_init, (256, 10), 256),  # LeCun fan-in (scale 1)
+  ],
+)
+def test_initialisers_have_variance_scaling_std(init, shape, fan):
+  scale = 1.0 if init is layers.dense_kernel_init else 2.0
+  kernel = np.asarray(init(jax.random.key(0), shape))
+  assert kernel.shape == shape and kernel.dtype == np.float32
+  np.testing.assert_allclose(kernel.std(), np.sqrt(scale / fan), rtol=0.06)
+  assert abs(kernel.mean()) < 0.1 * kernel.std()
+  # Deterministic in the key, different across keys.
+  np.testing.assert_array_equal(kernel, init(jax.random.key(0), shape))
+  assert not np.allclose(kernel, init(jax.random.key(1), shape))

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from busjax.models import layers
+
 # Per-channel RGB statistics of ImageNet (torchvision, Keras "torch" mode: DenseNet, ResNet).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -155,7 +157,8 @@ class Head(nnx.Module):
     # Only create the dropout (and its RNG state) when it is used: a model without
     # dropout then needs no RNG stream in the train step.
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else nnx.data(None)
-    self.fc = nnx.Linear(in_features, num_classes, dtype=dtype, rngs=rngs)
+    self.fc = nnx.Linear(in_features, num_classes, dtype=dtype,
+                         kernel_init=layers.dense_kernel_init, rngs=rngs)
 
   def __call__(self, features: jax.Array) -> jax.Array:
     pooled = global_average_pool(features)

@@ -26,6 +26,7 @@ All modules compute in ``dtype`` (e.g. bfloat16) and keep float32 parameters.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -34,12 +35,51 @@ from flax import nnx
 
 PADDING_ALIASES = {"symmetric": "symmetric", "torch": "symmetric", "same": "same", "keras": "same"}
 
+
+def _normal_draws(key: jax.Array, size: int) -> jax.Array:
+  """`size` standard normals from one draw whose length is a power of two.
+
+  Eager `jax.random.normal` compiles one threefry program per distinct shape, about a second
+  each on a busy 2-core CPU: a network with 50 kernel shapes took a minute to initialise.
+  Drawing a power-of-two length and slicing shares those programs across all shapes (and
+  all models in a process); the draws are still i.i.d. normal and depend only on the key.
+  """
+  bucket = max(256, 1 << (size - 1).bit_length())
+  return jax.random.normal(key, (bucket,), jnp.float32)[:size]
+
+
+def he_normal(
+  scale: float = 2.0, mode: str = "fan_out", in_axis: int | Sequence[int] = -2,
+  out_axis: int = -1,
+) -> Callable:
+  """Variance-scaling normal initialiser (std = sqrt(scale / fan)), fast to set up on CPU.
+
+  Same fans as ``nnx.initializers.variance_scaling`` for a (.., in, out) kernel: fan_in is
+  the product of all axes but `out_axis`, fan_out all but `in_axis`.
+  """
+  if mode not in ("fan_in", "fan_out"):
+    raise ValueError(f"mode must be 'fan_in' or 'fan_out', got {mode!r}")
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    shape = tuple(int(d) for d in shape)
+    ndim = len(shape)
+    in_axes = {a % ndim for a in ((in_axis,) if isinstance(in_axis, int) else in_axis)}
+    size = math.prod(shape)
+    fan_in = size // max(1, shape[out_axis % ndim])
+    fan_out = size // max(1, math.prod(shape[a] for a in in_axes))
+    fan = fan_in if mode == "fan_in" else fan_out
+    std = (scale / max(1, fan)) ** 0.5
+    return (_normal_draws(key, size).reshape(shape) * std).astype(dtype)
+
+  return init
+
+
 # He/Kaiming normal over fan-out, as torchvision initialises its convolutions.
-default_kernel_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+default_kernel_init = he_normal(2.0, "fan_out")
 # A depthwise kernel (kh, kw, 1, C) has fan-in kh*kw per output channel: scale by that.
-depthwise_kernel_init = nnx.initializers.variance_scaling(
-  2.0, "fan_in", "normal", in_axis=(0, 1, 2), out_axis=-1
-)
+depthwise_kernel_init = he_normal(2.0, "fan_in", in_axis=(0, 1, 2), out_axis=-1)
+# Classifier: LeCun normal (std = 1/sqrt(fan_in)).
+dense_kernel_init = he_normal(1.0, "fan_in")
 
 
 def canonical_padding(padding: str) -> str:
