@@ -130,6 +130,34 @@ def _spatial_padding(
   )
 
 
+def depthwise_conv2d(
+  x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: str
+) -> jax.Array:
+  """Depthwise convolution of NHWC `x` with kernel (kh, kw, 1, C), as shifted slices.
+
+  XLA fuses the k*k multiply-adds into one loop, and their gradients are plain reductions
+  and pads, where the grouped-convolution gradient is a slow generic loop on CPU.
+  """
+  kh, kw = kernel.shape[:2]
+  sh, sw = strides
+  pad_h, pad_w = _spatial_padding(x, (kh, kw), strides, padding)
+  x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+  out_h = (x.shape[1] - kh) // sh + 1
+  out_w = (x.shape[2] - kw) // sw + 1
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      window = jax.lax.slice(
+        x,
+        (0, i, j, 0),
+        (x.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, x.shape[3]),
+        (1, sh, sw, 1),
+      )
+      term = window * kernel[i, j, 0]
+      y = term if y is None else y + term
+  return y
+
+
 class PointwiseConv(nnx.Module):
   """1x1 convolution as a channel matmul; kernel (1, 1, in, out) like ``nnx.Conv``.
 
@@ -205,24 +233,8 @@ class DepthwiseConv(nnx.Module):
     if x.shape[-1] != self.features:
       raise ValueError(f"DepthwiseConv expects {self.features} channels, got shape {x.shape}")
     dtype = self.dtype or x.dtype
-    kh, kw = self.kernel_size
-    sh, sw = self.strides
-    pad_h, pad_w = _spatial_padding(x, self.kernel_size, self.strides, self.padding)
-    x = jnp.pad(jnp.asarray(x, dtype), ((0, 0), pad_h, pad_w, (0, 0)))
-    out_h = (x.shape[1] - kh) // sh + 1
-    out_w = (x.shape[2] - kw) // sw + 1
     kernel = jnp.asarray(self.kernel[...], dtype)
-    y = None
-    for i in range(kh):
-      for j in range(kw):
-        window = jax.lax.slice(
-          x,
-          (0, i, j, 0),
-          (x.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, x.shape[3]),
-          (1, sh, sw, 1),
-        )
-        term = window * kernel[i, j, 0]
-        y = term if y is None else y + term
+    y = depthwise_conv2d(jnp.asarray(x, dtype), kernel, self.strides, self.padding)
     if self.bias is not None:
       y = y + jnp.asarray(self.bias[...], dtype)
     return y
