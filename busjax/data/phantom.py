@@ -187,7 +187,8 @@ def _sample_patient(rng: np.random.Generator, label: int, difficulty: float,
       "lobule_threshold": rng.uniform(0.7, 1.5),
       "ligament_field": _smooth_field(rng, 0.06, 0.12),
       "fat_texture": _smooth_field(rng, 0.02, 0.04),
-      "ribs": [(rng.uniform(-0.2, 1.2), rng.uniform(0.1, 0.16)) for _ in range(rng.integers(0, 3))],
+      "ribs": [(rng.uniform(-0.2, 1.2), rng.uniform(0.1, 0.16))
+               for _ in range(rng.choice(3, p=(0.55, 0.35, 0.1)))],
       "scanner": {
           "dynamic_range_db": _draw(rng, scanner["dynamic_range_db"]),
           "psf_scale": _draw(rng, scanner["psf_scale"]),
@@ -638,10 +639,11 @@ def save_grid(path: str, *, image_size: int = 128, per_class: int = 6, seed: int
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png")
   plt.close(fig)
-  # A 64-colour palette keeps the PNG small (the figure is grey plus thin red outlines).
+  # A small palette keeps the PNG small (the figure is grey plus thin red outlines).
   buffer.seek(0)
   with Image.open(buffer) as figure:
-    figure.convert("RGB").quantize(colors=64).save(path, optimize=True)
+    figure.convert("RGB").quantize(colors=96, method=Image.Quantize.FASTOCTREE).save(
+        path, optimize=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
