@@ -1,0 +1,323 @@
+"""Leakage-aware splits: near-duplicate detection, patient/duplicate groups, stratified k-fold.
+
+BUSI holds many scans saved twice, re-cropped or rescaled (and some filed under two classes).
+A split that puts two copies of one scan on both sides of train/test leaks, so records are
+grouped by patient AND by near-duplicate cluster before folds are drawn.
+
+Near duplicates are found by content, in two stages:
+
+1. Candidates: every ordered pair (i, j) is scored by normalised cross-correlation (NCC) of a
+   central crop of image i, rescaled over a range of scales, slid over image j, at a coarse
+   resolution (longest side 32). The best few partners of each image are kept.
+2. Verification: the same search at a finer resolution (longest side 80) with finer scale steps.
+   A pair is a near duplicate when some scale and shift give NCC >= threshold over the whole
+   template: a central crop covering half of one image's area. Copies of one scan reach
+   NCC ~0.95; distinct scans that look alike (dark lesion in speckle) stay well below, because
+   at 80 px the tissue texture, not just the lesion blob, must line up.
+
+Central crops make the match blind to the frame, rulers and text that re-cropped copies gain or
+lose, and containment in either direction covers "one is a crop of the other"; scales below 1
+cover "one is a zoomed-out copy of the other" once both are normalised to the same longest side.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft
+import scipy.ndimage
+from PIL import Image
+
+from busjax.data import records
+
+# Fraction of each side kept in the template (0.7 x 0.7 ~ half the area). Smaller tolerates
+# more cropping, larger is more specific; borders carry scanner text, so never 1.0.
+_CROP = 0.7
+# Relative scales (template image content -> target content) searched. Below 1: the template
+# image is a tighter crop (or the target a zoomed-out copy). Slightly above 1 allows for
+# aspect changes and partial overlaps.
+_SCALE_MIN, _SCALE_MAX = 0.5, 1.12
+_COARSE_SIDE, _COARSE_STEP = 32, 1.12
+_FINE_SIDE, _FINE_STEP = 80, 1.035
+# Windows flatter than this (grey levels, std) are background; NCC there is meaningless.
+_MIN_STD = 2.0
+# Gaussian sigma of the subtracted trend, as a fraction of the longest side.
+_HIGH_PASS_SIGMA = 1 / 16
+# Templates smaller than this many pixels (at the fine level) are not specific enough.
+_MIN_TEMPLATE_PIXELS = 150
+
+
+def _scales(step: float) -> np.ndarray:
+  """Geometric grid of scales in [_SCALE_MIN, _SCALE_MAX] that contains 1.0."""
+  lo = int(np.floor(np.log(_SCALE_MIN) / np.log(step)))
+  hi = int(np.ceil(np.log(_SCALE_MAX) / np.log(step)))
+  return step ** np.arange(lo, hi + 1, dtype=np.float64)
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Area-aware (antialiased) bilinear resize of a uint8 image to float32."""
+  pil = Image.fromarray(image).resize((max(1, width), max(1, height)),
+                                      Image.Resampling.BILINEAR)
+  return np.asarray(pil, np.float32)
+
+
+def _high_pass(image: np.ndarray, side: int) -> np.ndarray:
+  """Removes the slow intensity trend (bright skin, dark depth) that every scan shares.
+
+  Without this, NCC between unrelated scans is ~0.9: their large-scale brightness
+  profiles agree. What remains (tissue edges, texture) is specific to one scan.
+  """
+  return image - scipy.ndimage.gaussian_filter(image, _HIGH_PASS_SIGMA * side, mode="reflect")
+
+
+def _fit_side(shape: tuple[int, int], side: int) -> tuple[int, int]:
+  """(h, w) with the longest side equal to `side`, aspect kept."""
+  h, w = shape
+  f = side / max(h, w)
+  return max(1, round(h * f)), max(1, round(w * f))
+
+
+class _Level:
+  """Targets (FFTs, integral images) of all images at one resolution; templates on demand."""
+
+  def __init__(self, images: list[np.ndarray], side: int):
+    self.side = side
+    self.images = images
+    n = len(images)
+    self.shapes = np.zeros((n, 2), np.int64)
+    padded = np.zeros((n, side, side), np.float32)
+    for k, image in enumerate(images):
+      h, w = _fit_side(image.shape, side)
+      self.shapes[k] = (h, w)
+      padded[k, :h, :w] = _high_pass(_resize(image, h, w), side)
+    self.padded = padded
+    self.target_fft = scipy.fft.rfft2(padded)
+    # Integral images (with a zero first row/column) give window sums in four lookups.
+    p64 = padded.astype(np.float64)
+    self.sum1 = np.pad(p64.cumsum(1).cumsum(2), ((0, 0), (1, 0), (1, 0)))
+    self.sum2 = np.pad((p64 * p64).cumsum(1).cumsum(2), ((0, 0), (1, 0), (1, 0)))
+    self._templates: dict[tuple[int, float], tuple[np.ndarray, int, int] | None] = {}
+
+  def template(self, i: int, scale: float):
+    """FFT of the zero-mean, unit-norm central crop of image i rescaled by `scale`, or None."""
+    key = (i, scale)
+    if key not in self._templates:
+      h, w = self.shapes[i]
+      sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+      th, tw = min(self.side, round(sh * _CROP)), min(self.side, round(sw * _CROP))
+      result = None
+      min_pixels = _MIN_TEMPLATE_PIXELS * (self.side / _FINE_SIDE) ** 2
+      if th >= 4 and tw >= 4 and th * tw >= min_pixels:
+        scaled = _high_pass(_resize(self.images[i], sh, sw), self.side)
+        y0, x0 = (sh - th) // 2, (sw - tw) // 2
+        crop = scaled[y0:y0 + th, x0:x0 + tw].astype(np.float64)
+        crop -= crop.mean()
+        norm = np.sqrt((crop * crop).sum())
+        if norm > _MIN_STD * np.sqrt(crop.size):
+          padded = np.zeros((self.side, self.side), np.float32)
+          padded[:th, :tw] = crop / norm
+          result = (np.conj(scipy.fft.rfft2(padded)), th, tw, crop.astype(np.float32))
+      self._templates[key] = result
+    return self._templates[key]
+
+  def inverse_denominator(self, th: int, tw: int, targets: np.ndarray | None = None):
+    """1 / (window std * sqrt(n)) for a th x tw window at every shift; 0 where invalid.
+
+    Invalid: the window leaves the target (into zero padding) or covers flat background.
+    """
+    sel = slice(None) if targets is None else targets
+    s1, s2 = self.sum1[sel], self.sum2[sel]
+    ny, nx = self.side - th + 1, self.side - tw + 1
+    n = th * tw
+    win1 = (s1[:, th:th + ny, tw:tw + nx] - s1[:, :ny, tw:tw + nx] - s1[:, th:th + ny, :nx]
+            + s1[:, :ny, :nx])
+    win2 = (s2[:, th:th + ny, tw:tw + nx] - s2[:, :ny, tw:tw + nx] - s2[:, th:th + ny, :nx]
+            + s2[:, :ny, :nx])
+    var_n = win2 - win1 * win1 / n
+    h, w = self.shapes[sel, 0], self.shapes[sel, 1]
+    ys, xs = np.arange(ny), np.arange(nx)
+    valid = ((ys[None, :, None] <= (h - th)[:, None, None])
+             & (xs[None, None, :] <= (w - tw)[:, None, None])
+             & (var_n >= n * _MIN_STD**2))
+    return np.where(valid, 1.0 / np.sqrt(np.maximum(var_n, n * _MIN_STD**2)), 0.0).astype(
+        np.float32)
+
+  def best_ncc(self, t_fft: np.ndarray, th: int, tw: int, inv_den: np.ndarray,
+               targets: np.ndarray | None = None, with_shift: bool = False):
+    """Max NCC over all shifts of one template inside each target (0 if it fits nowhere)."""
+    sel = slice(None) if targets is None else targets
+    corr = scipy.fft.irfft2(self.target_fft[sel] * t_fft, s=(self.side, self.side))
+    ny, nx = self.side - th + 1, self.side - tw + 1
+    ncc = corr[:, :ny, :nx] * inv_den
+    flat = ncc.reshape(ncc.shape[0], -1)
+    if not with_shift:
+      return flat.max(axis=1)
+    where = flat.argmax(axis=1)
+    return flat[np.arange(len(where)), where], where // nx, where % nx
+
+  def block_ncc(self, crop: np.ndarray, j: int, y: int, x: int, blocks: int) -> np.ndarray:
+    """NCC of each of blocks x blocks tiles of a template placed at (y, x) in target j.
+
+    A single global NCC can be carried by one strong structure (the rim of a large cyst);
+    requiring every tile to agree demands that the whole overlap is the same picture.
+    Tiles flat in both images (a cyst's inside) agree trivially and are left out (NaN).
+    """
+    th, tw = crop.shape
+    window = self.padded[j, y:y + th, x:x + tw]
+    ys = np.linspace(0, th, blocks + 1).round().astype(int)
+    xs = np.linspace(0, tw, blocks + 1).round().astype(int)
+    out = np.full(blocks * blocks, np.nan, np.float32)
+    for a in range(blocks):
+      for b in range(blocks):
+        t = crop[ys[a]:ys[a + 1], xs[b]:xs[b + 1]].astype(np.float64)
+        w = window[ys[a]:ys[a + 1], xs[b]:xs[b + 1]].astype(np.float64)
+        t, w = t - t.mean(), w - w.mean()
+        tn, wn = np.sqrt((t * t).mean()), np.sqrt((w * w).mean())
+        if tn < _MIN_STD and wn < _MIN_STD:
+          continue
+        out[a * blocks + b] = (t * w).mean() / max(tn, _MIN_STD * 0.5) / max(wn, _MIN_STD * 0.5)
+    return out
+
+
+def _coarse_scores(level: _Level, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(n, n) best NCC of template i in target j over `scales`, and the best scale index."""
+  n = len(level.images)
+  best = np.zeros((n, n), np.float32)
+  arg = np.zeros((n, n), np.int16)
+  by_size: dict[tuple[int, int], list[tuple[int, int]]] = {}
+  for i in range(n):
+    for k, scale in enumerate(scales):
+      tmpl = level.template(i, float(scale))
+      if tmpl is not None:
+        by_size.setdefault((tmpl[1], tmpl[2]), []).append((i, k))
+  for (th, tw), members in by_size.items():
+    inv_den = level.inverse_denominator(th, tw)
+    for i, k in members:
+      t_fft = level.template(i, float(scales[k]))[0]
+      score = level.best_ncc(t_fft, th, tw, inv_den)
+      better = score > best[i]
+      best[i, better] = score[better]
+      arg[i, better] = k
+  np.fill_diagonal(best, 0.0)
+  return best, arg
+
+
+def _fine_match(level: _Level, i: int, targets: list[tuple[int, list[float]]]) -> dict:
+  """Best (NCC, scale, y, x) of image i's template in each target over that target's scales."""
+  by_scale: dict[float, list[int]] = {}
+  for j, scales in targets:
+    for scale in scales:
+      by_scale.setdefault(round(float(scale), 6), []).append(j)
+  best = {j: (0.0, None, 0, 0) for j, _ in targets}
+  for scale, js in sorted(by_scale.items()):
+    tmpl = level.template(i, scale)
+    if tmpl is None:
+      continue
+    t_fft, th, tw, _ = tmpl
+    js = np.asarray(sorted(set(js)))
+    inv_den = level.inverse_denominator(th, tw, js)
+    score, ys, xs = level.best_ncc(t_fft, th, tw, inv_den, js, with_shift=True)
+    for j, sc, y, x in zip(js.tolist(), score.tolist(), ys.tolist(), xs.tolist(), strict=True):
+      if sc > best[j][0]:
+        best[j] = (sc, scale, y, x)
+  return best
+
+
+def _images_of(collection: records.Collection) -> list[np.ndarray]:
+  return [records.load_image(r) for r in collection.records]
+
+
+def near_duplicate_pairs(collection: records.Collection, *, threshold: float = 0.65,
+                         candidates_per_image: int = 8,
+                         images: list[np.ndarray] | None = None) -> list[tuple[int, int, float]]:
+  """Pairs of records that show the same scan (re-cropped, rescaled or re-saved).
+
+  Args:
+    collection: the records; images are read with `records.load_image`.
+    threshold: minimum score. The score is the second-lowest NCC of the 3 x 3 tiles of the best
+      alignment (at longest side 80, trend removed), so every part of the overlap must agree,
+      not just a lesion rim. Copies of one scan score 0.75-1.0; adjacent frames of one lesion
+      0.55-0.8; distinct scans mostly below 0.5, large cysts up to ~0.62 (measured on BUSI).
+    candidates_per_image: partners per image, by coarse score, that are verified.
+    images: the decoded images, if the caller already has them (same order as records).
+
+  Returns:
+    (i, j, score) with i < j indices into `collection.records`, sorted by (i, j).
+  """
+  if images is None:
+    images = _images_of(collection)
+  n = len(images)
+  if n < 2:
+    return []
+  coarse = _Level(images, _COARSE_SIDE)
+  coarse_scales = _scales(_COARSE_STEP)
+  coarse_best, coarse_arg = _coarse_scores(coarse, coarse_scales)
+  both = np.maximum(coarse_best, coarse_best.T)
+  k = min(candidates_per_image, n - 1)
+  # Stable sort on (-score, index) keeps candidate choice deterministic under ties.
+  nearest = np.argsort(-both, axis=1, kind="stable")[:, :k]
+  candidates = sorted({(min(i, int(j)), max(i, int(j))) for i in range(n) for j in nearest[i]
+                       if i != j})
+  # Fine search: a few fine steps either side of each direction's best coarse scale.
+  offsets = _FINE_STEP ** np.arange(-3, 4)
+  partners: dict[int, list[tuple[int, list[float]]]] = {}
+  for i, j in candidates:
+    for a, b in ((i, j), (j, i)):
+      centre = coarse_scales[coarse_arg[a, b]]
+      scales = [float(s) for s in centre * offsets if _SCALE_MIN * 0.95 <= s <= _SCALE_MAX * 1.05]
+      partners.setdefault(a, []).append((b, scales))
+  fine = _Level(images, _FINE_SIDE)
+  matches = {}
+  for a in sorted(partners):
+    for b, found in _fine_match(fine, a, partners[a]).items():
+      matches[(a, b)] = found
+  pairs = []
+  for i, j in candidates:
+    # Tiles are checked for the direction with the better global alignment.
+    a, b = (i, j) if matches[(i, j)][0] >= matches[(j, i)][0] else (j, i)
+    global_ncc, scale, y, x = matches[(a, b)]
+    if scale is None or global_ncc < threshold:
+      continue
+    tiles = fine.block_ncc(fine.template(a, scale)[3], b, y, x, 3)
+    tiles = np.sort(tiles[~np.isnan(tiles)])
+    # The second-lowest tile: one tile may differ (text or calipers burnt into one copy).
+    score = float(min(global_ncc, tiles[1])) if len(tiles) >= 5 else 0.0
+    if score >= threshold:
+      pairs.append((i, j, score))
+  return pairs
+
+
+def _union_find_labels(n: int, pairs) -> np.ndarray:
+  """Component label (smallest member index) of each of n nodes joined by `pairs`."""
+  parent = list(range(n))
+
+  def find(x: int) -> int:
+    while parent[x] != x:
+      parent[x] = parent[parent[x]]
+      x = parent[x]
+    return x
+
+  for i, j in pairs:
+    ri, rj = find(int(i)), find(int(j))
+    if ri != rj:
+      parent[max(ri, rj)] = min(ri, rj)
+  return np.asarray([find(x) for x in range(n)], np.int64)
+
+
+def near_duplicate_clusters(collection: records.Collection, *, threshold: float = 0.65,
+                            pairs: list[tuple[int, int, float]] | None = None,
+                            **kwargs) -> list[list[int]]:
+  """Connected groups (size >= 2) of near-duplicate records, sorted, indices into records.
+
+  Args:
+    collection: the records.
+    threshold: see `near_duplicate_pairs`.
+    pairs: precomputed `near_duplicate_pairs` output (skips the search).
+    **kwargs: passed to `near_duplicate_pairs`.
+  """
+  if pairs is None:
+    pairs = near_duplicate_pairs(collection, threshold=threshold, **kwargs)
+  labels = _union_find_labels(len(collection), [(i, j) for i, j, _ in pairs])
+  clusters: dict[int, list[int]] = {}
+  for index, label in enumerate(labels.tolist()):
+    clusters.setdefault(label, []).append(index)
+  return sorted([c for c in clusters.values() if len(c) >= 2])
