@@ -321,3 +321,202 @@ def near_duplicate_clusters(collection: records.Collection, *, threshold: float 
   for index, label in enumerate(labels.tolist()):
     clusters.setdefault(label, []).append(index)
   return sorted([c for c in clusters.values() if len(c) >= 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups and folds
+# ---------------------------------------------------------------------------------------------
+
+
+def group_ids(collection: records.Collection, *, near_duplicates: bool = True,
+              pairs: list[tuple[int, int, float]] | None = None) -> np.ndarray:
+  """Group index per record: records sharing a patient or a near-duplicate cluster share one.
+
+  Args:
+    collection: the records.
+    near_duplicates: also join near-duplicate pairs (content search; see `near_duplicate_pairs`).
+    pairs: precomputed near-duplicate pairs (used when `near_duplicates`; searched if None).
+
+  Returns:
+    int64 array (n,), groups numbered 0, 1, ... in order of first appearance.
+  """
+  n = len(collection)
+  links = []
+  first_of_patient: dict[str, int] = {}
+  for index, record in enumerate(collection.records):
+    first = first_of_patient.setdefault(str(record.patient_id), index)
+    if first != index:
+      links.append((first, index))
+  if near_duplicates:
+    if pairs is None:
+      pairs = near_duplicate_pairs(collection)
+    links.extend((i, j) for i, j, _ in pairs)
+  # Roots are each component's smallest index, so sorted roots number groups by first appearance.
+  _, inverse = np.unique(_union_find_labels(n, links), return_inverse=True)
+  return inverse.reshape(-1).astype(np.int64)
+
+
+def grouped_stratified_kfold(labels, groups, k: int, seed: int) -> np.ndarray:
+  """Fold index (0..k-1) per record; whole groups per fold, class ratios balanced across folds.
+
+  Greedy: groups, largest first (ties in a seeded random order), go to the fold where the
+  per-class fold shares deviate least from 1/k, with fold size as the tie-breaker.
+
+  Args:
+    labels: int class per record.
+    groups: group id per record (e.g. from `group_ids`).
+    k: number of folds (>= 2).
+    seed: shuffles the order of equal-size groups; same seed, same folds.
+  """
+  labels = np.asarray(labels, np.int64)
+  groups = np.asarray(groups)
+  if labels.shape != groups.shape or labels.ndim != 1:
+    raise ValueError(f"labels {labels.shape} and groups {groups.shape} must be equal 1-D shapes")
+  if k < 2:
+    raise ValueError(f"k must be >= 2, got {k}")
+  unique_groups, group_of = np.unique(groups, return_inverse=True)
+  if len(unique_groups) < k:
+    raise ValueError(f"{len(unique_groups)} groups cannot fill {k} folds")
+  num_classes = int(labels.max()) + 1 if len(labels) else 1
+  counts = np.zeros((len(unique_groups), num_classes), np.int64)
+  np.add.at(counts, (group_of, labels), 1)
+  totals = np.maximum(counts.sum(0), 1).astype(np.float64)
+  rng = np.random.default_rng(seed)
+  shuffled = rng.permutation(len(unique_groups))
+  order = shuffled[np.argsort(-counts[shuffled].sum(1), kind="stable")]
+  fold_counts = np.zeros((k, num_classes), np.int64)
+  fold_of_group = np.zeros(len(unique_groups), np.int64)
+  for g in order:
+    trial = fold_counts[None, :, :] + np.eye(k, dtype=np.int64)[:, :, None] * counts[g][None, None]
+    # cost[f]: squared deviation of every fold's class shares from 1/k if g goes to fold f.
+    cost = ((trial / totals - 1.0 / k) ** 2).sum(axis=(1, 2))
+    sizes = fold_counts.sum(1)
+    f = int(np.lexsort((np.arange(k), sizes, np.round(cost, 12)))[0])
+    fold_counts[f] += counts[g]
+    fold_of_group[g] = f
+  return fold_of_group[group_of]
+
+
+def _split_fraction(labels, groups, fraction: float, seed: int) -> np.ndarray:
+  """Boolean mask of a grouped, stratified ~`fraction` of the records."""
+  if fraction <= 0 or len(labels) == 0:
+    return np.zeros(len(labels), bool)
+  k = max(2, round(1.0 / fraction))
+  if len(np.unique(groups)) < k:
+    raise ValueError(f"{len(np.unique(groups))} groups are too few for a fraction of {fraction}")
+  return grouped_stratified_kfold(labels, groups, k, seed) == 0
+
+
+def _named(collection: records.Collection, tag: str, indices) -> dict[str, records.Collection]:
+  """Train/val/test subsets named '<source>/<tag>/<part>'."""
+  return {part: collection.subset(np.asarray(idx, np.int64), name=f"{collection.name}/{tag}/{part}")
+          for part, idx in indices.items()}
+
+
+def make_splits(collection: records.Collection, split_config, *, fold: int | None = None,
+                pairs: list[tuple[int, int, float]] | None = None) -> dict[str, records.Collection]:
+  """Train / val / test collections for one split.
+
+  Args:
+    collection: all records.
+    split_config: ConfigDict (or dict) with
+      kind: "kfold" (test = fold `fold` of `k`; val = a grouped stratified `val_fraction` of the
+        rest), "predefined" (record.meta["split"] in train/val/test; a missing part is empty),
+        "official_folds" (test = records whose meta["fold5"] is the `fold`-th distinct value,
+        e.g. BUS-BRA; val from the rest), "holdout" (grouped stratified `val_fraction` and
+        `test_fraction`).
+      k, fold, val_fraction, test_fraction, seed, near_duplicates (group copies of one scan; for
+        kfold/official_folds/holdout).
+    fold: overrides split_config.fold.
+    pairs: precomputed near-duplicate pairs (otherwise searched when near_duplicates is set).
+
+  Returns:
+    {"train", "val", "test"}: Collections named like "busi/kfold5-fold0/test" (parts may be empty).
+  """
+  cfg = split_config
+  kind = cfg.get("kind", "kfold")
+  seed = int(cfg.get("seed", 0))
+  val_fraction = float(cfg.get("val_fraction", 0.0) or 0.0)
+  fold = int(cfg.get("fold", 0) if fold is None else fold)
+  labels = collection.labels
+  if kind == "predefined":
+    parts = {"train": [], "val": [], "test": []}
+    for index, record in enumerate(collection.records):
+      part = record.meta.get("split")
+      if part not in parts:
+        raise records.DataError(f"{record.id}: meta['split'] is {part!r}, expected train/val/test")
+      parts[part].append(index)
+    return _named(collection, "predefined", parts)
+  groups = group_ids(collection, near_duplicates=bool(cfg.get("near_duplicates", True)),
+                     pairs=pairs)
+  if kind == "kfold":
+    k = int(cfg.get("k", 5))
+    if not 0 <= fold < k:
+      raise ValueError(f"fold {fold} is outside 0..{k - 1}")
+    test = grouped_stratified_kfold(labels, groups, k, seed) == fold
+    tag = f"kfold{k}-fold{fold}"
+  elif kind == "official_folds":
+    values = []
+    for record in collection.records:
+      if "fold5" not in record.meta:
+        raise records.DataError(f"{record.id}: no meta['fold5'] for split kind 'official_folds'")
+      values.append(record.meta["fold5"])
+    distinct = sorted(set(values))
+    if not 0 <= fold < len(distinct):
+      raise ValueError(f"fold {fold} is outside 0..{len(distinct) - 1} (folds {distinct})")
+    test = np.asarray([v == distinct[fold] for v in values])
+    tag = f"official-fold{distinct[fold]}"
+  elif kind == "holdout":
+    test = _split_fraction(labels, groups, float(cfg.get("test_fraction", 0.2)), seed)
+    tag = "holdout"
+  else:
+    raise ValueError(f"unknown split kind {kind!r}")
+  rest = np.flatnonzero(~test)
+  val_in_rest = _split_fraction(labels[rest], groups[rest], val_fraction, seed + 1)
+  return _named(collection, tag, {"train": rest[~val_in_rest], "val": rest[val_in_rest],
+                                  "test": np.flatnonzero(test)})
+
+
+def leakage_report(collection: records.Collection, splits: dict[str, records.Collection], *,
+                   pairs: list[tuple[int, int, float]] | None = None) -> dict:
+  """Near-duplicate pairs, clusters and patients that straddle split boundaries.
+
+  Args:
+    collection: the full collection the splits were drawn from (record ids must be unique).
+    splits: part name -> Collection (e.g. from `make_splits`); records matched by id.
+    pairs: precomputed `near_duplicate_pairs(collection)` (searched if None).
+
+  Returns:
+    JSON-ready dict: counts and the straddling pairs / clusters / patients with record ids.
+  """
+  if pairs is None:
+    pairs = near_duplicate_pairs(collection)
+  part_of: dict[str, str] = {}
+  for part, subset in splits.items():
+    for record in subset.records:
+      part_of[record.id] = part
+  ids = [r.id for r in collection.records]
+  where = [part_of.get(i) for i in ids]
+  straddling_pairs = [
+      {"a": ids[i], "b": ids[j], "score": round(float(s), 4), "parts": [where[i], where[j]]}
+      for i, j, s in pairs if where[i] and where[j] and where[i] != where[j]]
+  straddling_clusters = []
+  for cluster in near_duplicate_clusters(collection, pairs=pairs):
+    parts = sorted({where[i] for i in cluster if where[i]})
+    if len(parts) > 1:
+      straddling_clusters.append({"records": [ids[i] for i in cluster], "parts": parts})
+  by_patient: dict[str, set] = {}
+  for record, part in zip(collection.records, where, strict=True):
+    if part:
+      by_patient.setdefault(str(record.patient_id), set()).add(part)
+  straddling_patients = sorted(p for p, parts in by_patient.items() if len(parts) > 1)
+  return {
+      "split_sizes": {part: len(subset) for part, subset in splits.items()},
+      "pairs": len(pairs),
+      "straddling_pairs": len(straddling_pairs),
+      "straddling_clusters": len(straddling_clusters),
+      "straddling_patients": len(straddling_patients),
+      "pair_details": straddling_pairs,
+      "cluster_details": straddling_clusters,
+      "patient_details": straddling_patients,
+  }
