@@ -292,7 +292,7 @@ class Checkpointer:
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     if keep_latest < 1:
       raise ValueError(f"keep_latest must be >= 1, got {keep_latest}")
-    self.directory = epath.Path(workdir) / CHECKPOINTS_DIR
+    self.directory = _absolute(workdir) / CHECKPOINTS_DIR
     self.best_metric = best_metric
     self.best_mode = best_mode
     if every_steps < 1:
@@ -490,6 +490,12 @@ def _resolve(path: epath.Path, which: str) -> tuple[epath.Path, int | None]:
   raise CheckpointError(f"{path}: no '{which}' checkpoint found (looked in {looked}){hint}")
 
 
+def _absolute(path: str | os.PathLike[str]) -> epath.Path:
+  """Orbax wants absolute paths; gs:// and the like already are."""
+  path = os.fspath(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def load_state(
   path_or_workdir: str | os.PathLike[str],
   abstract_state: Any,
@@ -516,7 +522,7 @@ def load_state(
   """
   if which not in (BEST_DIR, LATEST_DIR):
     raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-  path = epath.Path(path_or_workdir)
+  path = _absolute(path_or_workdir)
   if not path.exists():
     raise CheckpointError(f"{path}: does not exist")
   manager_dir, step = _resolve(path, which)

@@ -11,6 +11,9 @@ import math
 import os
 
 import ml_collections
+from ml_collections import config_dict
+
+from busjax.data import augment
 
 SOURCES = ("phantom", "busi", "busbra", "breastmnist", "csv", "tfds")
 SPLIT_KINDS = ("kfold", "predefined", "official_folds", "holdout")
@@ -20,20 +23,46 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the field."""
 
 
+def optional_path(value: str | None = None):
+  """A string field that may stay None yet can be set from the command line (`--config.x=PATH`).
+
+  A plain None field cannot be overridden by flags (ml_collections needs the type).
+  """
+  return config_dict.placeholder(str) if value is None else value
+
+
 def phantom_data(image_size: int = 96, **phantom_kwargs) -> ml_collections.ConfigDict:
   """The embedded synthetic default: BUSI-like class counts, benign vs malignant."""
-  phantom = dict(counts=(437, 210, 133), seed=0, difficulty=0.35, images_per_patient=(1, 3), calipers=0.0)
+  phantom = dict(
+    counts=(437, 210, 133), seed=0, difficulty=0.35, images_per_patient=(1, 3), calipers=0.0
+  )
   phantom.update(phantom_kwargs)
-  return ml_collections.ConfigDict(dict(source="phantom", root=None, classes="binary",
-                                        image_size=image_size, on_error="raise", split_file=None,
-                                        phantom=phantom))
+  return ml_collections.ConfigDict(
+    dict(
+      source="phantom",
+      root=optional_path(),
+      classes="binary",
+      image_size=image_size,
+      on_error="raise",
+      split_file=optional_path(),
+      phantom=phantom,
+    )
+  )
 
 
-def real_data(source: str, root: str | None, image_size: int, **kwargs) -> ml_collections.ConfigDict:
+def real_data(
+  source: str, root: str | None, image_size: int, **kwargs
+) -> ml_collections.ConfigDict:
   """A local real dataset (`root` is the user's folder; nothing downloads)."""
-  fields = dict(source=source, root=root, classes="binary", image_size=image_size, on_error="raise",
-                split_file=None)
-  fields.update(kwargs)
+  fields = dict(
+    source=source,
+    root=optional_path(root),
+    classes="binary",
+    image_size=image_size,
+    on_error="raise",
+    split_file=optional_path(),
+  )
+  fields.update({k: optional_path() if v is None else v for k, v in kwargs.items()})
   return ml_collections.ConfigDict(fields)
 
 
@@ -42,22 +71,89 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "supervised"
   c.seed = 0
-  c.resume = None  # Another run's workdir to continue (full state).
-  c.init_from = None  # Another run's workdir to take weights from (fresh optimiser).
+  c.resume = optional_path()  # Another run's workdir to continue (full state).
+  c.init_from = optional_path()  # Another run's workdir to take weights from (fresh optimiser).
   c.data = phantom_data()
   c.external = ml_collections.ConfigDict()  # name -> data config, evaluated after training.
-  c.split = ml_collections.ConfigDict(dict(kind="kfold", k=5, fold=0, val_fraction=0.15,
-                                           near_duplicates=True, cross_validate=False, seed=0))
+  # val_from_train (kind "predefined" only): the given "val" part becomes the test set and a
+  # grouped, stratified `val_fraction` of "train" selects the checkpoint and threshold (BUSI's
+  # BreastMNIST split has no test part; selecting on the reported images would flatter them).
+  c.split = ml_collections.ConfigDict(
+    dict(
+      kind="kfold",
+      k=5,
+      fold=0,
+      val_fraction=0.15,
+      near_duplicates=True,
+      val_from_train=False,
+      cross_validate=False,
+      seed=0,
+    )
+  )
   c.input = ml_collections.ConfigDict(dict(batch_size=32, eval_batch_size=64, num_workers=0))
-  c.input.augment = ml_collections.ConfigDict(dict(preset="ultrasound"))
-  c.model = ml_collections.ConfigDict(dict(name="resnet", variant="resnet18", width=0.5, in_channels=1,
-                                           dropout=0.0, dtype="float32"))
-  c.optim = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=1e-4, warmup_steps=50, clip_norm=1.0,
-                                           final_lr_fraction=0.01))
-  c.train = ml_collections.ConfigDict(dict(epochs=20, num_steps=0, log_every=20, eval_every=100,
-                                           checkpoint_every=0, class_weights="balanced", focal_gamma=0.0,
-                                           label_smoothing=0.0, ema_decay=0.0))
+  c.input.augment = augment.default_config("train")  # Ultrasound-aware; see busjax/data/augment.py.
+  # normalization: "default" (grey, mean 0.5 / std 0.25), "imagenet" or "inception" (with
+  # pretrained weights); pretrained: a local weights file (see docs/pretrained_weights.md).
+  c.model = ml_collections.ConfigDict(
+    dict(
+      name="resnet",
+      variant="resnet18",
+      width=0.5,
+      in_channels=1,
+      dropout=0.0,
+      dtype="float32",
+      normalization="default",
+      pretrained=optional_path(),
+      pretrained_format=optional_path(),
+    )
+  )
+  c.optim = ml_collections.ConfigDict(
+    dict(lr=1e-3, weight_decay=1e-4, warmup_steps=50, clip_norm=1.0, final_lr_fraction=0.01)
+  )
+  c.train = ml_collections.ConfigDict(
+    dict(
+      epochs=20,
+      num_steps=0,
+      log_every=20,
+      eval_every=100,
+      checkpoint_every=0,
+      class_weights="balanced",
+      focal_gamma=0.0,
+      label_smoothing=0.0,
+      ema_decay=0.0,
+    )
+  )
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
+  return c
+
+
+PROTOCOL_ARGS = ("busi", "cv", "busbra")
+
+
+def apply_protocol(c: ml_collections.ConfigDict, args: set[str]) -> ml_collections.ConfigDict:
+  """The data/evaluation arguments every method's config shares, so methods compare like for like.
+
+  busi    BUSI from a local folder (--config.data.root=.../Dataset_BUSI_with_GT) with BreastMNIST's
+          assignment (--config.data.split_file=.../busi_breastmnist_split.tsv): its val part is
+          reported as the test set; checkpoint and threshold are chosen on a patient- and
+          near-duplicate-grouped 15% of its train part (selecting on reported images flatters them).
+  cv      leakage-aware k-fold cross-validation (patient- and near-duplicate-grouped); with busi it
+          replaces the BreastMNIST split.
+  busbra  also evaluate on BUS-BRA, another hospital, without retraining
+          (--config.external.busbra.root=.../BUS-BRA-dev); its BI-RADS give the reader's point.
+  """
+  if "busi" in args:
+    # Real scans carry finer detail than the phantoms: at least 128 px (fusion keeps its 224).
+    c.data = real_data("busi", root=None, image_size=max(c.data.image_size, 128))
+    c.split.kind = "predefined"
+    c.split.val_from_train = True
+    c.split.near_duplicates = True
+  if "cv" in args:
+    c.split.kind = "kfold"
+    c.split.val_from_train = False
+    c.split.cross_validate = True
+  if "busbra" in args:
+    c.external.busbra = real_data("busbra", root=None, image_size=c.data.image_size)
   return c
 
 
@@ -65,7 +161,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any config so the same file runs end to end in seconds on a CPU."""
   if c.data.source == "phantom":
     c.data.phantom.counts = (24, 16, 8)
-  c.data.image_size = 32
+  c.data.image_size = 64  # The phantom generator's smallest size.
   c.input.batch_size = 8
   c.input.eval_batch_size = 16
   c.train.num_steps = 4
@@ -76,7 +172,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for name in list(c.external.keys()):
     if c.external[name].source == "phantom":
       c.external[name].phantom.counts = (12, 8, 0)
-    c.external[name].image_size = 32
+    c.external[name].image_size = 64
   if "width" in c.model:
     c.model.width = min(c.model.width, 0.25)
   return c
@@ -94,15 +190,28 @@ def _check(condition: bool, message: str) -> None:
 
 def _validate_data(prefix: str, d: ml_collections.ConfigDict) -> None:
   _check(d.source in SOURCES, f"{prefix}.source={d.source!r}: expected one of {SOURCES}")
-  _check(d.get("classes", "binary") in ("binary", "three"),
-         f"{prefix}.classes={d.get('classes')!r}: expected 'binary' or 'three'")
-  _check(isinstance(d.image_size, int) and 16 <= d.image_size <= 1024,
-         f"{prefix}.image_size={d.image_size!r}: expected an integer in [16, 1024]")
-  _check(d.get("on_error", "raise") in ("raise", "skip"),
-         f"{prefix}.on_error={d.get('on_error')!r}: expected 'raise' or 'skip'")
-  if d.source != "phantom":
-    _check(bool(d.get("root")), f"{prefix}.root is required for source {d.source!r} "
-                                f"(pass --config.data.root=/path/to/data)")
+  _check(
+    d.get("classes", "binary") in ("binary", "three"),
+    f"{prefix}.classes={d.get('classes')!r}: expected 'binary' or 'three'",
+  )
+  _check(
+    isinstance(d.image_size, int) and 16 <= d.image_size <= 1024,
+    f"{prefix}.image_size={d.image_size!r}: expected an integer in [16, 1024]",
+  )
+  _check(
+    d.get("on_error", "raise") in ("raise", "skip"),
+    f"{prefix}.on_error={d.get('on_error')!r}: expected 'raise' or 'skip'",
+  )
+  if d.source == "phantom":
+    _check(
+      64 <= d.image_size <= 512,
+      f"{prefix}.image_size={d.image_size!r}: the phantom generator makes 64..512 px images",
+    )
+  else:
+    _check(
+      bool(d.get("root")),
+      f"{prefix}.root is required for source {d.source!r} (pass --config.data.root=/path/to/data)",
+    )
     _check(os.path.exists(d.root), f"{prefix}.root={d.root!r}: no such file or folder")
 
 
@@ -117,30 +226,84 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _validate_data(f"external.{name}", d)
   _check(c.split.kind in SPLIT_KINDS, f"split.kind={c.split.kind!r}: expected one of {SPLIT_KINDS}")
   if c.split.kind == "kfold":
-    _check(isinstance(c.split.k, int) and c.split.k >= 2, f"split.k={c.split.k!r}: expected an integer >= 2")
-    _check(0 <= c.split.fold < c.split.k, f"split.fold={c.split.fold!r}: expected 0 <= fold < k={c.split.k}")
-  _check(0.0 <= c.split.get("val_fraction", 0.0) < 1.0,
-         f"split.val_fraction={c.split.get('val_fraction')!r}: expected a fraction in [0, 1)")
-  _check(isinstance(c.input.batch_size, int) and c.input.batch_size > 0,
-         f"input.batch_size={c.input.batch_size!r}: expected a positive integer")
+    _check(
+      isinstance(c.split.k, int) and c.split.k >= 2,
+      f"split.k={c.split.k!r}: expected an integer >= 2",
+    )
+    _check(
+      0 <= c.split.fold < c.split.k,
+      f"split.fold={c.split.fold!r}: expected 0 <= fold < k={c.split.k}",
+    )
+  _check(
+    0.0 <= c.split.get("val_fraction", 0.0) < 1.0,
+    f"split.val_fraction={c.split.get('val_fraction')!r}: expected a fraction in [0, 1)",
+  )
+  _check(
+    isinstance(c.input.batch_size, int) and c.input.batch_size > 0,
+    f"input.batch_size={c.input.batch_size!r}: expected a positive integer",
+  )
   lr = c.optim.lr
-  _check(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, f"optim.lr={lr!r}: expected > 0")
-  _check(c.optim.get("weight_decay", 0.0) >= 0, f"optim.weight_decay={c.optim.weight_decay!r}: expected >= 0")
-  _check(c.train.get("num_steps", 0) > 0 or c.train.get("epochs", 0) > 0,
-         "train.num_steps or train.epochs must be > 0")
-  _check(c.train.get("log_every", 1) > 0, f"train.log_every={c.train.get('log_every')!r}: expected > 0")
-  _check(c.model.get("dtype", "float32") in ("float32", "bfloat16"),
-         f"model.dtype={c.model.get('dtype')!r}: expected 'float32' or 'bfloat16'")
-  _check(c.model.get("in_channels", 1) in (1, 3), f"model.in_channels={c.model.get('in_channels')!r}: "
-                                                 "expected 1 (grayscale) or 3 (ImageNet weights)")
-  _check(0.0 <= c.train.get("ema_decay", 0.0) < 1.0, f"train.ema_decay={c.train.get('ema_decay')!r}: "
-                                                    "expected in [0, 1)")
-  _check(c.train.get("class_weights") in (None, "none", "balanced"),
-         f"train.class_weights={c.train.get('class_weights')!r}: expected 'balanced' or 'none'")
+  _check(
+    isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, f"optim.lr={lr!r}: expected > 0"
+  )
+  _check(
+    c.optim.get("weight_decay", 0.0) >= 0,
+    f"optim.weight_decay={c.optim.weight_decay!r}: expected >= 0",
+  )
+  _check(
+    c.train.get("num_steps", 0) > 0 or c.train.get("epochs", 0) > 0,
+    "train.num_steps or train.epochs must be > 0",
+  )
+  _check(
+    c.train.get("log_every", 1) > 0, f"train.log_every={c.train.get('log_every')!r}: expected > 0"
+  )
+  _check(
+    c.model.get("dtype", "float32") in ("float32", "bfloat16"),
+    f"model.dtype={c.model.get('dtype')!r}: expected 'float32' or 'bfloat16'",
+  )
+  _check(
+    c.model.get("in_channels", 1) in (1, 3),
+    f"model.in_channels={c.model.get('in_channels')!r}: "
+    "expected 1 (grayscale) or 3 (ImageNet weights)",
+  )
+  _check(
+    0.0 <= c.train.get("ema_decay", 0.0) < 1.0,
+    f"train.ema_decay={c.train.get('ema_decay')!r}: expected in [0, 1)",
+  )
+  _check(
+    c.train.get("class_weights") in (None, "none", "balanced"),
+    f"train.class_weights={c.train.get('class_weights')!r}: expected 'balanced' or 'none'",
+  )
   try:
     importlib.import_module(f"busjax.models.{c.model.name}")
   except ModuleNotFoundError as e:
-    raise ConfigError(f"model.name={c.model.name!r}: no module busjax/models/{c.model.name}.py") from e
+    raise ConfigError(
+      f"model.name={c.model.name!r}: no module busjax/models/{c.model.name}.py"
+    ) from e
+  _check(
+    c.model.get("normalization", "default") in ("default", "imagenet", "inception"),
+    f"model.normalization={c.model.get('normalization')!r}: expected 'default', 'imagenet' or "
+    "'inception'",
+  )
+  if c.model.get("pretrained"):
+    _check(
+      os.path.isfile(c.model.pretrained),
+      f"model.pretrained={c.model.pretrained!r}: no such file "
+      "(weights come from a local file; see docs/pretrained_weights.md)",
+    )
+  if c.model.name == "fusion":
+    for name in c.model.get("backbones", ()):
+      sub = c.model.get(name)
+      if sub is not None and "pretrained" in sub:
+        _check(
+          bool(sub.pretrained),
+          f"model.{name}.pretrained is required by this config "
+          f"(--config.model.{name}.pretrained=FILE; see docs/pretrained_weights.md)",
+        )
+        _check(
+          os.path.isfile(sub.pretrained),
+          f"model.{name}.pretrained={sub.pretrained!r}: no such file",
+        )
   for path in ("resume", "init_from"):
     if c.get(path):
       _check(os.path.isdir(c[path]), f"{path}={c[path]!r}: no such run directory")

@@ -1,4 +1,4 @@
-"""Entry point: `python -m busjax.main --config=configs/X.py[:arg] --workdir=DIR [--config.a.b=value]`.
+"""Entry point: `python -m busjax.main --config=configs/X.py[:arg] --workdir=DIR [--config.a=v]`.
 
 Parses flags, initialises multi-process JAX when asked, logs the devices and dispatches to
 `busjax.trainers.<config.trainer>.train_and_evaluate(config, workdir)`. Logic lives in the trainers.
@@ -14,13 +14,18 @@ from ml_collections import config_flags
 from busjax import configlib
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, `path.py` or `path.py:arg`.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file, `path.py` or `path.py:arg`.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
-flags.DEFINE_string("coordinator", None, "Multi-process: coordinator `host:port` (omit on SLURM / TPU VMs).")
+flags.DEFINE_string(
+  "coordinator", None, "Multi-process: coordinator `host:port` (omit on SLURM / TPU VMs)."
+)
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (SLURM, Cloud TPU: no arguments).")
+flags.DEFINE_bool(
+  "distributed", False, "Call jax.distributed.initialize() (SLURM, Cloud TPU: no arguments)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,12 +35,18 @@ def main(argv):
   config = _CONFIG.value
   if FLAGS.coordinator or FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-  logging.info("JAX %s, process %d/%d, %d local / %d global devices: %s", jax.__version__,
-               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices())
+  logging.info(
+    "JAX %s, process %d/%d, %d local / %d global devices: %s",
+    jax.__version__,
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices(),
+  )
   try:
     configlib.validate(config)
-  except configlib.ConfigError as e:
+  except (configlib.ConfigError, OSError) as e:  # OSError: the config file itself failed to load.
     print(f"busjax: bad config: {e}", file=sys.stderr)
     return 2
   trainer = importlib.import_module(f"busjax.trainers.{config.trainer}")
@@ -43,13 +54,24 @@ def main(argv):
   return 0
 
 
-def run():
-  # absl prints a full usage dump for bad flags; keep the one line that says what is wrong.
+def _parse_flags(argv):
+  """absl's parser, but a bad flag or config override is one line on stderr, not a traceback."""
   try:
-    app.run(main)
-  except flags.Error as e:
-    print(f"busjax: bad flag: {e}", file=sys.stderr)
+    return FLAGS(argv)
+  except (flags.Error, KeyError, ValueError, TypeError, AttributeError, OSError) as e:
+    message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    if message[:1] == message[-1:] == "'":  # A KeyError's message arrives repr-quoted.
+      message = message[1:-1].replace("\\n", " ").replace("\\'", "'")
+    print(
+      f"busjax: bad flag: {message}\nUsage: python -m busjax.main --config=configs/X.py[:args] "
+      "--workdir=DIR [--config.field=value ...]",
+      file=sys.stderr,
+    )
     sys.exit(2)
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,26 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 def _run(*args, timeout=120):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "busjax.main", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "busjax.main", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
-@pytest.mark.parametrize("override, field", [
+@pytest.mark.parametrize(
+  "override, field",
+  [
     ("--config.optim.lr=-1.0", "optim.lr"),
     ("--config.data.source=imagenet", "data.source"),
     ("--config.model.name=transformer9000", "model.name"),
     ("--config.split.fold=7", "split.fold"),
     ("--config.data.image_size=5", "data.image_size"),
-])
+  ],
+)
 def test_bad_config_value_is_one_clear_line(tmp_path, override, field):
   result = _run("--config=configs/supervised.py:smoke", f"--workdir={tmp_path}", override)
   assert result.returncode != 0
@@ -31,11 +40,14 @@ def test_bad_config_value_is_one_clear_line(tmp_path, override, field):
   assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args, needle", [
+@pytest.mark.parametrize(
+  "args, needle",
+  [
     (["--config=configs/supervised.py:smoke", "--config.optim.lrr=1"], "lrr"),
     (["--config=configs/does_not_exist.py"], "does_not_exist"),
     (["--config=configs/supervised.py:smoke", "--config.optim.lr=fast"], "lr"),
-])
+  ],
+)
 def test_bad_flags_are_clear(tmp_path, args, needle):
   result = _run(*args, f"--workdir={tmp_path}")
   assert result.returncode != 0
@@ -45,7 +57,10 @@ def test_bad_flags_are_clear(tmp_path, args, needle):
 
 def test_missing_real_data_root_names_the_flag():
   import importlib.util
-  spec = importlib.util.spec_from_file_location("sup", os.path.join(ROOT, "configs", "supervised.py"))
+
+  spec = importlib.util.spec_from_file_location(
+    "sup", os.path.join(ROOT, "configs", "supervised.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("busi,smoke")

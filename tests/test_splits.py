@@ -146,6 +146,30 @@ def test_make_splits_predefined_and_leakage_report():
     splits.make_splits(bad, {"kind": "predefined"})
 
 
+def test_predefined_val_from_train_reports_val_as_test_and_groups_the_carved_val():
+  base = _many(60)
+  meta = [{"split": "train"}] * 48 + [{"split": "val"}] * 12
+  images = [r.image for r in base.records]
+  collection = _collection(images, base.labels, base.patient_ids, meta=meta)
+  config = {"kind": "predefined", "val_from_train": True, "val_fraction": 0.2,
+            "near_duplicates": True}
+  pairs = [(0, 30, 0.9), (5, 50, 0.9)]  # 50 is in the given val part: that pair stays as given.
+  parts = splits.make_splits(collection, config, pairs=pairs)
+  ids = {p: [r.id for r in parts[p].records] for p in ("train", "val", "test")}
+  assert ids["test"] == [f"img{k}" for k in range(48, 60)]  # exactly BreastMNIST's val part
+  assert parts["test"].name == "synth/predefined-valtest/test"
+  assert not set(ids["train"]) & set(ids["val"])
+  assert len(ids["train"]) + len(ids["val"]) == 48 and 6 <= len(ids["val"]) <= 14
+  # The carved val never splits a patient or a near-duplicate pair of the train part.
+  val_patients = {r.patient_id for r in parts["val"].records}
+  assert not val_patients & {r.patient_id for r in parts["train"].records}
+  assert ("img0" in ids["val"]) == ("img30" in ids["val"])
+  assert 0 < parts["val"].labels.sum() < len(ids["val"])  # stratified: both classes
+  with_test = _collection([r.image for r in base.records], meta=[{"split": "test"}] * 60)
+  with pytest.raises(ValueError, match="val_from_train"):
+    splits.make_splits(with_test, config)
+
+
 def test_make_splits_official_folds_and_holdout():
   base = _many(40)
   meta = [{"fold5": 1 + k % 2} for k in range(40)]

@@ -3,6 +3,7 @@
 import json
 import os
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 def _smoke_config(name="supervised", arg="smoke"):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -24,8 +26,9 @@ def _smoke_config(name="supervised", arg="smoke"):
 
 
 def _mesh(n):
-  return jax.sharding.Mesh(np.asarray(jax.devices()[:n]), ("data",),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(
+    np.asarray(jax.devices()[:n]), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
 def test_smoke_run_writes_reports_and_checkpoints(tmp_path):
@@ -46,7 +49,9 @@ def test_smoke_run_writes_reports_and_checkpoints(tmp_path):
   assert any(p.suffix == ".png" for p in reports.rglob("*.png"))
   assert (tmp_path / "metrics.jsonl").exists()
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert any("train/loss" in line for line in lines)
+  train_lines = [line for line in lines if line["split"] == "train"]
+  assert train_lines and all(np.isfinite(line["loss"]) for line in train_lines)
+  assert any(line["split"] == "val" and "val_auc" in line for line in lines)
 
 
 def _one_step(config, n_devices, batch):
@@ -58,9 +63,11 @@ def _one_step(config, n_devices, batch):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   state_shardings = jax.tree.map(lambda _: replicated, state)
-  step = jax.jit(supervised.make_train_step(defs, tx, config, np.ones(2, np.float32)),
-                 in_shardings=(state_shardings, {"image": data, "label": data}, replicated),
-                 out_shardings=(state_shardings, replicated))
+  step = jax.jit(
+    supervised.make_train_step(defs, tx, config, np.ones(2, np.float32)),
+    in_shardings=(state_shardings, {"image": data, "label": data}, replicated),
+    out_shardings=(state_shardings, replicated),
+  )
   state = jax.device_put(state, state_shardings)
   batch = jax.device_put(batch, data)
   new_state, metrics = step(state, batch, jax.random.key(1))
@@ -72,8 +79,10 @@ def _one_step(config, n_devices, batch):
 def test_same_step_on_one_and_four_devices():
   config = _smoke_config()
   rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 255, (8, 32, 32, 1), dtype=np.uint8),
-           "label": rng.integers(0, 2, (8,)).astype(np.int32)}
+  batch = {
+    "image": rng.integers(0, 255, (8, 32, 32, 1), dtype=np.uint8),
+    "label": rng.integers(0, 2, (8,)).astype(np.int32),
+  }
   loss1, params1 = _one_step(config, 1, batch)
   loss4, params4 = _one_step(config, 4, batch)
   assert np.isfinite(loss1)
@@ -96,31 +105,34 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path, monkeypatch):
   class Crash(Exception):
     pass
 
+  class CrashingIterator(grain.DatasetIterator):
+    """The real iterator (state and all) that dies on its 4th batch, like a killed process."""
+
+    def __init__(self, parent):
+      super().__init__(parent)
+      self.count = 0
+
+    def __next__(self):
+      self.count += 1
+      if self.count > 3:
+        raise Crash()
+      return next(self._parent)
+
+    def get_state(self):
+      return self._parent.get_state()
+
+    def set_state(self, state):
+      self._parent.set_state(state)
+
+  class CrashingDataset:
+    def __init__(self, ds):
+      self.ds = ds
+
+    def __iter__(self):
+      return CrashingIterator(iter(self.ds))
+
   def crashing_dataset(*args, **kwargs):
-    ds = real_train_dataset(*args, **kwargs)
-
-    class Wrapper:
-      def __iter__(self):
-        inner = iter(ds)
-
-        class It:
-          def __init__(self):
-            self.count = 0
-
-          def __next__(self):
-            self.count += 1
-            if self.count > 3:
-              raise Crash()
-            return next(inner)
-
-          def get_state(self):
-            return inner.get_state()
-
-          def set_state(self, s):
-            inner.set_state(s)
-
-        return It()
-    return Wrapper()
+    return CrashingDataset(real_train_dataset(*args, **kwargs))
 
   monkeypatch.setattr(pipeline, "train_dataset", crashing_dataset)
   with pytest.raises(Crash):
@@ -130,14 +142,17 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path, monkeypatch):
 
   def final_params(workdir):
     from busjax import checkpointing
+
     model = supervised.create_model(config.model, 2, config.seed)
     tx = supervised.create_optimizer(config.optim, 6)
-    _, state = supervised.create_train_state(model, tx, use_ema=False)
-    flat = checkpointing.load_state(str(workdir), state_utils.abstract_flat_state(state), which="latest")
-    return {k: np.asarray(v) for k, v in flat.items() if k.startswith("params.")}
+    _, state = supervised.create_train_state(model, tx, use_ema=bool(config.train.ema_decay))
+    flat = checkpointing.load_state(
+      str(workdir), state_utils.abstract_flat_state(state), which="latest"
+    )
+    return {k: np.asarray(v) for k, v in flat.items() if k.startswith(("params.", "ema."))}
 
   a, b = final_params(tmp_path / "uninterrupted"), final_params(tmp_path / "resumed")
-  assert a.keys() == b.keys() and a
+  assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)  # EMA resumes too.
   for name in a:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
@@ -170,3 +185,21 @@ def test_focal_loss_down_weights_easy_examples():
   hard_ce = supervised.classification_loss(logits[1:], labels[1:], w)
   hard_focal = supervised.classification_loss(logits[1:], labels[1:], w, focal_gamma=2.0)
   assert hard_focal > hard_ce * 0.2
+
+
+def test_finished_run_evaluates_new_external_source_without_retraining(tmp_path):
+  config = _smoke_config()
+  first = supervised.train_and_evaluate(config, str(tmp_path))
+  assert "shifted" not in first["reports"]
+  # Same command on the finished workdir, plus an external source (a phantom "scanner" with other
+  # gain and sector probes): restores, does not train, and reports on the new source.
+  config = _smoke_config()
+  config.external.shifted = configlib.phantom_data(
+    image_size=64, counts=(10, 6, 0), seed=3, gain_db=6.0, field_of_view="sector"
+  )
+  second = supervised.train_and_evaluate(config, str(tmp_path))
+  assert second["train_seconds"] < 1.0
+  assert second["reports"]["test"]["auc"] == first["reports"]["test"]["auc"]
+  shifted = json.loads((tmp_path / "reports" / "shifted" / "report.json").read_text())
+  assert shifted["provenance"]["synthetic"] and shifted["counts"]["images"] == 16
+  assert shifted["provenance"]["trained_on"].endswith("/train")

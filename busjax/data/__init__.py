@@ -1,1 +1,1 @@
-"""Data: synthetic phantoms, real BUS sources, leakage-aware splits, augmentation, Grain pipelines."""
+"""Data: synthetic phantoms, real BUS sources, leakage-aware splits, augmentation, Grain."""

@@ -419,6 +419,14 @@ def _named(collection: records.Collection, tag: str, indices) -> dict[str, recor
           for part, idx in indices.items()}
 
 
+def _pairs_within(pairs, indices: np.ndarray):
+  """Pairs among `indices`, renumbered to positions in `indices` (None stays None)."""
+  if pairs is None:
+    return None
+  position = {int(i): p for p, i in enumerate(indices)}
+  return [(position[a], position[b], s) for a, b, s in pairs if a in position and b in position]
+
+
 def make_splits(collection: records.Collection, split_config, *, fold: int | None = None,
                 pairs: list[tuple[int, int, float]] | None = None) -> dict[str, records.Collection]:
   """Train / val / test collections for one split.
@@ -427,7 +435,9 @@ def make_splits(collection: records.Collection, split_config, *, fold: int | Non
     collection: all records.
     split_config: ConfigDict (or dict) with
       kind: "kfold" (test = fold `fold` of `k`; val = a grouped stratified `val_fraction` of the
-        rest), "predefined" (record.meta["split"] in train/val/test; a missing part is empty),
+        rest), "predefined" (record.meta["split"] in train/val/test; a missing part is empty;
+        with `val_from_train`, the given val part becomes test and val is a grouped stratified
+        `val_fraction` of train),
         "official_folds" (test = records whose meta["fold5"] is the `fold`-th distinct value,
         e.g. BUS-BRA; val from the rest), "holdout" (grouped stratified `val_fraction` and
         `test_fraction`).
@@ -452,7 +462,19 @@ def make_splits(collection: records.Collection, split_config, *, fold: int | Non
       if part not in parts:
         raise records.DataError(f"{record.id}: meta['split'] is {part!r}, expected train/val/test")
       parts[part].append(index)
-    return _named(collection, "predefined", parts)
+    if not cfg.get("val_from_train", False):
+      return _named(collection, "predefined", parts)
+    # The given val part is reported as the test set; a grouped val is carved from train.
+    if parts["test"]:
+      raise ValueError("split.val_from_train needs a predefined split without a test part "
+                       f"({len(parts['test'])} records are marked test)")
+    train = np.asarray(parts["train"], np.int64)
+    sub = collection.subset(train)
+    groups = group_ids(sub, near_duplicates=bool(cfg.get("near_duplicates", True)),
+                       pairs=_pairs_within(pairs, train))
+    val_in_train = _split_fraction(labels[train], groups, val_fraction, seed + 1)
+    indices = {"train": train[~val_in_train], "val": train[val_in_train], "test": parts["val"]}
+    return _named(collection, "predefined-valtest", indices)
   groups = group_ids(collection, near_duplicates=bool(cfg.get("near_duplicates", True)),
                      pairs=pairs)
   if kind == "kfold":

@@ -63,7 +63,7 @@ def flatten_state(tree) -> dict[str, Any]:
 
 
 def unflatten_state(template, flat: dict[str, Any]):
-  """Inverse of `flatten_state`, shaped like `template`; names the first missing or mis-shaped key."""
+  """Inverse of `flatten_state`, shaped like `template`; names the first missing/mis-shaped key."""
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(template)
   leaves = []
   for path, ref in leaves_with_path:
@@ -74,16 +74,20 @@ def unflatten_state(template, flat: dict[str, Any]):
     if _is_key(ref):
       value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(ref))
     elif tuple(value.shape) != tuple(ref.shape):
-      raise ValueError(f"checkpoint entry {name!r} has shape {tuple(value.shape)}, "
-                       f"the model expects {tuple(ref.shape)}")
+      raise ValueError(
+        f"checkpoint entry {name!r} has shape {tuple(value.shape)}, "
+        f"the model expects {tuple(ref.shape)}"
+      )
     leaves.append(value)
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def abstract_flat_state(tree) -> dict[str, jax.ShapeDtypeStruct]:
   """Shape/dtype/sharding of `flatten_state(tree)`, the restore target for Orbax."""
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
-          for k, v in flatten_state(tree).items()}
+  return {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
+    for k, v in flatten_state(tree).items()
+  }
 
 
 def all_finite(metrics: dict[str, Any]) -> bool:

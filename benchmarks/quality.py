@@ -1,0 +1,219 @@
+"""Diagnostic quality on real data: BUSI's own held-out images AND another hospital (BUS-BRA).
+
+Trains each model config under each protocol, then reports, from the run's own reports:
+  * BUSI test AUC with a patient-clustered bootstrap 95% CI
+    (protocol "breastmnist": BreastMNIST's val part as test, selection on a grouped part of its
+    train; protocol "cv5": 5-fold grouped CV, pooled out-of-fold predictions);
+  * BUS-BRA AUC (CI) with no retraining: the generalisation the brief cares about;
+  * on BUS-BRA, the radiologists' BI-RADS >= 4 point and the model at the reader's specificity,
+    plus the model at the threshold chosen on BUSI validation (an honest transfer).
+Prints a markdown table and JSON (``--output``). Data paths are flags; nothing downloads.
+
+  python -m benchmarks.quality --busi_root=../shared/data/Dataset_BUSI_with_GT \\
+      --split_file=../shared/data/busi_breastmnist_split.tsv \\
+      --busbra_root=../shared/data/BUS-BRA-dev --models=configs/supervised.py,configs/fusion.py \\
+      --protocols=breastmnist --workdir=/tmp/quality
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import time
+
+import jax
+from absl import app, flags, logging
+
+from busjax import configlib
+from busjax.trainers import supervised
+
+_BUSI = flags.DEFINE_string("busi_root", None, "Dataset_BUSI_with_GT folder.", required=True)
+_SPLIT = flags.DEFINE_string(
+  "split_file", None, "busi_breastmnist_split.tsv (protocol breastmnist)."
+)
+_BUSBRA = flags.DEFINE_string(
+  "busbra_root", None, "BUS-BRA folder (Images/, bus_data.csv); optional."
+)
+_MODELS = flags.DEFINE_list(
+  "models",
+  ["configs/supervised.py"],
+  "Config files, each optionally with `:args` (e.g. configs/fusion.py:mobilenet).",
+)
+_PROTOCOLS = flags.DEFINE_list("protocols", ["breastmnist"], "breastmnist and/or cv5.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Input side for every model.")
+_EPOCHS = flags.DEFINE_float("epochs", 0, "Override train.epochs (0: the config's).")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds; each is a separate run.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/busjax_quality", "Where runs and reports go.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the JSON here.")
+_OVERRIDES = flags.DEFINE_multi_string("set", [], "Extra overrides `a.b=value` (Python literal).")
+
+PROTOCOL_ARGS = {"breastmnist": "busi", "cv5": "busi,cv"}
+
+
+def _load_config(spec: str, protocol: str):
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  args = [a for a in (arg, PROTOCOL_ARGS[protocol], "busbra" if _BUSBRA.value else "") if a]
+  config = module.get_config(",".join(args))
+  config.data.root = _BUSI.value
+  config.data.split_file = _SPLIT.value
+  config.data.image_size = _IMAGE_SIZE.value
+  if "busbra" in config.external:
+    config.external.busbra.root = _BUSBRA.value
+    config.external.busbra.image_size = _IMAGE_SIZE.value
+  if _EPOCHS.value:
+    config.train.epochs = _EPOCHS.value
+  if protocol == "cv5":
+    config.split.k = 5
+  for override in _OVERRIDES.value:
+    key, _, value = override.partition("=")
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    import ast
+
+    target[leaf] = ast.literal_eval(value)
+  return config
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _external_row(run_dir: str, name: str) -> dict:
+  """AUC, CI and reader comparison of one external report (or of every fold, pooled by mean)."""
+  paths = [os.path.join(run_dir, "reports", name, "report.json")]
+  if not os.path.exists(paths[0]):
+    paths = sorted(
+      os.path.join(run_dir, d, "reports", name, "report.json")
+      for d in os.listdir(run_dir)
+      if d.startswith("fold")
+    )
+  reports = [_read_json(p) for p in paths if os.path.exists(p)]
+  if not reports:
+    return {}
+  r = reports[0]  # Folds: the first fold's model, one model per row keeps CIs meaningful.
+  row = {
+    "auc": r["auc"]["value"],
+    "auc_ci": [r["auc"]["bootstrap_ci"]["lo"], r["auc"]["bootstrap_ci"]["hi"]],
+    "at_busi_threshold": r["operating_points"].get("at_threshold"),
+  }
+  if len(reports) > 1:
+    row["auc_per_fold"] = [x["auc"]["value"] for x in reports]
+  comparison = r.get("reader_comparison")
+  if comparison:
+    reader = comparison["reader"]
+    row["reader"] = {"sensitivity": reader["sensitivity"], "specificity": reader["specificity"]}
+    row["model_sensitivity_at_reader_specificity"] = comparison[
+      "model_sensitivity_at_reader_specificity"
+    ]["sensitivity"]
+    row["model_specificity_at_reader_sensitivity"] = comparison[
+      "model_specificity_at_reader_sensitivity"
+    ]["specificity"]
+  return row
+
+
+def _run(spec: str, protocol: str, seed: int) -> dict:
+  config = _load_config(spec, protocol)
+  config.seed = seed
+  configlib.validate(config)
+  name = f"{spec.replace('/', '_').replace(':', '-').replace(',', '+')}__{protocol}__seed{seed}"
+  run_dir = os.path.join(_WORKDIR.value, name)
+  start = time.time()
+  summary = supervised.train_and_evaluate(config, run_dir)
+  row = {
+    "model": spec,
+    "protocol": protocol,
+    "seed": seed,
+    "workdir": run_dir,
+    "image_size": config.data.image_size,
+    "wall_seconds": round(time.time() - start, 1),
+  }
+  if protocol == "cv5":
+    row["busi_test"] = {
+      "auc": summary["out_of_fold"]["auc"],
+      "auc_ci": [summary["out_of_fold"]["auc_ci"]["lo"], summary["out_of_fold"]["auc_ci"]["hi"]],
+      "fold_auc": summary["fold_test_auc"],
+      "what": "5-fold grouped CV, out-of-fold",
+    }
+  else:
+    test = summary["reports"]["test"]
+    row["busi_test"] = {
+      "auc": test["auc"],
+      "auc_ci": [test["auc_ci"]["lo"], test["auc_ci"]["hi"]],
+      "images": test["images"],
+      "what": "BreastMNIST val part (78 incl. normal)",
+    }
+  if _BUSBRA.value:
+    row["busbra"] = _external_row(run_dir, "busbra")
+  return row
+
+
+def _fmt_ci(entry) -> str:
+  if not entry or entry.get("auc") is None:
+    return "n/a"
+  lo, hi = entry["auc_ci"]
+  return f"{entry['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _markdown(rows) -> str:
+  lines = [
+    "| model | protocol | seed | BUSI test AUC [95% CI] | BUS-BRA AUC [95% CI] | "
+    "BUS-BRA sens @ reader spec | BUS-BRA sens/spec @ BUSI threshold | minutes |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  reader = None
+  for r in rows:
+    bra = r.get("busbra") or {}
+    at = bra.get("at_busi_threshold") or {}
+    sens_at = bra.get("model_sensitivity_at_reader_specificity")
+    reader = bra.get("reader") or reader
+    lines.append(
+      f"| {r['model']} | {r['protocol']} | {r['seed']} | {_fmt_ci(r['busi_test'])} | "
+      f"{_fmt_ci(bra)} | "
+      f"{'n/a' if sens_at is None else f'{sens_at:.3f}'} | "
+      f"{at.get('sensitivity', float('nan')):.3f} / {at.get('specificity', float('nan')):.3f} | "
+      f"{r['wall_seconds'] / 60:.1f} |"
+    )
+  if reader:
+    lines.append(
+      f"\nBUS-BRA radiologists (BI-RADS >= 4): sensitivity {reader['sensitivity']:.3f}, "
+      f"specificity {reader['specificity']:.3f}."
+    )
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  rows = []
+  for protocol in _PROTOCOLS.value:
+    if protocol not in PROTOCOL_ARGS:
+      raise app.UsageError(f"--protocols: unknown {protocol!r}; expected {sorted(PROTOCOL_ARGS)}")
+    if protocol == "breastmnist" and not _SPLIT.value:
+      raise app.UsageError("--protocols=breastmnist needs --split_file")
+    for spec in _MODELS.value:
+      for seed in _SEEDS.value:
+        rows.append(_run(spec, protocol, int(seed)))
+        print(_markdown(rows[-1:]), flush=True)
+  result = {
+    "benchmark": "quality",
+    "data": {"busi": _BUSI.value, "split_file": _SPLIT.value, "busbra": _BUSBRA.value},
+    "machine": {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()]},
+    "rows": rows,
+  }
+  print(_markdown(rows))
+  print(json.dumps(result, indent=2))
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
