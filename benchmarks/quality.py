@@ -29,7 +29,7 @@ from absl import app, flags, logging
 from busjax import configlib
 from busjax.trainers import supervised
 
-_BUSI = flags.DEFINE_string("busi_root", None, "Dataset_BUSI_with_GT folder.", required=True)
+_BUSI = flags.DEFINE_string("busi_root", None, "Dataset_BUSI_with_GT folder (required to train).")
 _SPLIT = flags.DEFINE_string(
   "split_file", None, "busi_breastmnist_split.tsv (protocol breastmnist)."
 )
@@ -43,10 +43,13 @@ _MODELS = flags.DEFINE_list(
 )
 _PROTOCOLS = flags.DEFINE_list("protocols", ["breastmnist"], "breastmnist and/or cv5.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Input side for every model.")
-_EPOCHS = flags.DEFINE_float("epochs", 0, "Override train.epochs (0: the config's).")
+_EPOCHS = flags.DEFINE_integer("epochs", 0, "Override train.epochs (0: the config's).")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds; each is a separate run.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/busjax_quality", "Where runs and reports go.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the JSON here.")
+_RENDER = flags.DEFINE_list(
+  "render", [], "Only print the markdown table of these earlier --output JSON files, merged."
+)
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Extra overrides `a.b=value` (Python literal).")
 
 PROTOCOL_ARGS = {"breastmnist": "busi", "cv5": "busi,cv"}
@@ -148,7 +151,7 @@ def _run(spec: str, protocol: str, seed: int) -> dict:
       "auc": test["auc"],
       "auc_ci": [test["auc_ci"]["lo"], test["auc_ci"]["hi"]],
       "images": test["images"],
-      "what": "BreastMNIST val part (78 incl. normal)",
+      "what": "BreastMNIST val part (normal dropped)",
     }
   if _BUSBRA.value:
     row["busbra"] = _external_row(run_dir, "busbra")
@@ -159,24 +162,31 @@ def _fmt_ci(entry) -> str:
   if not entry or entry.get("auc") is None:
     return "n/a"
   lo, hi = entry["auc_ci"]
-  return f"{entry['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+  text = f"{entry['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+  per_fold = entry.get("auc_per_fold")
+  if per_fold:  # External set under CV: one model per fold; the CI is fold 0's model's.
+    text = f"fold 0: {text}; {len(per_fold)}-fold mean {sum(per_fold) / len(per_fold):.3f}"
+  return text
 
 
 def _markdown(rows) -> str:
   lines = [
     "| model | protocol | seed | BUSI test AUC [95% CI] | BUS-BRA AUC [95% CI] | "
-    "BUS-BRA sens @ reader spec | BUS-BRA sens/spec @ BUSI threshold | minutes |",
-    "|---|---|---|---|---|---|---|---|",
+    "BUS-BRA spec @ reader sens | BUS-BRA sens @ reader spec | "
+    "BUS-BRA sens / spec @ BUSI-val threshold | minutes |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   reader = None
   for r in rows:
     bra = r.get("busbra") or {}
     at = bra.get("at_busi_threshold") or {}
     sens_at = bra.get("model_sensitivity_at_reader_specificity")
+    spec_at = bra.get("model_specificity_at_reader_sensitivity")
     reader = bra.get("reader") or reader
     lines.append(
       f"| {r['model']} | {r['protocol']} | {r['seed']} | {_fmt_ci(r['busi_test'])} | "
       f"{_fmt_ci(bra)} | "
+      f"{'n/a' if spec_at is None else f'{spec_at:.3f}'} | "
       f"{'n/a' if sens_at is None else f'{sens_at:.3f}'} | "
       f"{at.get('sensitivity', float('nan')):.3f} / {at.get('specificity', float('nan')):.3f} | "
       f"{r['wall_seconds'] / 60:.1f} |"
@@ -191,6 +201,12 @@ def _markdown(rows) -> str:
 
 def main(argv):
   del argv
+  if _RENDER.value:
+    rows = [row for path in _RENDER.value for row in _read_json(path)["rows"]]
+    print(_markdown(rows))
+    return
+  if not _BUSI.value:
+    raise app.UsageError("--busi_root is required (the BUSI folder to train on)")
   logging.set_verbosity(logging.WARNING)
   rows = []
   for protocol in _PROTOCOLS.value:

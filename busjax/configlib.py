@@ -33,8 +33,9 @@ def optional_path(value: str | None = None):
 
 def phantom_data(image_size: int = 96, **phantom_kwargs) -> ml_collections.ConfigDict:
   """The embedded synthetic default: BUSI-like class counts, benign vs malignant."""
+  # difficulty = phantom.DEFAULT_DIFFICULTY (not imported: the generator loads lazily).
   phantom = dict(
-    counts=(437, 210, 133), seed=0, difficulty=0.35, images_per_patient=(1, 3), calipers=0.0
+    counts=(437, 210, 133), seed=0, difficulty=0.2, images_per_patient=(1, 3), calipers=0.0
   )
   phantom.update(phantom_kwargs)
   return ml_collections.ConfigDict(

@@ -38,6 +38,13 @@ def test_phantom_configs_validate(name, arg):
   assert config.data.source == "phantom"
 
 
+def test_config_phantom_default_is_the_generator_default():
+  from busjax.data import phantom
+
+  assert get_config("supervised").data.phantom.difficulty == phantom.DEFAULT_DIFFICULTY
+  assert get_config("fusion").data.phantom.difficulty == phantom.DEFAULT_DIFFICULTY
+
+
 def test_fusion_ablation_arguments_change_one_thing():
   base = get_config("fusion")
   assert tuple(base.model.backbones) == ("mobilenet_v2", "densenet121")
