@@ -47,6 +47,13 @@ _EPOCHS = flags.DEFINE_integer("epochs", 0, "Override train.epochs (0: the confi
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds; each is a separate run.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/busjax_quality", "Where runs and reports go.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the JSON here.")
+_CACHE = flags.DEFINE_string(
+  "compilation_cache",
+  "",
+  "JAX persistent compilation cache (default: WORKDIR/jax_cache; 'none' = off): re-runs and "
+  "other seeds of one model skip the minutes-long CPU compile of the big backbones (CV folds "
+  "differ in step count, so their train steps still compile).",
+)
 _RENDER = flags.DEFINE_list(
   "render", [], "Only print the markdown table of these earlier --output JSON files, merged."
 )
@@ -208,7 +215,27 @@ def main(argv):
   if not _BUSI.value:
     raise app.UsageError("--busi_root is required (the BUSI folder to train on)")
   logging.set_verbosity(logging.WARNING)
+  if _CACHE.value != "none":
+    cache = _CACHE.value or os.path.join(_WORKDIR.value, "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
   rows = []
+
+  def result():
+    return {
+      "benchmark": "quality",
+      "data": {"busi": _BUSI.value, "split_file": _SPLIT.value, "busbra": _BUSBRA.value},
+      "machine": {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()]},
+      "rows": rows,
+    }
+
+  def save():  # After every run: a later crash or kill must not cost the finished ones.
+    if _OUTPUT.value:
+      tmp = _OUTPUT.value + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(result(), f, indent=2)
+      os.replace(tmp, _OUTPUT.value)
+
   for protocol in _PROTOCOLS.value:
     if protocol not in PROTOCOL_ARGS:
       raise app.UsageError(f"--protocols: unknown {protocol!r}; expected {sorted(PROTOCOL_ARGS)}")
@@ -217,18 +244,11 @@ def main(argv):
     for spec in _MODELS.value:
       for seed in _SEEDS.value:
         rows.append(_run(spec, protocol, int(seed)))
+        save()
         print(_markdown(rows[-1:]), flush=True)
-  result = {
-    "benchmark": "quality",
-    "data": {"busi": _BUSI.value, "split_file": _SPLIT.value, "busbra": _BUSBRA.value},
-    "machine": {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()]},
-    "rows": rows,
-  }
   print(_markdown(rows))
-  print(json.dumps(result, indent=2))
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      json.dump(result, f, indent=2)
+  print(json.dumps(result(), indent=2))
+  save()
 
 
 if __name__ == "__main__":

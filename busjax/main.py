@@ -5,6 +5,8 @@ Parses flags, initialises multi-process JAX when asked, logs the devices and dis
 """
 
 import importlib
+import logging as std_logging
+import os
 import sys
 
 import jax
@@ -26,13 +28,29 @@ flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.DEFINE_bool(
   "distributed", False, "Call jax.distributed.initialize() (SLURM, Cloud TPU: no arguments)."
 )
+flags.DEFINE_bool(
+  "library_logs",
+  False,
+  "Also show INFO lines from JAX, Orbax and other libraries (hundreds per checkpoint save).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+_BUSJAX_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _BusjaxInfoOnly(std_logging.Filter):
+  """Keeps busjax's own INFO lines (progress, evaluations) and every library WARNING or worse."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_BUSJAX_DIR)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
+  if not FLAGS.library_logs:
+    logging.get_absl_handler().addFilter(_BusjaxInfoOnly())
   if FLAGS.coordinator or FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   logging.info(

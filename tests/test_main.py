@@ -69,3 +69,17 @@ def test_missing_real_data_root_names_the_flag():
   config.data.root = "/no/such/folder"
   with pytest.raises(configlib.ConfigError, match="/no/such/folder"):
     configlib.validate(config)
+
+
+def test_smoke_run_from_the_command_line_reports_and_stays_quiet(tmp_path):
+  """The CLI path end to end: reports land in the workdir, the console shows busjax's own lines
+  (progress, the final AUCs marked SYNTHETIC) and not the hundreds of library INFO lines Orbax
+  writes per checkpoint."""
+  result = _run("--config=configs/supervised.py:smoke", f"--workdir={tmp_path}", timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  for split in ("val", "test"):
+    assert os.path.exists(tmp_path / "reports" / split / "report.json")
+    assert f"{split}: AUC" in result.stderr
+  assert "SYNTHETIC" in result.stderr
+  assert "step 4/4" in result.stderr
+  assert "checkpoint_manager.py" not in result.stderr  # Orbax's INFO chatter is filtered.

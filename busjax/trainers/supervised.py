@@ -508,6 +508,19 @@ def train_split(
       "source": collection.name,
       "images": len(collection),
     }
+    ci = result["auc"]["bootstrap_ci"]
+    logging.info(
+      "%s: AUC %.3f [%.3f, %.3f] on %s (%d images%s), checkpoint %s -> %s",
+      split_name,
+      result["auc"]["value"],
+      ci["lo"],
+      ci["hi"],
+      collection.name,
+      len(collection),
+      ", SYNTHETIC" if collection.synthetic else "",
+      selected,
+      os.path.join(workdir, "reports", split_name, "report.json"),
+    )
     np.savez(
       os.path.join(workdir, "reports", f"{split_name}_predictions.npz"),
       p_malignant=preds["p_malignant"],
@@ -585,4 +598,14 @@ def _aggregate_folds(config, workdir, summaries, pooled) -> dict[str, Any]:
       summary[f"{name}_auc_per_fold"] = aucs
       summary[f"{name}_auc_mean"] = float(np.mean(aucs))
   report.write_json(os.path.join(workdir, "summary.json"), summary)
+  ci = summary["out_of_fold"]["auc_ci"]
+  logging.info(
+    "%d-fold CV: out-of-fold AUC %.3f [%.3f, %.3f]; fold test AUCs %s -> %s",
+    config.split.k,
+    summary["out_of_fold"]["auc"],
+    ci["lo"],
+    ci["hi"],
+    ", ".join(f"{a:.3f}" for a in fold_aucs),
+    os.path.join(workdir, "reports", "cv_out_of_fold", "report.json"),
+  )
   return summary
