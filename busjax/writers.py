@@ -113,7 +113,11 @@ class MetricWriter:
     if not self.active:
       return
     os.makedirs(self.workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(self.workdir, METRICS_FILE), "a", encoding="utf-8")
+    # Line-buffered: a killed run keeps every line it wrote (read_metrics drops the ones a resumed
+    # run wrote again).
+    self._jsonl = open(
+      os.path.join(self.workdir, METRICS_FILE), "a", buffering=1, encoding="utf-8"
+    )
     if tensorboard:
       # Imported here so that processes that never write do not pay for it.
       import tensorboardX
@@ -204,18 +208,25 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """Reads ``workdir/metrics.jsonl`` back (one dict per line), naming the line on bad JSON."""
+  """Reads ``workdir/metrics.jsonl`` back (one dict per line), naming the line on bad JSON.
+
+  A run resumed from its last checkpoint writes the steps after that checkpoint again: for each
+  (step, split, name) only the last line is kept, in the order the lines were last written.
+  """
   path = os.path.join(os.fspath(workdir), METRICS_FILE)
-  records = []
+  records = {}
   with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
       try:
-        records.append(json.loads(line))
+        record = json.loads(line)
       except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
-  return records
+      key = (record.get("step"), record.get("split"), record.get("name"))
+      records.pop(key, None)
+      records[key] = record
+  return list(records.values())
 
 
 # ---------------------------------------------------------------------------------------------

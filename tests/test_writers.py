@@ -61,6 +61,23 @@ def test_jsonl_appends_on_resume(tmp_path):
   assert [r["step"] for r in writers.read_metrics(tmp_path)] == [1, 2]
 
 
+def test_killed_run_keeps_its_lines_and_resume_replaces_the_redone_steps(tmp_path):
+  killed = writers.MetricWriter(tmp_path, tensorboard=False)
+  for step in (1, 2, 3):
+    killed.write_scalars(step, {"loss": 1.0 / step})
+  # Not closed or flushed (as after SIGKILL): the lines must already be on disk.
+  assert [r["step"] for r in writers.read_metrics(tmp_path)] == [1, 2, 3]
+  with writers.MetricWriter(tmp_path, tensorboard=False) as resumed:  # Checkpoint was at step 1.
+    for step in (2, 3, 4):
+      resumed.write_scalars(step, {"loss": 0.5 / step})
+    resumed.write_scalars(4, {"auc": 0.9}, split="val")
+  got = writers.read_metrics(tmp_path)
+  assert [(r["step"], r["split"]) for r in got] == [(1, "train"), (2, "train"), (3, "train"),
+                                                    (4, "train"), (4, "val")]
+  assert got[1]["loss"] == 0.25 and got[0]["loss"] == 1.0
+  killed._jsonl.close()
+
+
 def test_tensorboard_event_file_holds_scalars(tmp_path):
   with writers.MetricWriter(tmp_path) as writer:
     writer.write_scalars(3, {"loss": 0.25})
