@@ -100,16 +100,21 @@ def test_align_spatial_resizes_to_the_smallest_map():
 
 @pytest.mark.slow
 def test_gradients_reach_both_backbones_and_the_head():
-  model = fusion.create(_config(dropout=0.1), num_classes=2, rngs=nnx.Rngs(4))
+  # A DenseNet with 2 layers per block: the wiring under test is the same as DenseNet121's 6-12-24-16,
+  # whose backward pass takes XLA:CPU minutes to compile (the full model trains in
+  # test_configs.test_fusion_smoke_trains_end_to_end).
+  config = _config(dropout=0.1)
+  config.densenet121 = ml_collections.ConfigDict(dict(block_config=(2, 2, 2, 2)))
+  model = fusion.create(config, num_classes=2, rngs=nnx.Rngs(4))
   model.train()
   x, labels = _images(size=32), jnp.array([0, 1])
 
-  @nnx.jit
   def loss_fn(m, x):
     logits = m(x)
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
 
-  grads = nnx.grad(loss_fn)(model, x)
+  # jit around grad: one compiled program (grad of a jitted function runs the backward pass op by op).
+  grads = nnx.jit(nnx.grad(loss_fn))(model, x)
   for part in ("backbones", "projections", "attention", "head"):
     leaves = jax.tree.leaves(nnx.state(getattr(grads, part), nnx.Param))
     assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves), part
