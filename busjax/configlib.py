@@ -124,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
       ema_decay=0.0,
     )
   )
+  # Reports: percentile-bootstrap resamples behind every interval (AUC, sensitivity/specificity,
+  # reader comparison), patient-clustered when patient ids are known.
+  c.report = ml_collections.ConfigDict(dict(bootstrap_resamples=2000))
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   return c
 
@@ -168,6 +171,8 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.num_steps = 4
   c.train.log_every = 2
   c.train.eval_every = 2
+  # Wide intervals are fine for a smoke run; 2000 resamples cost ~0.5 s per interval.
+  c.report.bootstrap_resamples = 200
   c.optim.warmup_steps = 1
   c.split.k = min(c.split.get("k", 5), 3)
   for name in list(c.external.keys()):
@@ -266,6 +271,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     c.model.get("in_channels", 1) in (1, 3),
     f"model.in_channels={c.model.get('in_channels')!r}: "
     "expected 1 (grayscale) or 3 (ImageNet weights)",
+  )
+  resamples = c.get("report", {}).get("bootstrap_resamples", 2000)
+  _check(
+    isinstance(resamples, int) and not isinstance(resamples, bool) and resamples >= 100,
+    f"report.bootstrap_resamples={resamples!r}: expected an integer >= 100 (fewer gives "
+    "unstable 95% interval ends)",
   )
   _check(
     0.0 <= c.train.get("ema_decay", 0.0) < 1.0,

@@ -75,6 +75,17 @@ def test_real_data_protocols_need_their_folders(tmp_path):
     assert cv.split.kind == "kfold" and cv.split.cross_validate and not cv.split.val_from_train
 
 
+def test_report_resamples_default_smoke_and_bad_values():
+  assert get_config("supervised", None).report.bootstrap_resamples == 2000
+  smoke = get_config("fusion", "smoke")
+  assert smoke.report.bootstrap_resamples == 200
+  configlib.validate(smoke)
+  for bad in (10, 0, -200):
+    smoke.report.bootstrap_resamples = bad
+    with pytest.raises(configlib.ConfigError, match="report.bootstrap_resamples"):
+      configlib.validate(smoke)
+
+
 def test_pretrained_fusion_names_each_missing_weight_file(tmp_path):
   config = get_config("fusion", "pretrained")
   assert config.model.in_channels == 3 and config.model.normalization == "imagenet"

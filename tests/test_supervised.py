@@ -46,6 +46,9 @@ def test_smoke_run_writes_reports_and_checkpoints(tmp_path):
   assert report_files, "no report.json written"
   text = " ".join(p.read_text() for p in report_files)
   assert '"synthetic": true' in text
+  test_report = json.loads((reports / "test" / "report.json").read_text())
+  assert test_report["bootstrap"]["resamples"] == config.report.bootstrap_resamples == 200
+  assert 0 < test_report["auc"]["bootstrap_ci"]["n_resamples"] <= 200
   assert any(p.suffix == ".png" for p in reports.rglob("*.png"))
   assert (tmp_path / "metrics.jsonl").exists()
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
