@@ -102,7 +102,7 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path, monkeypatch):
 
   supervised.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
 
-  # Simulate a crash after 3 batches (between the checkpoints at steps 2 and 4).
+  # Simulate a crash on the 4th batch (after the checkpoints at steps 2 and 3, before the one at 4).
   real_train_dataset = pipeline.train_dataset
 
   class Crash(Exception):
@@ -141,7 +141,9 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path, monkeypatch):
   with pytest.raises(Crash):
     supervised.train_and_evaluate(config, str(tmp_path / "resumed"))
   monkeypatch.setattr(pipeline, "train_dataset", real_train_dataset)
-  supervised.train_and_evaluate(config, str(tmp_path / "resumed"))
+  resumed = supervised.train_and_evaluate(config, str(tmp_path / "resumed"))
+  # The last checkpoint before the crash: step 3, the evaluation step (evaluations checkpoint too).
+  assert resumed["resumed_at_step"] == 3 and resumed["steps"] == 6
 
   def final_params(workdir):
     from busjax import checkpointing
@@ -202,6 +204,7 @@ def test_finished_run_evaluates_new_external_source_without_retraining(tmp_path)
   )
   second = supervised.train_and_evaluate(config, str(tmp_path))
   assert second["train_seconds"] < 1.0
+  assert (first["resumed_at_step"], second["resumed_at_step"]) == (0, config.train.num_steps)
   assert second["reports"]["test"]["auc"] == first["reports"]["test"]["auc"]
   shifted = json.loads((tmp_path / "reports" / "shifted" / "report.json").read_text())
   assert shifted["provenance"]["synthetic"] and shifted["counts"]["images"] == 16

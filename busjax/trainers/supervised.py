@@ -472,7 +472,10 @@ def train_split(
   summary = {
     "workdir": workdir,
     "steps": total_steps,
+    # Seconds of this process's training: steps resumed_at_step+1 .. steps (0 steps when a
+    # finished run is re-evaluated, e.g. a CV re-run whose folds are done).
     "train_seconds": round(train_seconds, 1),
+    "resumed_at_step": start_step,
     "selected_checkpoint": selected,
     "reports": {},
   }
