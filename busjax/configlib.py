@@ -272,7 +272,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     f"model.in_channels={c.model.get('in_channels')!r}: "
     "expected 1 (grayscale) or 3 (ImageNet weights)",
   )
-  resamples = c.get("report", {}).get("bootstrap_resamples", 2000)
+  resamples = c.report.bootstrap_resamples
   _check(
     isinstance(resamples, int) and not isinstance(resamples, bool) and resamples >= 100,
     f"report.bootstrap_resamples={resamples!r}: expected an integer >= 100 (fewer gives "

@@ -192,10 +192,9 @@ def test_grey_model_takes_rgb_stem_summed(tmp_path):
   grey = _busjax_model("mobilenet_v2", width=0.35, in_channels=1, seed=5)
   pretrained.load_pretrained(grey, path, arch="mobilenet_v2")
   x = np.random.default_rng(0).normal(size=(1, 32, 32, 1)).astype(np.float32)
-  rgb_logits, rgb_features = _forward_features(source, jnp.asarray(np.repeat(x, 3, axis=-1)))
-  grey_model_features = _forward_features(grey, jnp.asarray(x))[1]["features"]
-  rgb_features, rgb_logits = rgb_features["features"], np.asarray(rgb_logits)
-  np.testing.assert_allclose(np.asarray(grey_model_features), np.asarray(rgb_features),
+  rgb_logits, rgb_maps = _forward_features(source, jnp.asarray(np.repeat(x, 3, axis=-1)))
+  _, grey_maps = _forward_features(grey, jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(grey_maps["features"]), np.asarray(rgb_maps["features"]),
                              rtol=1e-4, atol=1e-5)
   assert rgb_logits.shape == (1, 1000)
 

@@ -504,7 +504,7 @@ def train_split(
       ids=preds["ids"],
       threshold=threshold,
       reader=reader,
-      bootstrap=_bootstrap_resamples(config),
+      bootstrap=config.report.bootstrap_resamples,
     )
     summary["reports"][split_name] = {
       "auc": result["auc"]["value"],
@@ -536,11 +536,6 @@ def train_split(
   if jax.process_index() == 0:
     report.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
-
-
-def _bootstrap_resamples(config) -> int:
-  """Resamples behind every report interval (configs written before `report` existed: 2000)."""
-  return int(config.get("report", {}).get("bootstrap_resamples", 2000))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,7 +584,7 @@ def _aggregate_folds(config, workdir, summaries, pooled) -> dict[str, Any]:
     p=p,
     patient_ids=patients,
     ids=ids,
-    bootstrap=_bootstrap_resamples(config),
+    bootstrap=config.report.bootstrap_resamples,
   )
   fold_aucs = [s["reports"]["test"]["auc"] for s in summaries]
   summary = {
