@@ -45,10 +45,11 @@ def make_mesh(mesh_config: Mapping[str, int] | None = None) -> Mesh:
       raise ValueError(f"mesh {axes}: {devices} devices not divisible by {known}")
     sizes[sizes.index(-1)] = devices // known
   if math.prod(sizes) != devices:
-    raise ValueError(f"mesh {dict(zip(names, sizes, strict=True))} needs {math.prod(sizes)} "
-                     f"devices, have {devices}")
-  return jax.make_mesh(tuple(sizes), names,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+    raise ValueError(
+      f"mesh {dict(zip(names, sizes, strict=True))} needs {math.prod(sizes)} "
+      f"devices, have {devices}"
+    )
+  return jax.make_mesh(tuple(sizes), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -84,8 +85,10 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
       raise ValueError(f"batch[{name!r}] is a scalar; every entry needs a batch dimension")
     global_rows = local.shape[0] * process_count
     if global_rows % data_devices:
-      raise ValueError(f"batch[{name!r}]: global batch {global_rows} is not divisible by the "
-                       f"{data_devices} devices on the '{DATA_AXIS}' axis")
+      raise ValueError(
+        f"batch[{name!r}]: global batch {global_rows} is not divisible by the "
+        f"{data_devices} devices on the '{DATA_AXIS}' axis"
+      )
     global_shape = (global_rows, *local.shape[1:])
     out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
   return out

@@ -115,9 +115,7 @@ class MetricWriter:
     os.makedirs(self.workdir, exist_ok=True)
     # Line-buffered: a killed run keeps every line it wrote (read_metrics drops the ones a resumed
     # run wrote again).
-    self._jsonl = open(
-      os.path.join(self.workdir, METRICS_FILE), "a", buffering=1, encoding="utf-8"
-    )
+    self._jsonl = open(os.path.join(self.workdir, METRICS_FILE), "a", buffering=1, encoding="utf-8")
     if tensorboard:
       # Imported here so that processes that never write do not pay for it.
       import tensorboardX

@@ -32,9 +32,20 @@ def test_create_attention_rejects_unknown_name():
 
 
 @pytest.mark.parametrize(
-    "channels,expected",
-    [(1, 1), (8, 3), (16, 3), (32, 3), (64, 3), (128, 5), (256, 5), (512, 5), (1024, 5),
-     (1280, 5), (2048, 7)],
+  "channels,expected",
+  [
+    (1, 1),
+    (8, 3),
+    (16, 3),
+    (32, 3),
+    (64, 3),
+    (128, 5),
+    (256, 5),
+    (512, 5),
+    (1024, 5),
+    (1280, 5),
+    (2048, 7),
+  ],
 )
 def test_eca_kernel_size_formula(channels, expected):
   assert attention.eca_kernel_size(channels) == expected
@@ -69,8 +80,9 @@ def test_two_gate_blocks_are_input_times_both_gates(cls):
   assert spatial.shape == (2, 6, 5, 1)
   for gate in (channel, spatial):
     assert float(gate.min()) >= 0.0 and float(gate.max()) <= 1.0
-  np.testing.assert_allclose(np.asarray(block(x)), np.asarray(x * channel * spatial),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(block(x)), np.asarray(x * channel * spatial), rtol=1e-5, atol=1e-6
+  )
 
 
 def _sigmoid(v):
@@ -94,8 +106,9 @@ def test_se_gate_matches_hand_formula():
   _set_linear(block.fc2, w2, b2)
   pooled = x.mean(axis=(1, 2))[0]
   expected = _sigmoid(np.maximum(pooled @ w1 + b1, 0) @ w2 + b2)
-  np.testing.assert_allclose(np.asarray(block.channel_gate(jnp.asarray(x)))[0, 0, 0], expected,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(block.channel_gate(jnp.asarray(x)))[0, 0, 0], expected, rtol=1e-6
+  )
 
 
 def test_cbam_channel_gate_matches_hand_formula():
@@ -112,8 +125,9 @@ def test_cbam_channel_gate_matches_hand_formula():
     return np.maximum(v @ w1 + b1, 0) @ w2 + b2
 
   expected = _sigmoid(mlp(x.mean(axis=(1, 2))[0]) + mlp(x.max(axis=(1, 2))[0]))
-  np.testing.assert_allclose(np.asarray(block.channel_gate(jnp.asarray(x)))[0, 0, 0], expected,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(block.channel_gate(jnp.asarray(x)))[0, 0, 0], expected, rtol=1e-6
+  )
 
 
 def test_eca_gate_matches_hand_convolution():
@@ -124,8 +138,9 @@ def test_eca_gate_matches_hand_convolution():
   block.conv.kernel[...] = jnp.asarray(w.reshape(3, 1, 1))
   p = np.pad(x.mean(axis=(1, 2)), ((0, 0), (1, 1)))
   expected = _sigmoid(w[0] * p[:, :-2] + w[1] * p[:, 1:-1] + w[2] * p[:, 2:])
-  np.testing.assert_allclose(np.asarray(block.channel_gate(jnp.asarray(x)))[:, 0, 0], expected,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(block.channel_gate(jnp.asarray(x)))[:, 0, 0], expected, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_cbam_spatial_gate_uses_mean_and_max_over_channels():

@@ -28,14 +28,14 @@ def busi_folder(tmp_path):
   """benign (3) is a re-crop of benign (1); malignant (1) is a rescaled copy of benign (2)."""
   a, b = _scan(1), _scan(2)
   files = {
-      "benign/benign (1).png": a,
-      "benign/benign (2).png": b,
-      "benign/benign (3).png": a[4:60, 6:68],
-      "benign/benign (4).png": _scan(3),
-      "malignant/malignant (1).png": np.asarray(Image.fromarray(b).resize((60, 53))),
-      "malignant/malignant (2).png": _scan(4),
-      "normal/normal (1).png": _scan(5),
-      "normal/normal (2).png": _scan(6),
+    "benign/benign (1).png": a,
+    "benign/benign (2).png": b,
+    "benign/benign (3).png": a[4:60, 6:68],
+    "benign/benign (4).png": _scan(3),
+    "malignant/malignant (1).png": np.asarray(Image.fromarray(b).resize((60, 53))),
+    "malignant/malignant (2).png": _scan(4),
+    "normal/normal (1).png": _scan(5),
+    "normal/normal (2).png": _scan(6),
   }
   split = {"benign/benign (1).png": "train", "benign/benign (3).png": "val"}
   header = ["busi_name", "medmnist_split", "medmnist_index", "breastmnist_label(0=malignant)"]
@@ -52,20 +52,33 @@ def busi_folder(tmp_path):
 
 def test_cli_reports_clusters_cross_class_and_straddling_pairs(busi_folder, capsys):
   out = busi_folder / "report.json"
-  code = audit.main(["--source=busi", f"--root={busi_folder}",
-                     f"--split_file={busi_folder / 'split.tsv'}", f"--out={out}"])
+  code = audit.main(
+    [
+      "--source=busi",
+      f"--root={busi_folder}",
+      f"--split_file={busi_folder / 'split.tsv'}",
+      f"--out={out}",
+    ]
+  )
   assert code == 0
   report = json.loads(out.read_text())
   clusters = sorted(sorted(c) for c in report["clusters"])
-  assert clusters == [["benign/benign (1).png", "benign/benign (3).png"],
-                      ["benign/benign (2).png", "malignant/malignant (1).png"]]
-  assert report["cross_class"] == [{"records": ["benign/benign (2).png",
-                                                "malignant/malignant (1).png"],
-                                    "classes": ["benign", "malignant"]}]
+  assert clusters == [
+    ["benign/benign (1).png", "benign/benign (3).png"],
+    ["benign/benign (2).png", "malignant/malignant (1).png"],
+  ]
+  assert report["cross_class"] == [
+    {
+      "records": ["benign/benign (2).png", "malignant/malignant (1).png"],
+      "classes": ["benign", "malignant"],
+    }
+  ]
   split = report["split"]
   assert split["kind"] == "predefined" and split["straddling_pairs"] == 1
   assert {split["pair_details"][0]["a"], split["pair_details"][0]["b"]} == {
-      "benign/benign (1).png", "benign/benign (3).png"}
+    "benign/benign (1).png",
+    "benign/benign (3).png",
+  }
   printed = capsys.readouterr().out
   assert "2 clusters" in printed and "cross-class clusters: 1" in printed
 
@@ -84,8 +97,10 @@ def test_bad_root_is_a_clear_error(tmp_path, capsys):
 
 
 def test_cross_class_clusters_in_memory():
-  recs = tuple(records.Record(id=f"r{k}", label=k % 2, patient_id=f"r{k}",
-                              image=np.zeros((4, 4), np.uint8)) for k in range(4))
+  recs = tuple(
+    records.Record(id=f"r{k}", label=k % 2, patient_id=f"r{k}", image=np.zeros((4, 4), np.uint8))
+    for k in range(4)
+  )
   collection = records.Collection(name="x", records=recs)
   found = audit.cross_class_clusters(collection, [[0, 2], [1, 2]])
   assert found == [{"records": ["r1", "r2"], "classes": ["benign", "malignant"]}]

@@ -7,8 +7,8 @@ import pytest
 from busjax.data import augment
 
 BACKENDS = [
-    "pil",
-    pytest.param("cv2", marks=pytest.mark.skipif(augment.cv2 is None, reason="no opencv")),
+  "pil",
+  pytest.param("cv2", marks=pytest.mark.skipif(augment.cv2 is None, reason="no opencv")),
 ]
 
 
@@ -43,7 +43,7 @@ def test_resize_pad_keeps_aspect_and_pads_with_zero():
   assert np.all(out[:16] == 0) and np.all(out[48:] == 0)
   assert set(np.unique(out_mask)) == {0, 1}
   expected = np.zeros((64, 64), np.uint8)
-  expected[16 + 8:16 + 24, 16:48] = 1  # Rows 5:15 and cols 10:30 scaled by 1.6, shifted 16.
+  expected[16 + 8 : 16 + 24, 16:48] = 1  # Rows 5:15 and cols 10:30 scaled by 1.6, shifted 16.
   np.testing.assert_array_equal(out_mask, expected)
 
 

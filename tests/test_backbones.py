@@ -55,8 +55,9 @@ SMALL_MODELS = {
   "resnet50": dict(module_name="resnet", variant="resnet50", width=0.0625),
   "mobilenet_v2": dict(module_name="mobilenet_v2", width=0.25),
   # Fewer dense layers than 121 keep compilation short; the layout is the same.
-  "densenet": dict(module_name="densenet", variant="densenet121", width=0.25,
-                   block_config=(2, 3, 2, 2)),
+  "densenet": dict(
+    module_name="densenet", variant="densenet121", width=0.25, block_config=(2, 3, 2, 2)
+  ),
 }
 EXPECTED_NAMES = {
   "resnet18": {"stem", "stage1", "stage2", "stage3", "stage4", "features"},
@@ -118,8 +119,9 @@ def test_train_and_eval_modes_differ_and_only_train_updates_statistics():
   eval_logits = model(x)
   assert all(
     np.array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(stats_before), jax.tree.leaves(nnx.state(model, nnx.BatchStat)),
-                    strict=True)
+    for a, b in zip(
+      jax.tree.leaves(stats_before), jax.tree.leaves(nnx.state(model, nnx.BatchStat)), strict=True
+    )
   )
   model.train()
   train_logits = model(x)
@@ -147,9 +149,7 @@ def test_dropout_is_random_in_train_and_off_in_eval():
 def test_bfloat16_compute_with_float32_params():
   model = _create(**SMALL_MODELS["densenet"], dtype="bfloat16")
   model.eval()  # a closed-over model must not update BatchNorm statistics inside jax.jit
-  logits, feature_maps = jax.jit(lambda x: model(x, return_features=True))(
-    jnp.ones((2, 32, 32, 1))
-  )
+  logits, feature_maps = jax.jit(lambda x: model(x, return_features=True))(jnp.ones((2, 32, 32, 1)))
   assert feature_maps["features"].dtype == jnp.bfloat16
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
   dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
@@ -185,11 +185,13 @@ def test_functional_train_step_reaches_every_parameter():
 
 def test_mobilenet_padding_option_reaches_every_strided_conv():
   torch_style = _create("mobilenet_v2", width=0.25, padding="torch", rngs_seed=3)
-  keras_style = _create("mobilenet_v2", width=0.25, padding="keras", rngs_seed=3,
-                        bn_epsilon=1e-3)
+  keras_style = _create("mobilenet_v2", width=0.25, padding="keras", rngs_seed=3, bn_epsilon=1e-3)
   for model, padding, epsilon in ((torch_style, "symmetric", 1e-5), (keras_style, "same", 1e-3)):
-    strided = [m for _, m in nnx.iter_graph(model)
-               if isinstance(m, layers.DepthwiseConv | layers.Conv) and m.strides != (1, 1)]
+    strided = [
+      m
+      for _, m in nnx.iter_graph(model)
+      if isinstance(m, layers.DepthwiseConv | layers.Conv) and m.strides != (1, 1)
+    ]
     assert len(strided) == 5  # the stem and four stride-2 depthwise convs
     assert {m.padding for m in strided} == {padding}
     norms = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
@@ -225,8 +227,9 @@ def test_bad_variants_and_options_are_rejected():
 
 def test_preprocess_grayscale_to_three_channels_and_normalises():
   images = jnp.array([[[0, 255], [128, 64]]], dtype=jnp.uint8)  # (1, 2, 2)
-  x = common.preprocess(images, in_channels=3, mean=common.IMAGENET_MEAN,
-                        std=common.IMAGENET_STD, dtype="bfloat16")
+  x = common.preprocess(
+    images, in_channels=3, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, dtype="bfloat16"
+  )
   assert x.shape == (1, 2, 2, 3) and x.dtype == jnp.bfloat16
   expected = (np.array(1.0) - np.array(common.IMAGENET_MEAN)) / np.array(common.IMAGENET_STD)
   np.testing.assert_allclose(np.asarray(x[0, 0, 1], np.float32), expected, rtol=1e-2)
@@ -237,8 +240,9 @@ def test_preprocess_grayscale_to_three_channels_and_normalises():
   rgb = jnp.stack([images, images, images], axis=-1)
   np.testing.assert_allclose(common.preprocess(rgb, in_channels=1), gray, rtol=1e-5, atol=1e-6)
   mean, std = common.normalization_stats("inception")
-  np.testing.assert_allclose(common.preprocess(images, in_channels=1, mean=mean, std=std)[0, 0, 1],
-                             [1.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    common.preprocess(images, in_channels=1, mean=mean, std=std)[0, 0, 1], [1.0], rtol=1e-6
+  )
   with pytest.raises(ValueError, match="shape"):
     common.preprocess(jnp.zeros((2, 4, 4, 2), jnp.uint8), in_channels=3)
   with pytest.raises(ValueError, match="mean"):

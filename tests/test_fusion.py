@@ -13,10 +13,18 @@ SMALL_WIDTHS = (0.25, 0.125)  # MobileNetV2, DenseNet121: seconds, not minutes, 
 
 
 def _config(**fields):
-  base = dict(name="fusion", backbones=("mobilenet_v2", "densenet121"),
-              backbone_widths=SMALL_WIDTHS, projection_channels=16, fusion="concat",
-              attention="cbam", attention_reduction=4, dropout=0.0, in_channels=1,
-              dtype="float32")
+  base = dict(
+    name="fusion",
+    backbones=("mobilenet_v2", "densenet121"),
+    backbone_widths=SMALL_WIDTHS,
+    projection_channels=16,
+    fusion="concat",
+    attention="cbam",
+    attention_reduction=4,
+    dropout=0.0,
+    in_channels=1,
+    dtype="float32",
+  )
   base.update(fields)
   return ml_collections.ConfigDict(base)
 
@@ -53,18 +61,25 @@ def test_add_fusion_is_the_sum_of_projections_and_no_attention_is_identity():
   x = _images()
   _, features = _forward(model, x)
   projected = [model.projections[name](features[name]) for name in model.backbone_names]
-  np.testing.assert_allclose(np.asarray(features["fused"]), np.asarray(projected[0] + projected[1]),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(features["fused"]), np.asarray(projected[0] + projected[1]), rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_array_equal(np.asarray(features["attended"]), np.asarray(features["fused"]))
   assert features["fused"].shape[-1] == 16
 
 
 def test_attention_weighted_fusion_weights_sum_to_one():
   # ResNet-18 as the second branch: cheaper to compile than DenseNet, and shows any pair works.
-  model = fusion.create(_config(fusion="attention_weighted", attention="eca",
-                                backbones=("mobilenet_v2", "resnet18"),
-                                backbone_widths=(0.25, 0.125)),
-                        num_classes=2, rngs=nnx.Rngs(2))
+  model = fusion.create(
+    _config(
+      fusion="attention_weighted",
+      attention="eca",
+      backbones=("mobilenet_v2", "resnet18"),
+      backbone_widths=(0.25, 0.125),
+    ),
+    num_classes=2,
+    rngs=nnx.Rngs(2),
+  )
   # Training mode: BatchNorm normalises with batch statistics (untrained running statistics
   # leave DenseNet activations unnormalised and the branch softmax saturated).
   model.train()
@@ -81,8 +96,11 @@ def test_attention_weighted_fusion_weights_sum_to_one():
 
 @pytest.mark.parametrize("attention", ["se", "channel_spatial"])
 def test_single_backbone_ablation(attention):
-  model = fusion.create(_config(backbones=("mobilenet_v2",), backbone_widths=(0.25,),
-                                attention=attention), num_classes=2, rngs=nnx.Rngs(3))
+  model = fusion.create(
+    _config(backbones=("mobilenet_v2",), backbone_widths=(0.25,), attention=attention),
+    num_classes=2,
+    rngs=nnx.Rngs(3),
+  )
   model.eval()
   logits, features = _forward(model, _images(size=32))
   assert logits.shape == (2, 2)
@@ -100,7 +118,8 @@ def test_align_spatial_resizes_to_the_smallest_map():
 
 @pytest.mark.slow
 def test_gradients_reach_both_backbones_and_the_head():
-  # A DenseNet with 2 layers per block: the wiring under test is the same as DenseNet121's 6-12-24-16,
+  # A DenseNet with 2 layers per block: the wiring under test is the same as DenseNet121's
+  # 6-12-24-16,
   # whose backward pass takes XLA:CPU minutes to compile (the full model trains in
   # test_configs.test_fusion_smoke_trains_end_to_end).
   config = _config(dropout=0.1)
@@ -113,7 +132,8 @@ def test_gradients_reach_both_backbones_and_the_head():
     logits = m(x)
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
 
-  # jit around grad: one compiled program (grad of a jitted function runs the backward pass op by op).
+  # jit around grad: one compiled program (grad of a jitted function runs the backward pass
+  # op by op).
   grads = nnx.jit(nnx.grad(loss_fn))(model, x)
   for part in ("backbones", "projections", "attention", "head"):
     leaves = jax.tree.leaves(nnx.state(getattr(grads, part), nnx.Param))
@@ -128,19 +148,26 @@ def test_backbone_config_inherits_and_overrides():
   config.densenet121 = ml_collections.ConfigDict(dict(padding="symmetric", bn_epsilon=1.001e-5))
   mnv2 = fusion.backbone_config(config, "mobilenet_v2", 0)
   dense = fusion.backbone_config(config, "densenet121", 1)
-  assert (mnv2.name, mnv2.width, mnv2.padding, mnv2.bn_epsilon) == ("mobilenet_v2", 0.25, "same",
-                                                                    1e-3)
+  assert (mnv2.name, mnv2.width, mnv2.padding, mnv2.bn_epsilon) == (
+    "mobilenet_v2",
+    0.25,
+    "same",
+    1e-3,
+  )
   assert (dense.name, dense.variant, dense.width) == ("densenet", "densenet121", 0.125)
   assert (dense.padding, dense.bn_epsilon, dense.in_channels) == ("symmetric", 1.001e-5, 1)
 
 
-@pytest.mark.parametrize("fields,message", [
+@pytest.mark.parametrize(
+  "fields,message",
+  [
     (dict(fusion="mean"), "unknown fusion 'mean'"),
     (dict(backbones=("vgg16",), backbone_widths=None), "unknown backbone 'vgg16'"),
     (dict(backbones=("mobilenet_v2", "mobilenet_v2")), "lists a backbone twice"),
     (dict(backbone_widths=(0.25,)), "one width per backbone"),
     (dict(attention="transformer"), "unknown attention 'transformer'"),
-])
+  ],
+)
 def test_bad_configs_fail_clearly(fields, message):
   with pytest.raises(ValueError, match=message):
     fusion.create(_config(**fields), num_classes=2, rngs=nnx.Rngs(0))
@@ -149,14 +176,18 @@ def test_bad_configs_fail_clearly(fields, message):
 def test_pretrained_backbone_is_loaded_from_its_sub_config(tmp_path):
   pretrained = pytest.importorskip("busjax.models.pretrained")
   pytest.importorskip("safetensors")
-  donor = fusion.create(_config(backbones=("mobilenet_v2",), backbone_widths=(0.35,)),
-                        num_classes=2, rngs=nnx.Rngs(5))
-  flat = {k: np.asarray(v[...]) + 0.5 for k, v in
-          pretrained.model_variables(donor.backbones["mobilenet_v2"]).items()}
+  donor = fusion.create(
+    _config(backbones=("mobilenet_v2",), backbone_widths=(0.35,)), num_classes=2, rngs=nnx.Rngs(5)
+  )
+  flat = {
+    k: np.asarray(v[...]) + 0.5
+    for k, v in pretrained.model_variables(donor.backbones["mobilenet_v2"]).items()
+  }
   path = str(tmp_path / "mnv2_busjax.safetensors")
   pretrained.save_flat(flat, path)
   config = _config(backbones=("mobilenet_v2",), backbone_widths=(0.35,))
   config.mobilenet_v2 = ml_collections.ConfigDict(dict(pretrained=path))
   model = fusion.create(config, num_classes=2, rngs=nnx.Rngs(6))
-  np.testing.assert_array_equal(np.asarray(model.backbones["mobilenet_v2"].stem.conv.kernel[...]),
-                                flat["stem.conv.kernel"])
+  np.testing.assert_array_equal(
+    np.asarray(model.backbones["mobilenet_v2"].stem.conv.kernel[...]), flat["stem.conv.kernel"]
+  )

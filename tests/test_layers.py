@@ -51,12 +51,19 @@ def _assert_same_outputs_and_grads(fast, reference, x):
 def test_depthwise_matches_grouped_nnx_conv(padding, stride, size):
   channels = 6
   x = jax.random.normal(jax.random.key(0), (2, size, size + 1, channels))
-  fast = layers.DepthwiseConv(channels, kernel_size=3, strides=stride, padding=padding,
-                              rngs=nnx.Rngs(1))
+  fast = layers.DepthwiseConv(
+    channels, kernel_size=3, strides=stride, padding=padding, rngs=nnx.Rngs(1)
+  )
   assert fast.kernel.shape == (3, 3, 1, channels)
   reference = nnx.Conv(
-    channels, channels, (3, 3), strides=stride, feature_group_count=channels, use_bias=False,
-    padding=_reference_padding(x.shape, 3, stride, padding), rngs=nnx.Rngs(2),
+    channels,
+    channels,
+    (3, 3),
+    strides=stride,
+    feature_group_count=channels,
+    use_bias=False,
+    padding=_reference_padding(x.shape, 3, stride, padding),
+    rngs=nnx.Rngs(2),
   )
   assert reference.kernel.shape == fast.kernel.shape
   _assert_same_outputs_and_grads(fast, reference, x)
@@ -66,8 +73,9 @@ def test_depthwise_matches_grouped_nnx_conv(padding, stride, size):
 def test_pointwise_matches_nnx_conv(stride):
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 5))
   fast = layers.PointwiseConv(5, 7, strides=stride, rngs=nnx.Rngs(1))
-  reference = nnx.Conv(5, 7, (1, 1), strides=stride, use_bias=False, padding="VALID",
-                       rngs=nnx.Rngs(2))
+  reference = nnx.Conv(
+    5, 7, (1, 1), strides=stride, use_bias=False, padding="VALID", rngs=nnx.Rngs(2)
+  )
   assert fast.kernel.shape == reference.kernel.shape == (1, 1, 5, 7)
   _assert_same_outputs_and_grads(fast, reference, x)
 
@@ -78,8 +86,13 @@ def test_conv_matches_nnx_conv(padding, kernel_size, stride):
   x = jax.random.normal(jax.random.key(0), (2, 10, 11, 3))
   fast = layers.Conv(3, 4, kernel_size, strides=stride, padding=padding, rngs=nnx.Rngs(1))
   reference = nnx.Conv(
-    3, 4, (kernel_size, kernel_size), strides=stride, use_bias=False,
-    padding=_reference_padding(x.shape, kernel_size, stride, padding), rngs=nnx.Rngs(2),
+    3,
+    4,
+    (kernel_size, kernel_size),
+    strides=stride,
+    use_bias=False,
+    padding=_reference_padding(x.shape, kernel_size, stride, padding),
+    rngs=nnx.Rngs(2),
   )
   _assert_same_outputs_and_grads(fast, reference, x)
 
@@ -97,8 +110,9 @@ def test_same_padding_is_tensorflow_same_and_differs_from_symmetric():
   assert conv_same(x).shape == conv_sym(x).shape == (1, 4, 4, 4)
   assert not np.allclose(conv_same(x), conv_sym(x))
   # And 'same' agrees with XLA's own SAME padding.
-  reference = nnx.Conv(4, 4, (3, 3), strides=2, feature_group_count=4, use_bias=False,
-                       padding="SAME", rngs=nnx.Rngs(0))
+  reference = nnx.Conv(
+    4, 4, (3, 3), strides=2, feature_group_count=4, use_bias=False, padding="SAME", rngs=nnx.Rngs(0)
+  )
   reference.kernel[...] = conv_same.kernel[...]
   np.testing.assert_allclose(conv_same(x), reference(x), atol=1e-5)
 

@@ -86,7 +86,9 @@ def test_smoke_run_from_the_command_line_reports_and_stays_quiet(tmp_path):
   assert "step 4/4" in result.stderr
   # Orbax's INFO chatter is filtered: every INFO line comes from a busjax file. Library warnings
   # stay visible (e.g. Orbax's "Waiting for previous save", which a fast smoke run can trigger).
-  own_files = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "busjax", "**", "*.py"),
-                                                      recursive=True)}
+  own_files = {
+    os.path.basename(p)
+    for p in glob.glob(os.path.join(ROOT, "busjax", "**", "*.py"), recursive=True)
+  }
   info_files = re.findall(r"^I\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\]", result.stderr, re.MULTILINE)
   assert info_files and set(info_files) <= own_files, set(info_files) - own_files

@@ -116,7 +116,8 @@ def test_one_class_resamples_are_skipped_and_counted():
   assert ci.n_skipped_one_class > 20  # (9/10)^10 ~ 35% of resamples hold no malignant case.
   assert ci.n_resamples + ci.n_skipped_one_class + ci.n_skipped_nan == 200
   ppv_ci = metrics.bootstrap_ci(
-      lambda yy, pp: metrics.threshold_metrics(yy, pp, 2.0)["ppv"], y, p, n=20, seed=0)
+    lambda yy, pp: metrics.threshold_metrics(yy, pp, 2.0)["ppv"], y, p, n=20, seed=0
+  )
   assert ppv_ci.n_skipped_nan + ppv_ci.n_skipped_one_class == 20  # Never called positive.
   assert np.isnan(ppv_ci.lo) and np.isnan(ppv_ci.hi)
 

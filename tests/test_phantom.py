@@ -40,8 +40,16 @@ def test_contract_shapes_dtypes_and_counts(small):
     assert records.load_image(rec).shape == (64, 64)
     assert records.load_mask(rec, (64, 64)).shape == (64, 64)
     assert rec.image.std() > 10  # speckled tissue, not a flat field
-    for key in ("shape", "margin", "orientation", "echo", "posterior", "halo", "calipers",
-                "birads"):
+    for key in (
+      "shape",
+      "margin",
+      "orientation",
+      "echo",
+      "posterior",
+      "halo",
+      "calipers",
+      "birads",
+    ):
       assert key in rec.meta
 
 
@@ -68,8 +76,14 @@ def test_sector_masks_lie_inside_the_fan():
 
 
 def test_malignant_lesions_look_more_suspicious():
-  coll = phantom.make_collection(counts=(60, 60), include_normal=False, image_size=64, seed=0,
-                                 difficulty=0.0, images_per_patient=1)
+  coll = phantom.make_collection(
+    counts=(60, 60),
+    include_normal=False,
+    image_size=64,
+    seed=0,
+    difficulty=0.0,
+    images_per_patient=1,
+  )
   assert coll.class_names == records.BINARY_CLASSES
   benign, malignant = _by_label(coll, 0), _by_label(coll, 1)
 
@@ -77,12 +91,17 @@ def test_malignant_lesions_look_more_suspicious():
     return np.mean([fn(r) for r in recs])
 
   # Measured from the mask, not just from the sampled label of the feature.
-  assert rate(malignant, lambda r: r.meta["taller_than_wide"]) > rate(
-      benign, lambda r: r.meta["taller_than_wide"]) + 0.2
-  assert rate(malignant, lambda r: r.meta["posterior"] == "shadowing") > rate(
-      benign, lambda r: r.meta["posterior"] == "shadowing") + 0.2
+  assert (
+    rate(malignant, lambda r: r.meta["taller_than_wide"])
+    > rate(benign, lambda r: r.meta["taller_than_wide"]) + 0.2
+  )
+  assert (
+    rate(malignant, lambda r: r.meta["posterior"] == "shadowing")
+    > rate(benign, lambda r: r.meta["posterior"] == "shadowing") + 0.2
+  )
   assert rate(malignant, lambda r: r.meta["suspicion"]) > rate(
-      benign, lambda r: r.meta["suspicion"])
+    benign, lambda r: r.meta["suspicion"]
+  )
   # Overlap: some benign lesions are irregular, some cancers oval.
   assert rate(benign, lambda r: r.meta["shape"] == "irregular") > 0
   assert rate(malignant, lambda r: r.meta["shape"] == "oval") > 0
@@ -90,21 +109,38 @@ def test_malignant_lesions_look_more_suspicious():
 
 def test_difficulty_moves_class_distributions_together():
   for feature in phantom.LEXICON:
-    gaps = [np.abs(phantom.class_probabilities(feature, 1, d)
-                   - phantom.class_probabilities(feature, 0, d)).sum()
-            for d in (0.0, 0.35, 0.7, 1.0)]
+    gaps = [
+      np.abs(
+        phantom.class_probabilities(feature, 1, d) - phantom.class_probabilities(feature, 0, d)
+      ).sum()
+      for d in (0.0, 0.35, 0.7, 1.0)
+    ]
     assert gaps[0] > gaps[1] > gaps[2] > gaps[3] and gaps[3] < 1e-12
-  hard = phantom.make_collection(counts=(60, 60), include_normal=False, image_size=64, seed=0,
-                                 difficulty=1.0, images_per_patient=1)
+  hard = phantom.make_collection(
+    counts=(60, 60),
+    include_normal=False,
+    image_size=64,
+    seed=0,
+    difficulty=1.0,
+    images_per_patient=1,
+  )
   benign, malignant = _by_label(hard, 0), _by_label(hard, 1)
-  gap = abs(np.mean([r.meta["shape"] == "irregular" for r in malignant])
-            - np.mean([r.meta["shape"] == "irregular" for r in benign]))
+  gap = abs(
+    np.mean([r.meta["shape"] == "irregular" for r in malignant])
+    - np.mean([r.meta["shape"] == "irregular" for r in benign])
+  )
   assert gap < 0.25  # at difficulty 0 the expected gap is 0.70
 
 
 def test_audit_lexicon_separates_and_histogram_is_weaker():
-  coll = phantom.make_collection(counts=(50, 50), include_normal=False, image_size=64, seed=2,
-                                 difficulty=0.0, images_per_patient=1)
+  coll = phantom.make_collection(
+    counts=(50, 50),
+    include_normal=False,
+    image_size=64,
+    seed=2,
+    difficulty=0.0,
+    images_per_patient=1,
+  )
   result = phantom.audit(coll, folds=4)
   assert result["lexicon_auc"] > 0.85
   assert result["histogram_auc"] < result["lexicon_auc"]
@@ -128,8 +164,13 @@ def test_patients_group_views_of_the_same_lesion():
 
 def test_calipers_knob_adds_bright_marks_per_class():
   plain = phantom.make_collection(counts=(3, 3, 3), image_size=64, seed=7, images_per_patient=1)
-  marked = phantom.make_collection(counts=(3, 3, 3), image_size=64, seed=7, images_per_patient=1,
-                                   calipers={"malignant": 1.0, "normal": 1.0})
+  marked = phantom.make_collection(
+    counts=(3, 3, 3),
+    image_size=64,
+    seed=7,
+    images_per_patient=1,
+    calipers={"malignant": 1.0, "normal": 1.0},
+  )
   for a, b in zip(plain.records, marked.records, strict=True):
     assert b.meta["calipers"] == (b.label != 0)
     if b.label == 0:
@@ -143,8 +184,9 @@ def test_calipers_knob_adds_bright_marks_per_class():
 @pytest.mark.parametrize("size", [64, 256])
 def test_generate_image_sizes(size):
   for label in (0, 1, 2):
-    image, mask, feats = phantom.generate_image(np.random.default_rng(label), label,
-                                                image_size=size)
+    image, mask, feats = phantom.generate_image(
+      np.random.default_rng(label), label, image_size=size
+    )
     assert image.shape == mask.shape == (size, size)
     assert image.dtype == mask.dtype == np.uint8
     assert (mask.sum() > 0) == (label != 2)

@@ -20,8 +20,11 @@ def _collection(n=12, name="toy", seed=0, label_of=lambda i: i % 2):
     mask = np.zeros((height, width), np.uint8)
     mask[10:25, 12:30] = 1
     image[mask == 1] = 230
-    recs.append(records.Record(id=f"{name}/{i}", label=label_of(i), patient_id=f"p{i}",
-                               image=image, mask=mask))
+    recs.append(
+      records.Record(
+        id=f"{name}/{i}", label=label_of(i), patient_id=f"p{i}", image=image, mask=mask
+      )
+    )
   return records.Collection(name=name, records=tuple(recs))
 
 
@@ -29,8 +32,7 @@ def _train(collection, seed=0, **kwargs):
   kwargs.setdefault("augment_config", augment.default_config())
   kwargs.setdefault("process_index", 0)
   kwargs.setdefault("process_count", 1)
-  return pipeline.train_dataset(collection, image_size=32, global_batch_size=4, seed=seed,
-                                **kwargs)
+  return pipeline.train_dataset(collection, image_size=32, global_batch_size=4, seed=seed, **kwargs)
 
 
 def _take(iterator, n):
@@ -98,9 +100,14 @@ def test_process_slices_are_disjoint_and_cover():
 
 def test_eval_covers_every_record_once_with_padding():
   collection = _collection(11)
-  per_process = [list(pipeline.eval_batches(collection, image_size=32, batch_size=4,
-                                            process_index=p, process_count=2))
-                 for p in range(2)]
+  per_process = [
+    list(
+      pipeline.eval_batches(
+        collection, image_size=32, batch_size=4, process_index=p, process_count=2
+      )
+    )
+    for p in range(2)
+  ]
   assert len(per_process[0]) == len(per_process[1]) == 3
   rows = []
   for b0, b1 in zip(*per_process, strict=True):
@@ -113,15 +120,19 @@ def test_eval_covers_every_record_once_with_padding():
   padded = rows[-1]
   assert np.all(padded["image"][~padded["valid"]] == 0)
   first = collection.records[0]
-  np.testing.assert_array_equal(rows[0]["image"][0, ..., 0],
-                                augment.resize_pad(records.load_image(first), 32))
+  np.testing.assert_array_equal(
+    rows[0]["image"][0, ..., 0], augment.resize_pad(records.load_image(first), 32)
+  )
   np.testing.assert_array_equal(rows[0]["label"][rows[0]["valid"]], collection.labels[:4])
 
 
 def test_eval_masks_align():
   collection = _collection(3)
-  batch = next(pipeline.eval_batches(collection, image_size=32, batch_size=4,
-                                     process_index=0, process_count=1, with_masks=True))
+  batch = next(
+    pipeline.eval_batches(
+      collection, image_size=32, batch_size=4, process_index=0, process_count=1, with_masks=True
+    )
+  )
   bright = batch["image"][:3, ..., 0] > 125
   lesion = batch["mask"][:3, ..., 0] == 1
   # Bilinear image vs nearest mask may differ on the boundary only.
@@ -131,9 +142,16 @@ def test_eval_masks_align():
 def test_mixture_respects_weights_and_tags_source():
   real = _collection(12, name="real")
   synthetic = _collection(6, name="synthetic", seed=1, label_of=lambda i: 1)
-  dataset = pipeline.mixture_dataset([real, synthetic], [0.75, 0.25], image_size=32,
-                                     global_batch_size=8, seed=0, augment_config=None,
-                                     process_index=0, process_count=1)
+  dataset = pipeline.mixture_dataset(
+    [real, synthetic],
+    [0.75, 0.25],
+    image_size=32,
+    global_batch_size=8,
+    seed=0,
+    augment_config=None,
+    process_index=0,
+    process_count=1,
+  )
   batches = _take(iter(dataset), 25)
   source = np.concatenate([b["source"] for b in batches])
   index = np.concatenate([b["index"] for b in batches])
@@ -142,11 +160,20 @@ def test_mixture_respects_weights_and_tags_source():
 
 
 def test_mixture_rejects_different_classes():
-  three = records.Collection(name="three", records=_collection(4).records,
-                             class_names=records.THREE_CLASSES)
+  three = records.Collection(
+    name="three", records=_collection(4).records, class_names=records.THREE_CLASSES
+  )
   with pytest.raises(ValueError, match="class_names"):
-    pipeline.mixture_dataset([_collection(4), three], [1, 1], image_size=32, global_batch_size=4,
-                             seed=0, augment_config=None, process_index=0, process_count=1)
+    pipeline.mixture_dataset(
+      [_collection(4), three],
+      [1, 1],
+      image_size=32,
+      global_batch_size=4,
+      seed=0,
+      augment_config=None,
+      process_index=0,
+      process_count=1,
+    )
 
 
 def test_sample_weights_control_draws():
@@ -167,8 +194,10 @@ def test_bad_file_fails_at_build_with_its_name(tmp_path):
   Image.fromarray(np.full((20, 20), 99, np.uint8)).save(good)
   broken = tmp_path / "broken.png"
   broken.write_bytes(good.read_bytes()[:40])  # Truncated PNG.
-  recs = tuple(records.Record(id=str(i), label=0, patient_id=str(i), image=str(p))
-               for i, p in enumerate([good, broken]))
+  recs = tuple(
+    records.Record(id=str(i), label=0, patient_id=str(i), image=str(p))
+    for i, p in enumerate([good, broken])
+  )
   collection = records.Collection(name="files", records=recs)
   with pytest.raises(records.DataError, match="broken.png"):
     _train(collection)
@@ -180,8 +209,15 @@ def test_bad_file_fails_at_build_with_its_name(tmp_path):
 
 def test_batch_size_must_divide_over_processes():
   with pytest.raises(ValueError, match="divisible"):
-    pipeline.train_dataset(_collection(), image_size=32, global_batch_size=5, seed=0,
-                           augment_config=None, process_index=0, process_count=2)
+    pipeline.train_dataset(
+      _collection(),
+      image_size=32,
+      global_batch_size=5,
+      seed=0,
+      augment_config=None,
+      process_index=0,
+      process_count=2,
+    )
 
 
 @pytest.mark.slow
@@ -196,8 +232,9 @@ def test_worker_processes_give_the_in_process_batches():
     iterator.close()
 
 
-_BUSI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                     "Dataset_BUSI_with_GT")
+_BUSI = os.path.join(
+  os.path.dirname(__file__), "..", "..", "shared", "data", "Dataset_BUSI_with_GT"
+)
 
 
 @pytest.mark.skipif(not os.path.isdir(_BUSI), reason="real BUSI data not present")
@@ -206,13 +243,24 @@ def test_real_busi_files_through_train_and_eval():
 
   collection = sources.busi(_BUSI, classes="three")
   small = collection.subset(np.linspace(0, len(collection) - 1, 8).astype(int))
-  batch = next(iter(pipeline.train_dataset(small, image_size=64, global_batch_size=4, seed=0,
-                                           augment_config=augment.default_config(),
-                                           process_index=0, process_count=1,
-                                           with_masks=True)))
+  batch = next(
+    iter(
+      pipeline.train_dataset(
+        small,
+        image_size=64,
+        global_batch_size=4,
+        seed=0,
+        augment_config=augment.default_config(),
+        process_index=0,
+        process_count=1,
+        with_masks=True,
+      )
+    )
+  )
   assert batch["image"].shape == (4, 64, 64, 1) and batch["image"].max() > 0
   assert set(np.unique(batch["mask"])) <= {0, 1}
-  evals = list(pipeline.eval_batches(small, image_size=64, batch_size=8, process_index=0,
-                                     process_count=1))
+  evals = list(
+    pipeline.eval_batches(small, image_size=64, batch_size=8, process_index=0, process_count=1)
+  )
   np.testing.assert_array_equal(evals[0]["index"], np.arange(8))
   np.testing.assert_array_equal(evals[0]["label"], small.labels)

@@ -38,15 +38,24 @@ def _randomise_keras(model, seed=0):
     name = type(layer).__name__
     if name == "BatchNormalization":
       c = layer.gamma.shape[0]
-      layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c), rng.normal(0, 0.2, c),
-                         rng.uniform(0.5, 2.0, c)])
+      layer.set_weights(
+        [
+          rng.uniform(0.5, 1.5, c),
+          rng.normal(0, 0.2, c),
+          rng.normal(0, 0.2, c),
+          rng.uniform(0.5, 2.0, c),
+        ]
+      )
     elif layer.weights:
       values = []
       for w in layer.weights:
         shape = tuple(w.shape)
         fan_in = int(np.prod(shape[:-1])) if name != "DepthwiseConv2D" else shape[0] * shape[1]
-        values.append(rng.normal(0, np.sqrt(2.0 / max(fan_in, 1)), shape)
-                      if len(shape) > 1 else rng.normal(0, 0.1, shape))
+        values.append(
+          rng.normal(0, np.sqrt(2.0 / max(fan_in, 1)), shape)
+          if len(shape) > 1
+          else rng.normal(0, 0.1, shape)
+        )
       layer.set_weights(values)
 
 
@@ -118,12 +127,20 @@ def test_keras_densenet121_parity_at_64(tmp_path):
 def _torchvision_state(model, arch):
   """The inverse mapping, written apart from the module: HWIO -> OIHW, (in,out) -> (out,in)."""
   variables = pretrained.model_variables(model)
-  names = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
-           "var": "running_var"}
+  names = {
+    "kernel": "weight",
+    "bias": "bias",
+    "scale": "weight",
+    "mean": "running_mean",
+    "var": "running_var",
+  }
   state = {}
   for unit in pretrained.architecture_units(arch):
-    leaves = ("scale", "bias", "mean", "var") if unit.kind == "bn" else (
-        ("kernel", "bias") if unit.kind == "dense" else ("kernel",))
+    leaves = (
+      ("scale", "bias", "mean", "var")
+      if unit.kind == "bn"
+      else (("kernel", "bias") if unit.kind == "dense" else ("kernel",))
+    )
     for leaf in leaves:
       value = np.asarray(variables[f"{unit.busjax}.{leaf}"][...])
       if value.ndim == 4:
@@ -149,8 +166,9 @@ def _randomise_busjax(model, seed):
 SMALL = {"mobilenet_v2": dict(width=0.35), "densenet121": dict(growth_rate=4, num_init_features=8)}
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v2",
-                                  pytest.param("densenet121", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "arch", ["mobilenet_v2", pytest.param("densenet121", marks=pytest.mark.slow)]
+)
 def test_torchvision_safetensors_round_trip(tmp_path, arch):
   source = _busjax_model(arch, num_classes=5, **SMALL[arch])
   _randomise_busjax(source, seed=0)
@@ -167,8 +185,9 @@ def test_torchvision_safetensors_round_trip(tmp_path, arch):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
   assert not np.allclose(np.asarray(_forward(target, x)), np.asarray(_forward(source, x)))
   pretrained.load_pretrained(target, path, arch=arch, skip_head=False)
-  np.testing.assert_allclose(np.asarray(_forward(target, x)), np.asarray(_forward(source, x)),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(_forward(target, x)), np.asarray(_forward(source, x)), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_skip_head_keeps_the_models_classifier(tmp_path):
@@ -180,8 +199,9 @@ def test_skip_head_keeps_the_models_classifier(tmp_path):
   head_before = np.asarray(target.head.fc.kernel[...])
   pretrained.load_pretrained(target, path, arch="mobilenet_v2")  # skip_head=True by default
   np.testing.assert_array_equal(np.asarray(target.head.fc.kernel[...]), head_before)
-  np.testing.assert_array_equal(np.asarray(target.stem.conv.kernel[...]),
-                                np.asarray(source.stem.conv.kernel[...]))
+  np.testing.assert_array_equal(
+    np.asarray(target.stem.conv.kernel[...]), np.asarray(source.stem.conv.kernel[...])
+  )
 
 
 def test_grey_model_takes_rgb_stem_summed(tmp_path):
@@ -194,8 +214,9 @@ def test_grey_model_takes_rgb_stem_summed(tmp_path):
   x = np.random.default_rng(0).normal(size=(1, 32, 32, 1)).astype(np.float32)
   rgb_logits, rgb_maps = _forward_features(source, jnp.asarray(np.repeat(x, 3, axis=-1)))
   _, grey_maps = _forward_features(grey, jnp.asarray(x))
-  np.testing.assert_allclose(np.asarray(grey_maps["features"]), np.asarray(rgb_maps["features"]),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(grey_maps["features"]), np.asarray(rgb_maps["features"]), rtol=1e-4, atol=1e-5
+  )
   assert rgb_logits.shape == (1, 1000)
 
 
@@ -212,8 +233,10 @@ def test_cli_converts_to_busjax_layout_and_npz_loads(tmp_path):
     assert flat["stem.conv.kernel"].shape == (3, 3, 3, 16)
     target = _busjax_model("mobilenet_v2", width=0.35, seed=9)
     pretrained.load_pretrained(target, out_path, arch="mobilenet_v2", skip_head=False)
-    np.testing.assert_array_equal(np.asarray(target.blocks[5].depthwise.conv.kernel[...]),
-                                  np.asarray(source.blocks[5].depthwise.conv.kernel[...]))
+    np.testing.assert_array_equal(
+      np.asarray(target.blocks[5].depthwise.conv.kernel[...]),
+      np.asarray(source.blocks[5].depthwise.conv.kernel[...]),
+    )
 
 
 def test_torch_pth_is_read_with_weights_only(tmp_path):
@@ -226,8 +249,9 @@ def test_torch_pth_is_read_with_weights_only(tmp_path):
   target = _busjax_model("mobilenet_v2", width=0.35, seed=8)
   pretrained.load_pretrained(target, path, arch="mobilenet_v2", skip_head=False)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 32, 3)), jnp.float32)
-  np.testing.assert_allclose(np.asarray(_forward(target, x)), np.asarray(_forward(source, x)),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(_forward(target, x)), np.asarray(_forward(source, x)), rtol=1e-5, atol=1e-5
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,25 +271,34 @@ def _write_tv(tmp_path, mutate):
 def test_missing_tensor_is_named(tmp_path):
   path = _write_tv(tmp_path, lambda s: s.pop("features.3.conv.1.1.running_var"))
   model = _busjax_model("mobilenet_v2", width=0.35)
-  with pytest.raises(pretrained.WeightImportError, match=r"bad\.safetensors.*features\.3\.conv\."
-                     r"1\.1\.running_var.*missing"):
+  with pytest.raises(
+    pretrained.WeightImportError,
+    match=r"bad\.safetensors.*features\.3\.conv\."
+    r"1\.1\.running_var.*missing",
+  ):
     pretrained.load_pretrained(model, path, arch="mobilenet_v2")
 
 
 def test_misshaped_tensor_is_named(tmp_path):
-  path = _write_tv(tmp_path, lambda s: s.update({"features.4.conv.2.weight": np.zeros(
-      (8, 8, 1, 1), np.float32)}))
+  path = _write_tv(
+    tmp_path, lambda s: s.update({"features.4.conv.2.weight": np.zeros((8, 8, 1, 1), np.float32)})
+  )
   model = _busjax_model("mobilenet_v2", width=0.35)
-  with pytest.raises(pretrained.WeightImportError, match=r"blocks\.3\.project\.conv\.kernel.*"
-                     r"shape \(1, 1, 8, 8\)"):
+  with pytest.raises(
+    pretrained.WeightImportError,
+    match=r"blocks\.3\.project\.conv\.kernel.*"
+    r"shape \(1, 1, 8, 8\)",
+  ):
     pretrained.load_pretrained(model, path, arch="mobilenet_v2")
 
 
 def test_width_mismatch_is_a_shape_error(tmp_path):
   path = _write_tv(tmp_path, lambda s: None)
   model = _busjax_model("mobilenet_v2", width=0.5)
-  with pytest.raises(pretrained.WeightImportError,
-                     match=r"blocks\.1\.project\.conv\.kernel.*the model expects \(1, 1, 48, 16\)"):
+  with pytest.raises(
+    pretrained.WeightImportError,
+    match=r"blocks\.1\.project\.conv\.kernel.*the model expects \(1, 1, 48, 16\)",
+  ):
     pretrained.load_pretrained(model, path, arch="mobilenet_v2")
 
 
@@ -299,9 +332,15 @@ def test_bad_files_and_suffixes(tmp_path):
 
 
 def test_old_torchvision_densenet_keys_are_renamed():
-  fixed = pretrained._fix_old_densenet_keys({
+  fixed = pretrained._fix_old_densenet_keys(
+    {
       "features.denseblock1.denselayer1.norm.1.weight": 1,
       "features.denseblock1.denselayer1.conv.2.weight": 2,
-      "features.norm5.weight": 3})
-  assert set(fixed) == {"features.denseblock1.denselayer1.norm1.weight",
-                        "features.denseblock1.denselayer1.conv2.weight", "features.norm5.weight"}
+      "features.norm5.weight": 3,
+    }
+  )
+  assert set(fixed) == {
+    "features.denseblock1.denselayer1.norm1.weight",
+    "features.denseblock1.denselayer1.conv2.weight",
+    "features.norm5.weight",
+  }

@@ -12,8 +12,14 @@ from busjax.data import records
 from busjax.evaluators import metrics, readers, report
 
 BUSBRA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "BUS-BRA-dev"
-SYNTHETIC = {"source": "phantom", "split": "fold 0 test", "synthetic": True,
-             "trained_on": "phantom fold 0 train", "model": "mobilenet_v2", "step": 12}
+SYNTHETIC = {
+  "source": "phantom",
+  "split": "fold 0 test",
+  "synthetic": True,
+  "trained_on": "phantom fold 0 train",
+  "model": "mobilenet_v2",
+  "step": 12,
+}
 
 
 def _predictions(n_patients=30, images_per_patient=2, seed=0):
@@ -30,6 +36,7 @@ def _predictions(n_patients=30, images_per_patient=2, seed=0):
 def _strict_json(path):
   def reject(token):
     raise AssertionError(f"non-strict JSON token {token}")
+
   return json.loads(pathlib.Path(path).read_text(), parse_constant=reject)
 
 
@@ -37,17 +44,36 @@ def test_write_report_writes_all_files_with_provenance(tmp_path):
   y, p, patients, birads = _predictions()
   ids = [f"img{i}" for i in range(y.shape[0])]
   returned = report.write_report(
-      str(tmp_path), name="test", provenance=SYNTHETIC, y=y, p=p, patient_ids=patients, ids=ids,
-      threshold=0.4, reader=birads, bootstrap=50)
+    str(tmp_path),
+    name="test",
+    provenance=SYNTHETIC,
+    y=y,
+    p=p,
+    patient_ids=patients,
+    ids=ids,
+    threshold=0.4,
+    reader=birads,
+    bootstrap=50,
+  )
   folder = tmp_path / "test"
   assert sorted(f.name for f in folder.iterdir()) == [
-      "confusion.png", "predictions.csv", "reliability.png", "report.json", "roc.png"]
+    "confusion.png",
+    "predictions.csv",
+    "reliability.png",
+    "report.json",
+    "roc.png",
+  ]
   data = _strict_json(folder / "report.json")
   assert data == returned
   assert data["synthetic"] is True and data["provenance"] == SYNTHETIC
   assert data["schema"] == report.SCHEMA
-  assert data["counts"] == {"images": 60, "patients": 30, "positive": int(y.sum()),
-                            "negative": int(60 - y.sum()), "prevalence": y.mean()}
+  assert data["counts"] == {
+    "images": 60,
+    "patients": 30,
+    "positive": int(y.sum()),
+    "negative": int(60 - y.sum()),
+    "prevalence": y.mean(),
+  }
   assert data["bootstrap"]["clustered_by_patient"] is True
   assert data["auc"]["bootstrap_ci"]["method"] == "bootstrap-clustered"
   assert data["auc"]["value"] == pytest.approx(metrics.roc_auc(y, p))
@@ -66,8 +92,16 @@ def test_write_report_writes_all_files_with_provenance(tmp_path):
 def test_nan_is_written_as_null_and_unclustered_when_patients_unique(tmp_path):
   y, p, _, _ = _predictions()
   provenance = dict(SYNTHETIC, synthetic=False, source="BUSI")
-  data = report.write_report(str(tmp_path), name="val", provenance=provenance, y=y, p=p,
-                             patient_ids=np.arange(60), threshold=1.5, bootstrap=20)
+  data = report.write_report(
+    str(tmp_path),
+    name="val",
+    provenance=provenance,
+    y=y,
+    p=p,
+    patient_ids=np.arange(60),
+    threshold=1.5,
+    bootstrap=20,
+  )
   point = _strict_json(tmp_path / "val" / "report.json")["operating_points"]["at_threshold"]
   assert point["ppv"] is None and point["tp"] == 0 and point["fp"] == 0  # 0/0, not 0.
   assert data["synthetic"] is False
@@ -88,11 +122,18 @@ def test_figures_say_synthetic_only_for_synthetic_data():
 def test_write_report_rejects_missing_provenance_and_bad_names(tmp_path):
   y, p, _, _ = _predictions(n_patients=6)
   with pytest.raises(ValueError, match="synthetic"):
-    report.write_report(str(tmp_path), name="x", provenance={"source": "a", "split": "b"},
-                        y=y, p=p, bootstrap=0)
+    report.write_report(
+      str(tmp_path), name="x", provenance={"source": "a", "split": "b"}, y=y, p=p, bootstrap=0
+    )
   with pytest.raises(ValueError, match="bool"):
-    report.write_report(str(tmp_path), name="x", y=y, p=p, bootstrap=0,
-                        provenance={"source": "a", "split": "b", "synthetic": "no"})
+    report.write_report(
+      str(tmp_path),
+      name="x",
+      y=y,
+      p=p,
+      bootstrap=0,
+      provenance={"source": "a", "split": "b", "synthetic": "no"},
+    )
   with pytest.raises(ValueError, match="plain file name"):
     report.write_report(str(tmp_path), name="../up", provenance=SYNTHETIC, y=y, p=p, bootstrap=0)
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -105,15 +146,27 @@ def test_evaluate_three_class_adds_multiclass_section():
   logits = rng.normal(size=(40, 3)) + 2.0 * np.eye(3)[labels]
   probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
   y = (labels == records.MALIGNANT).astype(int)
-  result = report.evaluate(y, probs[:, 1], class_names=records.THREE_CLASSES, probs_full=probs,
-                           labels_full=labels, bootstrap=0)
+  result = report.evaluate(
+    y,
+    probs[:, 1],
+    class_names=records.THREE_CLASSES,
+    probs_full=probs,
+    labels_full=labels,
+    bootstrap=0,
+  )
   assert result["negative_class"] == "benign or normal"
   assert result["multiclass"]["confusion_matrix"].sum() == 40
   assert 0 <= result["multiclass"]["top_label_ece"] <= 1
   assert result["auc"]["bootstrap_ci"] is None
   with pytest.raises(ValueError, match="probs_full"):
-    report.evaluate(y, probs[:, 0], probs_full=probs, labels_full=labels, bootstrap=0,
-                    class_names=records.THREE_CLASSES)
+    report.evaluate(
+      y,
+      probs[:, 0],
+      probs_full=probs,
+      labels_full=labels,
+      bootstrap=0,
+      class_names=records.THREE_CLASSES,
+    )
 
 
 def test_evaluate_one_class_set_reports_undefined_auc():
@@ -140,8 +193,9 @@ def test_predictions_csv_columns_and_errors(tmp_path):
 
 
 def test_parse_birads():
-  np.testing.assert_allclose(readers.parse_birads([2, "3", "4a", "4C", 5.0, " 6 "]),
-                             [2, 3, 4.1, 4.3, 5, 6])
+  np.testing.assert_allclose(
+    readers.parse_birads([2, "3", "4a", "4C", 5.0, " 6 "]), [2, 3, 4.1, 4.3, 5, 6]
+  )
   for bad in ("7", "4d", "3a", None, float("nan"), "x"):
     with pytest.raises(records.DataError, match="BI-RADS"):
       readers.parse_birads([bad])
@@ -159,9 +213,16 @@ def test_reader_operating_point_by_hand():
 
 def test_report_reader_comparison_is_consistent(tmp_path):
   y, p, patients, birads = _predictions(seed=3)
-  data = report.write_report(str(tmp_path), name="ext", provenance=SYNTHETIC, y=y, p=p,
-                             patient_ids=patients, reader={"birads": birads, "threshold": 4},
-                             bootstrap=60)
+  data = report.write_report(
+    str(tmp_path),
+    name="ext",
+    provenance=SYNTHETIC,
+    y=y,
+    p=p,
+    patient_ids=patients,
+    reader={"birads": birads, "threshold": 4},
+    bootstrap=60,
+  )
   comparison = data["reader_comparison"]
   reader = comparison["reader"]
   by_hand = metrics.threshold_metrics(y, (birads >= 4).astype(float), 0.5)
@@ -174,10 +235,12 @@ def test_report_reader_comparison_is_consistent(tmp_path):
   assert model["sensitivity"] >= reader["sensitivity"] - 1e-12
   assert model["specificity"] == pytest.approx(at_sens["specificity"])
   assert comparison["specificity_difference"]["value"] == pytest.approx(
-      at_sens["specificity"] - reader["specificity"])
+    at_sens["specificity"] - reader["specificity"]
+  )
   at_spec = comparison["model_sensitivity_at_reader_specificity"]
   assert comparison["sensitivity_difference"]["value"] == pytest.approx(
-      at_spec["sensitivity"] - reader["sensitivity"])
+    at_spec["sensitivity"] - reader["sensitivity"]
+  )
   assert comparison["model_auc"] == pytest.approx(data["auc"]["value"])
 
 
@@ -187,7 +250,8 @@ def test_busbra_reader_point_on_real_data():
     rows = list(csv.DictReader(f))
   y = np.array([r["Pathology"] == "malignant" for r in rows], int)
   point = readers.reader_operating_point(
-      y, [r["BIRADS"] for r in rows], clusters=[r["Case"] for r in rows], n_bootstrap=100)
+    y, [r["BIRADS"] for r in rows], clusters=[r["Case"] for r in rows], n_bootstrap=100
+  )
   # One senior reader, BI-RADS >= 4: very sensitive, moderately specific.
   assert point["n"] == len(rows) and point["sensitivity"] > 0.9 and 0.6 < point["specificity"] < 0.9
   assert point["sensitivity_ci"].method == "bootstrap-clustered"

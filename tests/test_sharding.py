@@ -29,8 +29,11 @@ def test_mesh_from_config_fills_minus_one():
 def test_host_to_global_shards_rows_and_keeps_values():
   mesh = sharding.make_mesh()
   rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 256, (8, 6, 6, 1), dtype=np.uint8),
-           "label": np.arange(8, dtype=np.int32), "valid": np.ones(8, bool)}
+  batch = {
+    "image": rng.integers(0, 256, (8, 6, 6, 1), dtype=np.uint8),
+    "label": np.arange(8, dtype=np.int32),
+    "valid": np.ones(8, bool),
+  }
   arrays = sharding.host_to_global(batch, mesh)
   for name, array in arrays.items():
     assert array.shape == batch[name].shape and array.dtype == batch[name].dtype
@@ -61,8 +64,12 @@ def test_integer_label_cross_entropy_gradient_on_the_mesh():
   mesh = sharding.make_mesh()
   rng = np.random.default_rng(0)
   batch = sharding.host_to_global(
-      {"x": rng.normal(size=(8, 5)).astype(np.float32),
-       "label": rng.integers(0, 3, 8).astype(np.int32)}, mesh)
+    {
+      "x": rng.normal(size=(8, 5)).astype(np.float32),
+      "label": rng.integers(0, 3, 8).astype(np.int32),
+    },
+    mesh,
+  )
   weights = jax.device_put(jnp.zeros((5, 3)), sharding.replicated(mesh))
 
   def loss_fn(w, x, label):
@@ -70,19 +77,31 @@ def test_integer_label_cross_entropy_gradient_on_the_mesh():
 
   with jax.set_mesh(mesh):
     grad = jax.jit(jax.grad(loss_fn))(weights, batch["x"], batch["label"])
-  expected = jax.grad(loss_fn)(np.zeros((5, 3), np.float32), np.asarray(batch["x"]),
-                               np.asarray(batch["label"]))
+  expected = jax.grad(loss_fn)(
+    np.zeros((5, 3), np.float32), np.asarray(batch["x"]), np.asarray(batch["label"])
+  )
   np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_pipeline_batch_becomes_a_global_array():
   rng = np.random.default_rng(0)
-  recs = tuple(records.Record(id=str(i), label=i % 2, patient_id=str(i),
-                              image=rng.integers(0, 256, (20, 24), dtype=np.uint8))
-               for i in range(8))
+  recs = tuple(
+    records.Record(
+      id=str(i),
+      label=i % 2,
+      patient_id=str(i),
+      image=rng.integers(0, 256, (20, 24), dtype=np.uint8),
+    )
+    for i in range(8)
+  )
   collection = records.Collection(name="toy", records=recs)
-  batch = next(iter(pipeline.train_dataset(collection, image_size=16, global_batch_size=8,
-                                           seed=0, augment_config=None)))
+  batch = next(
+    iter(
+      pipeline.train_dataset(
+        collection, image_size=16, global_batch_size=8, seed=0, augment_config=None
+      )
+    )
+  )
   arrays = sharding.host_to_global(batch, sharding.make_mesh())
   assert arrays["image"].shape == (8, 16, 16, 1)
   np.testing.assert_array_equal(np.asarray(arrays["index"]), batch["index"])

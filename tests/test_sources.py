@@ -27,7 +27,7 @@ def _gray(seed: int) -> np.ndarray:
 
 def _mask(y0: int, x0: int, h: int = 8, w: int = 8, shape=(H, W)) -> np.ndarray:
   m = np.zeros(shape, np.uint8)
-  m[y0:y0 + h, x0:x0 + w] = 255
+  m[y0 : y0 + h, x0 : x0 + w] = 255
   return m
 
 
@@ -158,7 +158,9 @@ def test_busi_orphan_mask_is_reported(tmp_path):
 
 def _write_split_file(path, rows):
   with open(path, "w") as f:
-    f.write("busi_name\tmedmnist_split\tmedmnist_index\tbreastmnist_label(0=malignant,1=normal/benign)\n")
+    f.write(
+      "busi_name\tmedmnist_split\tmedmnist_index\tbreastmnist_label(0=malignant,1=normal/benign)\n"
+    )
     for row in rows:
       f.write("\t".join(str(x) for x in row) + "\n")
   return str(path)
@@ -166,8 +168,12 @@ def _write_split_file(path, rows):
 
 def test_busi_split_file_meta_and_inverted_label_check(tmp_path):
   root = make_busi(tmp_path / "busi", benign=2, malignant=1, normal=1)
-  rows = [("benign/benign (1).png", "train", 5, 1), ("benign/benign (2).png", "val", 6, 1),
-          ("malignant/malignant (1).png", "train", 7, 0), ("normal/normal (1).png", "train", 8, 1)]
+  rows = [
+    ("benign/benign (1).png", "train", 5, 1),
+    ("benign/benign (2).png", "val", 6, 1),
+    ("malignant/malignant (1).png", "train", 7, 0),
+    ("normal/normal (1).png", "train", 8, 1),
+  ]
   tsv = _write_split_file(tmp_path / "split.tsv", rows)
   collection = sources.busi(root, classes="three", split_file=tsv)
   meta = {r.id: r.meta for r in collection.records}
@@ -196,12 +202,17 @@ def make_busbra(root, pathologies=("benign", "malignant", "benign", "malignant")
     image_id = f"bus_{i // 2 + 1:04d}-{'lr'[i % 2]}"
     _save(os.path.join(root, "Images", f"{image_id}.png"), _gray(i))
     _save(os.path.join(root, "Masks", f"{image_id.replace('bus_', 'mask_')}.png"), _mask(4, 4))
-    lines.append(f'{image_id},{i // 2 + 1},fibroadenoma,{pathology},{3 + i % 3},GE Logiq 7,'
-                 f'{W},{H},left,"[1,2,3,4]"')
+    lines.append(
+      f"{image_id},{i // 2 + 1},fibroadenoma,{pathology},{3 + i % 3},GE Logiq 7,"
+      f'{W},{H},left,"[1,2,3,4]"'
+    )
     fold5.append(f"{image_id},{pathology},{i % 2 + 1},1")
     fold10.append(f"{image_id},{pathology},{i + 1},NaN")
-  for name, content in (("bus_data.csv", lines), ("5-fold-cv.csv", fold5),
-                        ("10-fold-cv.csv", fold10)):
+  for name, content in (
+    ("bus_data.csv", lines),
+    ("5-fold-cv.csv", fold5),
+    ("10-fold-cv.csv", fold10),
+  ):
     with open(os.path.join(root, name), "w") as f:
       f.write("\n".join(content) + "\n")
   return root
@@ -304,8 +315,14 @@ def make_manifest(tmp_path, rows, header="path,label,patient_id,mask,split") -> 
 
 
 def test_csv_manifest_labels_names_and_numbers(tmp_path):
-  path = make_manifest(tmp_path, ["img/0.png,benign,p1,img/0_m.png,train",
-                                  "img/1.png,1,p1,,test", "img/2.png,MALIGNANT,p2,,train"])
+  path = make_manifest(
+    tmp_path,
+    [
+      "img/0.png,benign,p1,img/0_m.png,train",
+      "img/1.png,1,p1,,test",
+      "img/2.png,MALIGNANT,p2,,train",
+    ],
+  )
   collection = sources.csv_manifest(path)
   assert collection.class_names == records.BINARY_CLASSES
   assert collection.labels.tolist() == [0, 1, 1]
@@ -316,18 +333,22 @@ def test_csv_manifest_labels_names_and_numbers(tmp_path):
 
 
 def test_csv_manifest_normal_makes_three_classes(tmp_path):
-  path = make_manifest(tmp_path, ["img/0.png,0", "img/1.png,1", "img/2.png,normal"],
-                       header="path,label")
+  path = make_manifest(
+    tmp_path, ["img/0.png,0", "img/1.png,1", "img/2.png,normal"], header="path,label"
+  )
   collection = sources.csv_manifest(path)
   assert collection.class_names == records.THREE_CLASSES
   assert collection.patient_ids.tolist() == ["img/0.png", "img/1.png", "img/2.png"]
 
 
-@pytest.mark.parametrize("bad_row, message", [
+@pytest.mark.parametrize(
+  "bad_row, message",
+  [
     ("img/2.png,maybe", r"manifest\.csv line 3: unknown label 'maybe'"),
     ("img/9.png,0", r"manifest\.csv line 3: image file .*9\.png not found"),
     ("img/0.png,0", r"0\.png: duplicate path"),
-])
+  ],
+)
 def test_csv_manifest_bad_rows_name_line(tmp_path, bad_row, message):
   path = make_manifest(tmp_path, ["img/0.png,0", bad_row, "img/1.png,1"], header="path,label")
   with pytest.raises(records.DataError, match=message):
@@ -347,8 +368,14 @@ def test_csv_manifest_missing_column(tmp_path):
 
 
 def _data_config(**kwargs):
-  base = dict(source="busi", root="", classes="binary", image_size=32, on_error="raise",
-              phantom=ml_collections.ConfigDict())
+  base = dict(
+    source="busi",
+    root="",
+    classes="binary",
+    image_size=32,
+    on_error="raise",
+    phantom=ml_collections.ConfigDict(),
+  )
   base.update(kwargs)
   return ml_collections.ConfigDict(base)
 
@@ -357,8 +384,9 @@ def test_from_config_dispatch_and_class_restriction(tmp_path):
   root = make_busi(tmp_path / "busi")
   assert len(sources.from_config(_data_config(root=root))) == 5
   assert len(sources.from_config(_data_config(root=root, classes="three"))) == 7
-  manifest = make_manifest(tmp_path, ["img/0.png,0", "img/1.png,1", "img/2.png,2"],
-                           header="path,label")
+  manifest = make_manifest(
+    tmp_path, ["img/0.png,0", "img/1.png,1", "img/2.png,2"], header="path,label"
+  )
   binary = sources.from_config(_data_config(source="csv", root=manifest))
   assert binary.class_names == records.BINARY_CLASSES and len(binary) == 2
   npz = make_breastmnist(tmp_path / "breastmnist_32.npz", size=32)
@@ -375,8 +403,11 @@ def test_from_config_phantom_passes_arguments(monkeypatch):
   fake.make_collection = lambda **kw: calls.append(kw) or "collection"
   monkeypatch.setitem(sys.modules, "busjax.data.phantom", fake)
   monkeypatch.setattr(busjax.data, "phantom", fake, raising=False)
-  config = _data_config(source="phantom", classes="three",
-                        phantom=ml_collections.ConfigDict({"counts": (4, 2, 2), "seed": 3}))
+  config = _data_config(
+    source="phantom",
+    classes="three",
+    phantom=ml_collections.ConfigDict({"counts": (4, 2, 2), "seed": 3}),
+  )
   assert sources.from_config(config) == "collection"
   assert calls == [{"counts": (4, 2, 2), "seed": 3, "image_size": 32, "include_normal": True}]
 
@@ -386,19 +417,24 @@ def test_from_config_phantom_passes_arguments(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "Dataset_BUSI_with_GT")),
-                    reason="shared BUSI data absent")
+@pytest.mark.skipif(
+  not os.path.isdir(os.path.join(SHARED, "Dataset_BUSI_with_GT")), reason="shared BUSI data absent"
+)
 def test_real_busi():
-  collection = sources.busi(os.path.join(SHARED, "Dataset_BUSI_with_GT"), classes="three",
-                            split_file=os.path.join(SHARED, "busi_breastmnist_split.tsv"))
+  collection = sources.busi(
+    os.path.join(SHARED, "Dataset_BUSI_with_GT"),
+    classes="three",
+    split_file=os.path.join(SHARED, "busi_breastmnist_split.tsv"),
+  )
   assert collection.describe()["per_class"] == {"benign": 345, "malignant": 168, "normal": 111}
   splits = [r.meta["split"] for r in collection.records]
   assert splits.count("train") == 546 and splits.count("val") == 78
   assert sum(isinstance(r.mask, np.ndarray) for r in collection.records) > 0
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "BUS-BRA-dev")),
-                    reason="shared BUS-BRA data absent")
+@pytest.mark.skipif(
+  not os.path.isdir(os.path.join(SHARED, "BUS-BRA-dev")), reason="shared BUS-BRA data absent"
+)
 def test_real_busbra():
   collection = sources.busbra(os.path.join(SHARED, "BUS-BRA-dev"))
   assert collection.describe()["per_class"] == {"benign": 514, "malignant": 247}
@@ -410,8 +446,12 @@ def test_from_config_real_phantom_classes():
   phantom = pytest.importorskip("busjax.data.phantom")
   if not hasattr(phantom, "make_collection"):
     pytest.skip("phantom.make_collection not written yet")
-  config = _data_config(source="phantom", classes="binary", image_size=64,
-                        phantom=ml_collections.ConfigDict({"counts": (3, 2, 2), "seed": 1}))
+  config = _data_config(
+    source="phantom",
+    classes="binary",
+    image_size=64,
+    phantom=ml_collections.ConfigDict({"counts": (3, 2, 2), "seed": 1}),
+  )
   collection = sources.from_config(config)
   assert collection.synthetic and collection.class_names == records.BINARY_CLASSES
   assert collection.describe()["per_class"] == {"benign": 3, "malignant": 2}

@@ -35,8 +35,12 @@ def _collection(images, labels=None, patients=None, meta=None) -> records.Collec
   labels = [k % 2 for k in range(n)] if labels is None else labels
   patients = [f"p{k}" for k in range(n)] if patients is None else patients
   meta = [{}] * n if meta is None else meta
-  recs = tuple(records.Record(id=f"img{k}", label=int(labels[k]), patient_id=patients[k],
-                              image=images[k], meta=meta[k]) for k in range(n))
+  recs = tuple(
+    records.Record(
+      id=f"img{k}", label=int(labels[k]), patient_id=patients[k], image=images[k], meta=meta[k]
+    )
+    for k in range(n)
+  )
   return records.Collection(name="synth", records=recs)
 
 
@@ -74,8 +78,9 @@ def test_search_is_deterministic_and_clusters_transitive(copies_and_lookalikes):
 
 
 def test_group_ids_join_patients_and_duplicates():
-  collection = _collection([_scan(k, 24, 24) for k in range(6)],
-                           patients=["a", "b", "a", "c", "d", "e"])
+  collection = _collection(
+    [_scan(k, 24, 24) for k in range(6)], patients=["a", "b", "a", "c", "d", "e"]
+  )
   groups = splits.group_ids(collection, pairs=[(1, 4, 0.9)])
   assert groups.tolist() == [0, 1, 0, 2, 1, 3]
   alone = splits.group_ids(collection, near_duplicates=False)
@@ -114,8 +119,9 @@ def _many(n=60, patients_per=2):
 def test_make_splits_kfold_disjoint_grouped_and_named():
   collection = _many()
   pairs = [(0, 10, 0.9), (20, 41, 0.8)]
-  config = ml_collections.ConfigDict({"kind": "kfold", "k": 5, "fold": 0, "val_fraction": 0.2,
-                                      "seed": 0, "near_duplicates": True})
+  config = ml_collections.ConfigDict(
+    {"kind": "kfold", "k": 5, "fold": 0, "val_fraction": 0.2, "seed": 0, "near_duplicates": True}
+  )
   tests = set()
   for fold in range(5):
     parts = splits.make_splits(collection, config, fold=fold, pairs=pairs)
@@ -151,8 +157,12 @@ def test_predefined_val_from_train_reports_val_as_test_and_groups_the_carved_val
   meta = [{"split": "train"}] * 48 + [{"split": "val"}] * 12
   images = [r.image for r in base.records]
   collection = _collection(images, base.labels, base.patient_ids, meta=meta)
-  config = {"kind": "predefined", "val_from_train": True, "val_fraction": 0.2,
-            "near_duplicates": True}
+  config = {
+    "kind": "predefined",
+    "val_from_train": True,
+    "val_fraction": 0.2,
+    "near_duplicates": True,
+  }
   pairs = [(0, 30, 0.9), (5, 50, 0.9)]  # 50 is in the given val part: that pair stays as given.
   parts = splits.make_splits(collection, config, pairs=pairs)
   ids = {p: [r.id for r in parts[p].records] for p in ("train", "val", "test")}
@@ -174,14 +184,20 @@ def test_make_splits_official_folds_and_holdout():
   base = _many(40)
   meta = [{"fold5": 1 + k % 2} for k in range(40)]
   collection = _collection([r.image for r in base.records], base.labels, base.patient_ids, meta)
-  config = {"kind": "official_folds", "fold": 1, "val_fraction": 0.25, "seed": 0,
-            "near_duplicates": False}
+  config = {
+    "kind": "official_folds",
+    "fold": 1,
+    "val_fraction": 0.25,
+    "seed": 0,
+    "near_duplicates": False,
+  }
   parts = splits.make_splits(collection, config)
   assert all(r.meta["fold5"] == 2 for r in parts["test"].records)
   assert len(parts["test"]) == 20 and len(parts["train"]) + len(parts["val"]) == 20
   assert parts["test"].name == "synth/official-fold2/test"
-  holdout = splits.make_splits(base, {"kind": "holdout", "val_fraction": 0.2,
-                                      "test_fraction": 0.2, "near_duplicates": False})
+  holdout = splits.make_splits(
+    base, {"kind": "holdout", "val_fraction": 0.2, "test_fraction": 0.2, "near_duplicates": False}
+  )
   assert sum(len(p) for p in holdout.values()) == 40 and len(holdout["test"]) > 0
   with pytest.raises(ValueError, match="unknown split kind"):
     splits.make_splits(base, {"kind": "random"})
@@ -190,8 +206,14 @@ def test_make_splits_official_folds_and_holdout():
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(BUSI_ROOT), reason="shared BUSI data not present")
 def test_busi_known_copy_is_found():
-  names = ["benign/benign (233).png", "benign/benign (299).png", "benign/benign (49).png",
-           "benign/benign (68).png", "benign/benign (62).png", "benign/benign (188).png"]
+  names = [
+    "benign/benign (233).png",
+    "benign/benign (299).png",
+    "benign/benign (49).png",
+    "benign/benign (68).png",
+    "benign/benign (62).png",
+    "benign/benign (188).png",
+  ]
   images = [records.read_image_file(os.path.join(BUSI_ROOT, n)) for n in names]
   pairs = splits.near_duplicate_pairs(_collection(images))
   # 233/299: one scan at two sizes. 49/68 and 62/188: distinct cysts that score high globally.

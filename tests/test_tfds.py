@@ -24,15 +24,18 @@ def _odd_modes_busi(root) -> str:
   h, w = test_sources.H, test_sources.W
   folder = os.path.join(root, "benign")
   Image.fromarray((np.arange(h * w).reshape(h, w) * 30).astype(np.uint16)).save(
-      os.path.join(folder, "benign (1).png"))
+    os.path.join(folder, "benign (1).png")
+  )
   rgba = np.full((h, w, 4), 180, np.uint8)
   Image.fromarray(rgba, "RGBA").save(os.path.join(folder, "benign (3).png"))
   Image.fromarray(test_sources._gray(5)).convert("P").save(os.path.join(folder, "malign.png"))
-  os.rename(os.path.join(folder, "malign.png"),
-            os.path.join(root, "malignant", "malignant (2).png"))
+  os.rename(
+    os.path.join(folder, "malign.png"), os.path.join(root, "malignant", "malignant (2).png")
+  )
   test_sources._write_split_file(
-      os.path.join(os.path.dirname(root), busi.SPLIT_FILE),
-      [("benign/benign (1).png", "val", 3, 1), ("malignant/malignant (1).png", "train", 4, 0)])
+    os.path.join(os.path.dirname(root), busi.SPLIT_FILE),
+    [("benign/benign (1).png", "val", 3, 1), ("malignant/malignant (1).png", "train", 4, 0)],
+  )
   return os.path.dirname(root)
 
 
@@ -50,8 +53,9 @@ def _assert_same_records(built, reference):
 
 def test_busi_builder_round_trip_three_classes(tmp_path):
   manual = _odd_modes_busi(tmp_path / "manual")
-  builder = busjax_tfds.prepare(busi.Busi, manual_dir=manual, data_dir=str(tmp_path / "data"),
-                                config="three")
+  builder = busjax_tfds.prepare(
+    busi.Busi, manual_dir=manual, data_dir=str(tmp_path / "data"), config="three"
+  )
   assert builder.info.splits["train"].num_examples == 7
   assert list(builder.info.features["label"].names) == list(records.THREE_CLASSES)
   files = os.listdir(tmp_path / "data" / "busi" / "three" / "1.0.0")
@@ -63,16 +67,20 @@ def test_busi_builder_round_trip_three_classes(tmp_path):
   by_id = {r.id: r for r in built.records}
   union = by_id["benign/benign (2).png"].mask
   assert union[2:10, 2:10].all() and union[20:28, 20:28].all()  # both mask files
-  assert by_id["benign/benign (1).png"].meta == {"split": "val", "medmnist_index": 3,
-                                                 "mode": "I;16"}
+  assert by_id["benign/benign (1).png"].meta == {
+    "split": "val",
+    "medmnist_index": 3,
+    "mode": "I;16",
+  }
   assert "split" not in by_id["benign/benign (2).png"].meta  # unknown -> dropped, not ""
   assert "tensorflow" not in sys.modules
 
 
 def test_busi_builder_binary_config_and_subsplit(tmp_path):
   manual = test_sources.make_busi(tmp_path / "manual")  # manual_dir = the BUSI folder itself
-  busjax_tfds.prepare(busi.Busi, manual_dir=manual, data_dir=str(tmp_path / "data"),
-                      config="binary")
+  busjax_tfds.prepare(
+    busi.Busi, manual_dir=manual, data_dir=str(tmp_path / "data"), config="binary"
+  )
   built = sources.tfds_source("busi/binary", str(tmp_path / "data"), "train")
   assert built.describe()["per_class"] == {"benign": 3, "malignant": 2}
   head = sources.tfds_source("busi/binary", str(tmp_path / "data"), "train[:2]")
@@ -83,8 +91,9 @@ def test_busi_builder_refuses_bad_image(tmp_path):
   manual = test_sources.make_busi(tmp_path / "manual")
   test_sources._truncate(os.path.join(manual, "normal", "normal (1).png"))
   with pytest.raises(records.DataError, match=r"normal \(1\)\.png: corrupt or truncated"):
-    busjax_tfds.prepare(busi.Busi, manual_dir=manual, data_dir=str(tmp_path / "data"),
-                        config="three")
+    busjax_tfds.prepare(
+      busi.Busi, manual_dir=manual, data_dir=str(tmp_path / "data"), config="three"
+    )
 
 
 def test_busbra_builder_round_trip(tmp_path):
@@ -93,9 +102,14 @@ def test_busbra_builder_round_trip(tmp_path):
   built = sources.tfds_source("busbra", str(tmp_path / "data"), "train")
   _assert_same_records(built, sources.busbra(manual))
   meta = {r.id: r.meta for r in built.records}
-  assert meta["bus_0002-r"] == {"birads": 3 + 3 % 3, "device": "GE Logiq 7",
-                                "histology": "fibroadenoma", "side": "left", "fold5": 2,
-                                "fold10": 4}
+  assert meta["bus_0002-r"] == {
+    "birads": 3 + 3 % 3,
+    "device": "GE Logiq 7",
+    "histology": "fibroadenoma",
+    "side": "left",
+    "fold5": 2,
+    "fold10": 4,
+  }
 
 
 def test_tfds_source_errors(tmp_path):
@@ -107,17 +121,23 @@ def test_tfds_source_errors(tmp_path):
 
 def test_builders_import_without_tensorflow():
   """Grain workers re-import builder modules: they must import cleanly and pull in no TF."""
-  code = ("import sys, busjax.data.tfds.busi as a, busjax.data.tfds.busbra as b; "
-          "assert a.Busi.name == 'busi' and b.Busbra.name == 'busbra'; "
-          "assert 'tensorflow' not in sys.modules")
-  subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(
-      os.path.dirname(os.path.abspath(__file__))))
+  code = (
+    "import sys, busjax.data.tfds.busi as a, busjax.data.tfds.busbra as b; "
+    "assert a.Busi.name == 'busi' and b.Busbra.name == 'busbra'; "
+    "assert 'tensorflow' not in sys.modules"
+  )
+  subprocess.run(
+    [sys.executable, "-c", code],
+    check=True,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   if importlib.util.find_spec("tensorflow") is not None:
     pytest.skip("TensorFlow is installed here; the no-TF guarantee was only partly checked")
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, busi.BUSI_FOLDER)),
-                    reason="shared BUSI data absent")
+@pytest.mark.skipif(
+  not os.path.isdir(os.path.join(SHARED, busi.BUSI_FOLDER)), reason="shared BUSI data absent"
+)
 def test_real_busi_builder(tmp_path):
   busjax_tfds.prepare(busi.Busi, manual_dir=SHARED, data_dir=str(tmp_path), config="three")
   built = sources.tfds_source("busi/three", str(tmp_path), "train")

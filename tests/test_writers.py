@@ -72,8 +72,13 @@ def test_killed_run_keeps_its_lines_and_resume_replaces_the_redone_steps(tmp_pat
       resumed.write_scalars(step, {"loss": 0.5 / step})
     resumed.write_scalars(4, {"auc": 0.9}, split="val")
   got = writers.read_metrics(tmp_path)
-  assert [(r["step"], r["split"]) for r in got] == [(1, "train"), (2, "train"), (3, "train"),
-                                                    (4, "train"), (4, "val")]
+  assert [(r["step"], r["split"]) for r in got] == [
+    (1, "train"),
+    (2, "train"),
+    (3, "train"),
+    (4, "train"),
+    (4, "val"),
+  ]
   assert got[1]["loss"] == 0.25 and got[0]["loss"] == 1.0
   killed._jsonl.close()
 

@@ -41,13 +41,24 @@ def cross_class_clusters(collection: records.Collection, clusters: list[list[int
   for cluster in clusters:
     labels = sorted({collection.records[i].label for i in cluster})
     if len(labels) > 1:
-      out.append({"records": [collection.records[i].id for i in cluster],
-                  "classes": [collection.class_names[label] for label in labels]})
+      out.append(
+        {
+          "records": [collection.records[i].id for i in cluster],
+          "classes": [collection.class_names[label] for label in labels],
+        }
+      )
   return out
 
 
-def audit(collection: records.Collection, *, split_kind: str | None = None, k: int = 5,
-          fold: int = 0, seed: int = 0, threshold: float = 0.65) -> dict:
+def audit(
+  collection: records.Collection,
+  *,
+  split_kind: str | None = None,
+  k: int = 5,
+  fold: int = 0,
+  seed: int = 0,
+  threshold: float = 0.65,
+) -> dict:
   """Full audit report (JSON-ready) of `collection` and, if `split_kind`, of that split."""
   start = time.perf_counter()
   pairs = splits.near_duplicate_pairs(collection, threshold=threshold)
@@ -55,35 +66,45 @@ def audit(collection: records.Collection, *, split_kind: str | None = None, k: i
   clusters = splits.near_duplicate_clusters(collection, pairs=pairs)
   ids = [r.id for r in collection.records]
   report = {
-      "collection": collection.describe(),
-      "threshold": threshold,
-      "search_seconds": round(search_seconds, 2),
-      "near_duplicate_pairs": len(pairs),
-      "near_duplicate_clusters": len(clusters),
-      "images_in_clusters": int(sum(len(c) for c in clusters)),
-      "largest_cluster": int(max((len(c) for c in clusters), default=0)),
-      "cross_class": cross_class_clusters(collection, clusters),
-      "clusters": [[ids[i] for i in c] for c in clusters],
-      "pairs": [{"a": ids[i], "b": ids[j], "score": round(s, 4)} for i, j, s in pairs],
+    "collection": collection.describe(),
+    "threshold": threshold,
+    "search_seconds": round(search_seconds, 2),
+    "near_duplicate_pairs": len(pairs),
+    "near_duplicate_clusters": len(clusters),
+    "images_in_clusters": int(sum(len(c) for c in clusters)),
+    "largest_cluster": int(max((len(c) for c in clusters), default=0)),
+    "cross_class": cross_class_clusters(collection, clusters),
+    "clusters": [[ids[i] for i in c] for c in clusters],
+    "pairs": [{"a": ids[i], "b": ids[j], "score": round(s, 4)} for i, j, s in pairs],
   }
   if split_kind:
-    config = ml_collections.ConfigDict({"kind": split_kind, "k": k, "fold": fold,
-                                        "val_fraction": 0.0, "seed": seed,
-                                        "near_duplicates": True})
+    config = ml_collections.ConfigDict(
+      {
+        "kind": split_kind,
+        "k": k,
+        "fold": fold,
+        "val_fraction": 0.0,
+        "seed": seed,
+        "near_duplicates": True,
+      }
+    )
     parts = splits.make_splits(collection, config, pairs=pairs)
-    report["split"] = {"kind": split_kind, "fold": fold,
-                       **splits.leakage_report(collection, parts, pairs=pairs)}
+    report["split"] = {
+      "kind": split_kind,
+      "fold": fold,
+      **splits.leakage_report(collection, parts, pairs=pairs),
+    }
   return report
 
 
 def summary(report: dict) -> str:
   """Human-readable lines for the terminal."""
   lines = [
-      f"{report['collection']['source']}: {report['collection']['images']} images "
-      f"{report['collection']['per_class']}",
-      f"near duplicates (score >= {report['threshold']}): {report['near_duplicate_pairs']} pairs, "
-      f"{report['near_duplicate_clusters']} clusters, {report['images_in_clusters']} images, "
-      f"largest {report['largest_cluster']} ({report['search_seconds']} s)",
+    f"{report['collection']['source']}: {report['collection']['images']} images "
+    f"{report['collection']['per_class']}",
+    f"near duplicates (score >= {report['threshold']}): {report['near_duplicate_pairs']} pairs, "
+    f"{report['near_duplicate_clusters']} clusters, {report['images_in_clusters']} images, "
+    f"largest {report['largest_cluster']} ({report['search_seconds']} s)",
   ]
   for cluster in report["clusters"]:
     lines.append("  cluster: " + ", ".join(cluster))
@@ -92,19 +113,26 @@ def summary(report: dict) -> str:
     lines.append(f"  {'/'.join(item['classes'])}: " + ", ".join(item["records"]))
   if "split" in report:
     split = report["split"]
-    lines.append(f"split {split['kind']} (fold {split['fold']}) sizes {split['split_sizes']}: "
-                 f"{split['straddling_pairs']} straddling pairs, "
-                 f"{split['straddling_clusters']} straddling clusters, "
-                 f"{split['straddling_patients']} straddling patients")
+    lines.append(
+      f"split {split['kind']} (fold {split['fold']}) sizes {split['split_sizes']}: "
+      f"{split['straddling_pairs']} straddling pairs, "
+      f"{split['straddling_clusters']} straddling clusters, "
+      f"{split['straddling_patients']} straddling patients"
+    )
     for pair in split["pair_details"]:
-      lines.append(f"  {pair['a']} ({pair['parts'][0]}) ~ {pair['b']} ({pair['parts'][1]}) "
-                   f"score {pair['score']}")
+      lines.append(
+        f"  {pair['a']} ({pair['parts'][0]}) ~ {pair['b']} ({pair['parts'][1]}) "
+        f"score {pair['score']}"
+      )
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m busjax.data.audit", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m busjax.data.audit",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--source", required=True, choices=("busi", "busbra"))
   parser.add_argument("--root", required=True, help="dataset folder")
   parser.add_argument("--split_file", default=None, help="BUSI split TSV (meta['split'])")
@@ -127,8 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     kind = "official_folds"
   else:
     kind = None
-  report = audit(collection, split_kind=kind, k=args.kfold or 5, fold=args.fold, seed=args.seed,
-                 threshold=args.threshold)
+  report = audit(
+    collection,
+    split_kind=kind,
+    k=args.kfold or 5,
+    fold=args.fold,
+    seed=args.seed,
+    threshold=args.threshold,
+  )
   print(summary(report))
   if args.out:
     with open(args.out, "w") as f:

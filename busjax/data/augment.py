@@ -78,20 +78,26 @@ def default_config(mode: str = "train") -> ml_collections.ConfigDict:
   # (area <= max_area) or thin (mean thickness <= max_thickness) are replaced by the median of
   # their surroundings (within `radius` px). Off by default: see the module docstring.
   c.suppress_marks = ml_collections.ConfigDict(
-      dict(probability=0.0, threshold=245, max_area=150, max_thickness=3.0, radius=4))
+    dict(probability=0.0, threshold=245, max_area=150, max_thickness=3.0, radius=4)
+  )
   return c
 
 
 def _fit_matrix(width: float, height: float, size: int) -> np.ndarray:
   """Input->output affine (3x3) fitting a width x height box centred in size x size."""
   scale = size / max(width, height)
-  return np.array([[scale, 0.0, (size - width * scale) / 2],
-                   [0.0, scale, (size - height * scale) / 2],
-                   [0.0, 0.0, 1.0]])
+  return np.array(
+    [
+      [scale, 0.0, (size - width * scale) / 2],
+      [0.0, scale, (size - height * scale) / 2],
+      [0.0, 0.0, 1.0],
+    ]
+  )
 
 
-def _warp(image: np.ndarray, forward: np.ndarray, size: int, nearest: bool,
-          backend: str) -> np.ndarray:
+def _warp(
+  image: np.ndarray, forward: np.ndarray, size: int, nearest: bool, backend: str
+) -> np.ndarray:
   """Applies the input->output affine `forward`; outside the input is 0."""
   inverse = np.linalg.inv(forward)
   if backend == "cv2":
@@ -99,14 +105,18 @@ def _warp(image: np.ndarray, forward: np.ndarray, size: int, nearest: bool,
     shift = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
     inverse = np.linalg.inv(shift) @ inverse @ shift
     flags = (cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
-    return cv2.warpAffine(image, inverse[:2], (size, size), flags=flags,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(
+      image, inverse[:2], (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
   # PIL wants output->input coefficients; its coordinates put pixel centres at i + 0.5, the
   # same continuous convention as the matrices built here.
   data = tuple(float(v) for v in inverse[:2].ravel())
   resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
-  return np.asarray(Image.fromarray(image).transform((size, size), Image.Transform.AFFINE, data,
-                                                     resample=resample, fillcolor=0))
+  return np.asarray(
+    Image.fromarray(image).transform(
+      (size, size), Image.Transform.AFFINE, data, resample=resample, fillcolor=0
+    )
+  )
 
 
 def _apply_lut(image: np.ndarray, lut: np.ndarray, backend: str) -> np.ndarray:
@@ -120,8 +130,9 @@ def _upsample(field: np.ndarray, size: int, backend: str) -> np.ndarray:
   """Bilinear float32 resize of a square field to size x size."""
   if backend == "cv2":
     return cv2.resize(field, (size, size), interpolation=cv2.INTER_LINEAR)
-  return np.asarray(Image.fromarray(field, mode="F").resize((size, size),
-                                                            Image.Resampling.BILINEAR))
+  return np.asarray(
+    Image.fromarray(field, mode="F").resize((size, size), Image.Resampling.BILINEAR)
+  )
 
 
 def resize_pad(image: np.ndarray, size: int, mask: np.ndarray | None = None):
@@ -144,7 +155,7 @@ def resize_pad(image: np.ndarray, size: int, mask: np.ndarray | None = None):
   def place(array, resample):
     small = np.asarray(Image.fromarray(array).resize((new_w, new_h), resample))
     canvas = np.zeros((size, size), np.uint8)
-    canvas[top:top + new_h, left:left + new_w] = small
+    canvas[top : top + new_h, left : left + new_w] = small
     return canvas
 
   # PIL's resize filters (unlike transform) antialias when shrinking: no aliasing at eval.
@@ -154,8 +165,14 @@ def resize_pad(image: np.ndarray, size: int, mask: np.ndarray | None = None):
   return out, place(mask, Image.Resampling.NEAREST)
 
 
-def suppress_marks(image: np.ndarray, *, threshold: int = 245, max_area: int = 150,
-                   max_thickness: float = 3.0, radius: int = 4) -> np.ndarray:
+def suppress_marks(
+  image: np.ndarray,
+  *,
+  threshold: int = 245,
+  max_area: int = 150,
+  max_thickness: float = 3.0,
+  radius: int = 4,
+) -> np.ndarray:
   """Replaces small or thin near-saturated marks (calipers, text) by their local median.
 
   Args:
@@ -243,8 +260,10 @@ class Augmenter:
     if self.backend not in ("pil", "cv2"):
       raise ValueError(f"augment backend must be 'pil' or 'cv2', got {self.backend!r}")
     if self.backend == "cv2" and cv2 is None:
-      raise ValueError("augment backend 'cv2' needs opencv-python-headless "
-                       "(pip install 'busjax[explain]'), or set backend='pil'")
+      raise ValueError(
+        "augment backend 'cv2' needs opencv-python-headless "
+        "(pip install 'busjax[explain]'), or set backend='pil'"
+      )
 
   def _geometry(self, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
     """Samples the input->output affine for one image (identity crop = resize_pad)."""
@@ -281,8 +300,7 @@ class Augmenter:
     to_canvas = np.array([[1, 0, size / 2 + offset_x], [0, 1, size / 2 + offset_y], [0, 0, 1.0]])
     return to_canvas @ rotate @ scale_flip @ to_origin
 
-  def _intensity(self, warped: np.ndarray, pivot: float,
-                 rng: np.random.Generator) -> np.ndarray:
+  def _intensity(self, warped: np.ndarray, pivot: float, rng: np.random.Generator) -> np.ndarray:
     """Gamma/gain/contrast as one lookup table, then optional TGC ramp and speckle.
 
     Args:
@@ -316,16 +334,16 @@ class Augmenter:
     if use_tgc:
       depth = np.linspace(0.0, 1.0, size)
       knots = int(c["tgc"]["knots"])
-      wobble = np.interp(depth, np.linspace(0.0, 1.0, knots),
-                         rng.normal(0.0, c["tgc"]["wobble"], knots))
+      wobble = np.interp(
+        depth, np.linspace(0.0, 1.0, knots), rng.normal(0.0, c["tgc"]["wobble"], knots)
+      )
       slope = rng.uniform(-c["tgc"]["slope"], c["tgc"]["slope"])
       out *= np.exp(slope * (depth - 0.5) + wobble).astype(np.float32)[:, None]
     np.clip(out, 0.0, 255.0, out=out)
     out += 0.5
     return out.astype(np.uint8)
 
-  def __call__(self, image: np.ndarray, rng: np.random.Generator,
-               mask: np.ndarray | None = None):
+  def __call__(self, image: np.ndarray, rng: np.random.Generator, mask: np.ndarray | None = None):
     """Augments one image (and its mask with the same geometry).
 
     Args:
@@ -345,8 +363,13 @@ class Augmenter:
       return resize_pad(image, size, mask)
     marks = self.config["suppress_marks"]
     if marks["probability"] > 0 and rng.random() < marks["probability"]:
-      image = suppress_marks(image, threshold=marks["threshold"], max_area=marks["max_area"],
-                             max_thickness=marks["max_thickness"], radius=marks["radius"])
+      image = suppress_marks(
+        image,
+        threshold=marks["threshold"],
+        max_area=marks["max_area"],
+        max_thickness=marks["max_thickness"],
+        radius=marks["radius"],
+      )
     height, width = image.shape
     # The warp samples bilinearly without antialiasing: shrink big inputs by an integer
     # factor first (box filter) so they don't alias; the pipeline's cache makes this rare.
@@ -354,8 +377,7 @@ class Augmenter:
     if factor >= 2:
       image = np.asarray(Image.fromarray(image).reduce(factor))
       if mask is not None:
-        mask = np.asarray(Image.fromarray(mask).resize(image.shape[::-1],
-                                                       Image.Resampling.NEAREST))
+        mask = np.asarray(Image.fromarray(mask).resize(image.shape[::-1], Image.Resampling.NEAREST))
       height, width = image.shape
     forward = self._geometry(width, height, rng)
     pivot = float(image[::4, ::4].mean()) / 255.0  # A subsample is plenty for a mean.

@@ -51,16 +51,25 @@ DEFAULT_DIFFICULTY = 0.2
 # overlap on purpose (benign masses can be irregular, cancers can be oval and circumscribed), with
 # tendencies after Stavros et al., Radiology 1995, and the ACR BI-RADS Atlas (5th ed.) US lexicon.
 LEXICON: dict[str, tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...]]] = {
-    "shape": (("oval", "round", "irregular"), (0.70, 0.18, 0.12), (0.10, 0.08, 0.82)),
-    "orientation": (("parallel", "not_parallel"), (0.88, 0.12), (0.30, 0.70)),
-    "margin": (("circumscribed", "indistinct", "angular", "microlobulated", "spiculated"),
-               (0.70, 0.14, 0.05, 0.08, 0.03), (0.06, 0.22, 0.22, 0.22, 0.28)),
-    "echo": (("anechoic", "hypoechoic", "isoechoic", "heterogeneous", "markedly_hypoechoic"),
-             (0.24, 0.44, 0.20, 0.08, 0.04), (0.02, 0.38, 0.06, 0.16, 0.38)),
-    "posterior": (("enhancement", "none", "shadowing", "combined"),
-                  (0.48, 0.40, 0.06, 0.06), (0.08, 0.30, 0.52, 0.10)),
-    "halo": (("absent", "present"), (0.95, 0.05), (0.55, 0.45)),
-    "calcifications": (("absent", "present"), (0.96, 0.04), (0.65, 0.35)),
+  "shape": (("oval", "round", "irregular"), (0.70, 0.18, 0.12), (0.10, 0.08, 0.82)),
+  "orientation": (("parallel", "not_parallel"), (0.88, 0.12), (0.30, 0.70)),
+  "margin": (
+    ("circumscribed", "indistinct", "angular", "microlobulated", "spiculated"),
+    (0.70, 0.14, 0.05, 0.08, 0.03),
+    (0.06, 0.22, 0.22, 0.22, 0.28),
+  ),
+  "echo": (
+    ("anechoic", "hypoechoic", "isoechoic", "heterogeneous", "markedly_hypoechoic"),
+    (0.24, 0.44, 0.20, 0.08, 0.04),
+    (0.02, 0.38, 0.06, 0.16, 0.38),
+  ),
+  "posterior": (
+    ("enhancement", "none", "shadowing", "combined"),
+    (0.48, 0.40, 0.06, 0.06),
+    (0.08, 0.30, 0.52, 0.10),
+  ),
+  "halo": (("absent", "present"), (0.95, 0.05), (0.55, 0.45)),
+  "calcifications": (("absent", "present"), (0.96, 0.04), (0.65, 0.35)),
 }
 # Median lesion radius (fraction of the image) for benign / malignant, log-normal spread.
 _RADIUS_MEDIAN = (0.10, 0.115)
@@ -69,17 +78,22 @@ _RADIUS_LOG_SD = 0.3
 # Mean envelope amplitude relative to glandular tissue (= 1). Echo patterns are defined relative to
 # subcutaneous fat in the lexicon, hence "isoechoic" = fat.
 _FAT = 0.2
-_ECHO_LEVEL = {"anechoic": 0.006, "hypoechoic": 0.07, "isoechoic": _FAT, "heterogeneous": 0.08,
-               "markedly_hypoechoic": 0.03}
+_ECHO_LEVEL = {
+  "anechoic": 0.006,
+  "hypoechoic": 0.07,
+  "isoechoic": _FAT,
+  "heterogeneous": 0.08,
+  "markedly_hypoechoic": 0.03,
+}
 # Attenuation in dB per image depth (one image height); TGC compensates about the glandular value.
 _ATT_FAT, _ATT_GLAND, _ATT_MUSCLE, _ATT_RIB = 30.0, 45.0, 55.0, 900.0
 _ATT_POSTERIOR = {"enhancement": (0.0, 8.0), "none": (40.0, 50.0), "shadowing": (170.0, 260.0)}
 
 SCANNER_DEFAULTS: dict[str, Any] = {
-    "gain_db": (-6.0, 6.0),            # per image
-    "dynamic_range_db": (45.0, 63.0),  # per patient (one scanner preset per exam)
-    "psf_scale": (0.85, 1.25),         # per patient; 1 = lateral sigma 0.9% of the width
-    "field_of_view": "linear",         # "linear", "sector", or P(sector) per patient
+  "gain_db": (-6.0, 6.0),  # per image
+  "dynamic_range_db": (45.0, 63.0),  # per patient (one scanner preset per exam)
+  "psf_scale": (0.85, 1.25),  # per patient; 1 = lateral sigma 0.9% of the width
+  "field_of_view": "linear",  # "linear", "sector", or P(sector) per patient
 }
 _COMPOUND = 3  # speckle realisations averaged (spatial compounding)
 _MIN_RENDER = 128  # smaller images are rendered at a multiple >= this and box-averaged down
@@ -121,15 +135,24 @@ _GZ0, _GZ1, _GX0, _GX1 = -0.2, 1.5, -0.5, 1.5
 def _smooth_field(rng: np.random.Generator, sigma_z: float, sigma_x: float) -> np.ndarray:
   """Zero-mean unit-variance Gaussian random field with correlation lengths in image units."""
   dz, dx = (_GZ1 - _GZ0) / _GRID, (_GX1 - _GX0) / _GRID
-  field = ndimage.gaussian_filter(rng.standard_normal((_GRID, _GRID)),
-                                  (max(sigma_z / dz, 0.6), max(sigma_x / dx, 0.6)), mode="wrap")
+  field = ndimage.gaussian_filter(
+    rng.standard_normal((_GRID, _GRID)),
+    (max(sigma_z / dz, 0.6), max(sigma_x / dx, 0.6)),
+    mode="wrap",
+  )
   return ((field - field.mean()) / (field.std() + 1e-12)).astype(np.float32)
 
 
 def _waves(rng: np.random.Generator, amplitude: float, n: int = 3) -> np.ndarray:
   """(n, 3) rows of amplitude, spatial frequency (cycles per width), phase for a wavy boundary."""
-  return np.stack([rng.uniform(0.3, 1.0, n) * amplitude / n, rng.uniform(0.5, 3.0, n),
-                   rng.uniform(0, 2 * np.pi, n)], axis=1)
+  return np.stack(
+    [
+      rng.uniform(0.3, 1.0, n) * amplitude / n,
+      rng.uniform(0.5, 3.0, n),
+      rng.uniform(0, 2 * np.pi, n),
+    ],
+    axis=1,
+  )
 
 
 def _boundary(base: float, waves: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -138,9 +161,12 @@ def _boundary(base: float, waves: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def _sample_lesion(rng: np.random.Generator, label: int, difficulty: float) -> dict[str, Any]:
   """Lexicon features and boundary geometry of one lesion (shared by all views of a patient)."""
-  feats = {name: LEXICON[name][0][rng.choice(len(LEXICON[name][0]),
-                                             p=class_probabilities(name, label, difficulty))]
-           for name in LEXICON}
+  feats = {
+    name: LEXICON[name][0][
+      rng.choice(len(LEXICON[name][0]), p=class_probabilities(name, label, difficulty))
+    ]
+    for name in LEXICON
+  }
   median = (1 - difficulty) * _RADIUS_MEDIAN[label] + difficulty * np.mean(_RADIUS_MEDIAN)
   radius = float(np.clip(median * math.exp(_RADIUS_LOG_SD * rng.standard_normal()), 0.045, 0.24))
   parallel = feats["orientation"] == "parallel"
@@ -151,33 +177,49 @@ def _sample_lesion(rng: np.random.Generator, label: int, difficulty: float) -> d
   # Boundary radius multiplier f(theta) = 1 + harmonics + margin detail + spikes.
   n_harm = 4
   harm_amp = {"irregular": 0.22, "oval": 0.035, "round": 0.02}[feats["shape"]]
-  harmonics = np.stack([np.arange(2, 2 + n_harm), rng.uniform(0.3, 1.0, n_harm) * harm_amp,
-                        rng.uniform(0, 2 * np.pi, n_harm)], axis=1)
+  harmonics = np.stack(
+    [
+      np.arange(2, 2 + n_harm),
+      rng.uniform(0.3, 1.0, n_harm) * harm_amp,
+      rng.uniform(0, 2 * np.pi, n_harm),
+    ],
+    axis=1,
+  )
   margin = feats["margin"]
   lesion = {
-      "features": feats, "radius": radius, "aspect": float(aspect), "harmonics": harmonics,
-      "tilt": float(rng.normal(0, math.radians(8))),
-      # Edge blur in units of the radius; indistinct margins fade into the tissue.
-      "edge": {"indistinct": 0.18, "spiculated": 0.08}.get(margin, 0.03),
-      "polygon": None, "lobules": None, "spikes": None,
-      "capsule": bool(margin == "circumscribed" and rng.random() < 0.5),
-      "texture_seed": int(rng.integers(2**31)),
+    "features": feats,
+    "radius": radius,
+    "aspect": float(aspect),
+    "harmonics": harmonics,
+    "tilt": float(rng.normal(0, math.radians(8))),
+    # Edge blur in units of the radius; indistinct margins fade into the tissue.
+    "edge": {"indistinct": 0.18, "spiculated": 0.08}.get(margin, 0.03),
+    "polygon": None,
+    "lobules": None,
+    "spikes": None,
+    "capsule": bool(margin == "circumscribed" and rng.random() < 0.5),
+    "texture_seed": int(rng.integers(2**31)),
   }
   if margin == "angular":
     n = int(rng.integers(4, 8))
     lesion["polygon"] = (n, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.6, 0.9)))
   elif margin == "microlobulated":
-    lesion["lobules"] = (int(rng.integers(10, 18)), float(rng.uniform(0.07, 0.12)),
-                         float(rng.uniform(0, 2 * np.pi)))
+    lesion["lobules"] = (
+      int(rng.integers(10, 18)),
+      float(rng.uniform(0.07, 0.12)),
+      float(rng.uniform(0, 2 * np.pi)),
+    )
   elif margin == "spiculated":
     n = int(rng.integers(6, 14))
-    lesion["spikes"] = np.stack([rng.uniform(0, 2 * np.pi, n), rng.uniform(0.35, 0.9, n),
-                                 rng.uniform(0.05, 0.1, n)], axis=1)
+    lesion["spikes"] = np.stack(
+      [rng.uniform(0, 2 * np.pi, n), rng.uniform(0.35, 0.9, n), rng.uniform(0.05, 0.1, n)], axis=1
+    )
   return lesion
 
 
-def _sample_patient(rng: np.random.Generator, label: int, difficulty: float,
-                    scanner: Mapping[str, Any]) -> dict[str, Any]:
+def _sample_patient(
+  rng: np.random.Generator, label: int, difficulty: float, scanner: Mapping[str, Any]
+) -> dict[str, Any]:
   """Anatomy, lesion and scanner preset shared by all images of one synthetic patient."""
   skin = rng.uniform(0.025, 0.05)
   fat = skin + rng.uniform(0.08, 0.22)
@@ -185,22 +227,28 @@ def _sample_patient(rng: np.random.Generator, label: int, difficulty: float,
   muscle = gland + rng.uniform(0.04, 0.1)
   chest = muscle + rng.uniform(0.07, 0.12)
   patient = {
-      "layers": {"skin": (skin, _waves(rng, 0.01)), "fat": (fat, _waves(rng, 0.06)),
-                 "gland": (gland, _waves(rng, 0.08)), "muscle": (muscle, _waves(rng, 0.04)),
-                 "chest": (chest, _waves(rng, 0.03))},
-      "gland_texture": _smooth_field(rng, 0.012, 0.06),
-      "lobule_field": _smooth_field(rng, 0.025, 0.05),
-      "lobule_threshold": rng.uniform(0.7, 1.5),
-      "ligament_field": _smooth_field(rng, 0.06, 0.12),
-      "fat_texture": _smooth_field(rng, 0.02, 0.04),
-      "ribs": [(rng.uniform(-0.2, 1.2), rng.uniform(0.1, 0.16))
-               for _ in range(rng.choice(3, p=(0.55, 0.35, 0.1)))],
-      "scanner": {
-          "dynamic_range_db": _draw(rng, scanner["dynamic_range_db"]),
-          "psf_scale": _draw(rng, scanner["psf_scale"]),
-          "sector": bool(rng.random() < scanner["sector_probability"]),
-      },
-      "lesion": None,
+    "layers": {
+      "skin": (skin, _waves(rng, 0.01)),
+      "fat": (fat, _waves(rng, 0.06)),
+      "gland": (gland, _waves(rng, 0.08)),
+      "muscle": (muscle, _waves(rng, 0.04)),
+      "chest": (chest, _waves(rng, 0.03)),
+    },
+    "gland_texture": _smooth_field(rng, 0.012, 0.06),
+    "lobule_field": _smooth_field(rng, 0.025, 0.05),
+    "lobule_threshold": rng.uniform(0.7, 1.5),
+    "ligament_field": _smooth_field(rng, 0.06, 0.12),
+    "fat_texture": _smooth_field(rng, 0.02, 0.04),
+    "ribs": [
+      (rng.uniform(-0.2, 1.2), rng.uniform(0.1, 0.16))
+      for _ in range(rng.choice(3, p=(0.55, 0.35, 0.1)))
+    ],
+    "scanner": {
+      "dynamic_range_db": _draw(rng, scanner["dynamic_range_db"]),
+      "psf_scale": _draw(rng, scanner["psf_scale"]),
+      "sector": bool(rng.random() < scanner["sector_probability"]),
+    },
+    "lesion": None,
   }
   if label != 2:
     lesion = _sample_lesion(rng, label, difficulty)
@@ -254,12 +302,14 @@ def _lesion_distance(lesion: Mapping[str, Any], z: np.ndarray, x: np.ndarray) ->
   return (rho - f) * lesion["radius"]
 
 
-def _echogenicity(patient: Mapping[str, Any], z: np.ndarray, x: np.ndarray,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _echogenicity(
+  patient: Mapping[str, Any], z: np.ndarray, x: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   """Mean echo amplitude, attenuation (dB per image depth) and lesion signed-distance maps."""
   xs = x[0]
-  bounds = {name: _boundary(base, waves, xs)[None, :] for name, (base, waves)
-            in patient["layers"].items()}
+  bounds = {
+    name: _boundary(base, waves, xs)[None, :] for name, (base, waves) in patient["layers"].items()
+  }
   fat_tex = _sample_field(patient["fat_texture"], z, x)
   amp = _FAT * np.exp(0.25 * fat_tex)
   att = np.full(z.shape, _ATT_FAT, np.float32)
@@ -326,9 +376,13 @@ def _echogenicity(patient: Mapping[str, Any], z: np.ndarray, x: np.ndarray,
   return amp, att, sd
 
 
-def _render_view(rng: np.random.Generator, patient: Mapping[str, Any], image_size: int,
-                 scanner: Mapping[str, Any], caliper_probability: float
-                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _render_view(
+  rng: np.random.Generator,
+  patient: Mapping[str, Any],
+  image_size: int,
+  scanner: Mapping[str, Any],
+  caliper_probability: float,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """One B-mode image of a patient from a new probe position, with fresh speckle."""
   factor = -(-_MIN_RENDER // image_size)
   m = image_size * factor
@@ -383,15 +437,19 @@ def _render_view(rng: np.random.Generator, patient: Mapping[str, Any], image_siz
   calipers = bool(rng.random() < caliper_probability)
   if calipers:
     image = _draw_calipers(rng, image, mask)
-  info = {"gain_db": round(gain_db, 2), "dynamic_range_db": round(dynamic_range, 2),
-          "psf_scale": round(preset["psf_scale"], 3),
-          "field_of_view": "sector" if preset["sector"] else "linear", "calipers": calipers}
+  info = {
+    "gain_db": round(gain_db, 2),
+    "dynamic_range_db": round(dynamic_range, 2),
+    "psf_scale": round(preset["psf_scale"], 3),
+    "field_of_view": "sector" if preset["sector"] else "linear",
+    "calipers": calipers,
+  }
   return image, mask, info
 
 
-def _scan_convert(display: np.ndarray, mask: np.ndarray,
-                  apex: float = 0.3, half_angle: float = math.radians(28)
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _scan_convert(
+  display: np.ndarray, mask: np.ndarray, apex: float = 0.3, half_angle: float = math.radians(28)
+) -> tuple[np.ndarray, np.ndarray]:
   """Maps beam-domain (depth, angle) data onto a sector (fan) image; outside the fan is black."""
   m = display.shape[0]
   pos = (np.arange(m, dtype=np.float32) + 0.5) / m
@@ -435,16 +493,19 @@ def _scanner_config(scanner_kwargs: Mapping[str, Any]) -> dict[str, Any]:
   """Validated scanner knobs: numbers fix a value, (low, high) draws uniformly."""
   unknown = sorted(set(scanner_kwargs) - set(SCANNER_DEFAULTS))
   if unknown:
-    raise TypeError(f"phantom: unknown scanner option(s) {unknown}; "
-                    f"known: {sorted(SCANNER_DEFAULTS)}")
+    raise TypeError(
+      f"phantom: unknown scanner option(s) {unknown}; known: {sorted(SCANNER_DEFAULTS)}"
+    )
   config: dict[str, Any] = {}
   for key, default in SCANNER_DEFAULTS.items():
     value = scanner_kwargs.get(key, default)
     if key == "field_of_view":
       probability = {"linear": 0.0, "sector": 1.0}.get(value, value)
       if isinstance(probability, str) or not 0.0 <= float(probability) <= 1.0:
-        raise ValueError(f"phantom: field_of_view must be 'linear', 'sector' or a probability of "
-                         f"sector in [0, 1], got {value!r}")
+        raise ValueError(
+          f"phantom: field_of_view must be 'linear', 'sector' or a probability of "
+          f"sector in [0, 1], got {value!r}"
+        )
       config["sector_probability"] = float(probability)
       continue
     if isinstance(value, Sequence) and not isinstance(value, str):
@@ -468,7 +529,7 @@ def _caliper_probabilities(calipers: Any, class_names: Sequence[str]) -> list[fl
   elif isinstance(calipers, Sequence) and not isinstance(calipers, str):
     if len(calipers) < len(class_names):
       raise ValueError(f"phantom: calipers needs one probability per class {class_names}")
-    probs = [float(p) for p in calipers[:len(class_names)]]
+    probs = [float(p) for p in calipers[: len(class_names)]]
   else:
     probs = [float(calipers)] * len(class_names)
   if not all(0.0 <= p <= 1.0 for p in probs):
@@ -481,9 +542,15 @@ def _check_size(image_size: int) -> None:
     raise ValueError(f"phantom: image_size must be an integer in [64, 512], got {image_size!r}")
 
 
-def generate_image(rng: np.random.Generator, label: int, *, image_size: int = 128,
-                   difficulty: float = DEFAULT_DIFFICULTY, calipers: float = 0.0,
-                   **scanner_kwargs: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def generate_image(
+  rng: np.random.Generator,
+  label: int,
+  *,
+  image_size: int = 128,
+  difficulty: float = DEFAULT_DIFFICULTY,
+  calipers: float = 0.0,
+  **scanner_kwargs: Any,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """One synthetic B-mode image of a new patient.
 
   Args:
@@ -509,8 +576,9 @@ def generate_image(rng: np.random.Generator, label: int, *, image_size: int = 12
   return image, mask, _features(patient, mask, info)
 
 
-def _features(patient: Mapping[str, Any], mask: np.ndarray, info: Mapping[str, Any]
-              ) -> dict[str, Any]:
+def _features(
+  patient: Mapping[str, Any], mask: np.ndarray, info: Mapping[str, Any]
+) -> dict[str, Any]:
   """Plain-Python metadata (JSON-serialisable) for a record."""
   lesion = patient["lesion"]
   feats = dict(lesion["features"]) if lesion else {name: "none" for name in LEXICON}
@@ -518,16 +586,29 @@ def _features(patient: Mapping[str, Any], mask: np.ndarray, info: Mapping[str, A
   rows, cols = np.nonzero(mask)
   height = int(rows.max() - rows.min() + 1) if rows.size else 0
   width = int(cols.max() - cols.min() + 1) if cols.size else 0
-  return {**feats, "birads": category, "suspicion": score, **info,
-          "lesion_width_px": width, "lesion_height_px": height,
-          "taller_than_wide": bool(height > width)}
+  return {
+    **feats,
+    "birads": category,
+    "suspicion": score,
+    **info,
+    "lesion_width_px": width,
+    "lesion_height_px": height,
+    "taller_than_wide": bool(height > width),
+  }
 
 
-def make_collection(*, counts: Sequence[int] = (437, 210, 133), image_size: int = 128,
-                    seed: int = 0, difficulty: float = DEFAULT_DIFFICULTY,
-                    images_per_patient: int | Sequence[int] = (1, 3), calipers: Any = 0.0,
-                    include_normal: bool = True, name: str = "phantom", **scanner_kwargs: Any
-                    ) -> records.Collection:
+def make_collection(
+  *,
+  counts: Sequence[int] = (437, 210, 133),
+  image_size: int = 128,
+  seed: int = 0,
+  difficulty: float = DEFAULT_DIFFICULTY,
+  images_per_patient: int | Sequence[int] = (1, 3),
+  calipers: Any = 0.0,
+  include_normal: bool = True,
+  name: str = "phantom",
+  **scanner_kwargs: Any,
+) -> records.Collection:
   """A synthetic BUSI-like collection of B-mode phantoms with lesion masks.
 
   Args:
@@ -554,14 +635,17 @@ def make_collection(*, counts: Sequence[int] = (437, 210, 133), image_size: int 
     raise ValueError(f"phantom: seed must be a non-negative integer, got {seed!r}")
   counts = tuple(int(c) for c in counts)
   if len(counts) not in (2, 3) or (len(counts) == 2 and include_normal) or min(counts) < 0:
-    raise ValueError(f"phantom: counts must be non-negative (benign, malignant, normal), "
-                     f"got {counts}")
+    raise ValueError(
+      f"phantom: counts must be non-negative (benign, malignant, normal), got {counts}"
+    )
   if isinstance(images_per_patient, int | np.integer):
     images_per_patient = (int(images_per_patient), int(images_per_patient))
   low, high = (int(v) for v in images_per_patient)
   if not 1 <= low <= high:
-    raise ValueError(f"phantom: images_per_patient must be (low, high) with 1 <= low <= high, "
-                     f"got {images_per_patient!r}")
+    raise ValueError(
+      f"phantom: images_per_patient must be (low, high) with 1 <= low <= high, "
+      f"got {images_per_patient!r}"
+    )
   class_names = records.THREE_CLASSES if include_normal else records.BINARY_CLASSES
   scanner = _scanner_config(scanner_kwargs)
   caliper_probs = _caliper_probabilities(calipers, class_names)
@@ -574,16 +658,24 @@ def make_collection(*, counts: Sequence[int] = (437, 210, 133), image_size: int 
       patient = _sample_patient(rng, label, float(difficulty), scanner)
       patient_id = f"phantom-{class_name}-{patient_index:04d}"
       for view in range(views):
-        image, mask, info = _render_view(rng, patient, int(image_size), scanner,
-                                         caliper_probs[label])
+        image, mask, info = _render_view(
+          rng, patient, int(image_size), scanner, caliper_probs[label]
+        )
         meta = _features(patient, mask, info)
         meta.update(view=view, difficulty=float(difficulty), seed=int(seed))
-        out.append(records.Record(id=f"{class_name}/{patient_id}-v{view}", label=label,
-                                  patient_id=patient_id, image=image, mask=mask, meta=meta))
+        out.append(
+          records.Record(
+            id=f"{class_name}/{patient_id}-v{view}",
+            label=label,
+            patient_id=patient_id,
+            image=image,
+            mask=mask,
+            meta=meta,
+          )
+        )
       made += views
       patient_index += 1
-  return records.Collection(name=name, records=tuple(out), class_names=class_names,
-                            synthetic=True)
+  return records.Collection(name=name, records=tuple(out), class_names=class_names, synthetic=True)
 
 
 # ----------------------------------------------------------------------------- audit and CLI
@@ -600,8 +692,9 @@ def _mask_geometry(mask: np.ndarray) -> np.ndarray:
     solidity = area / max(hull + boundary / 2, 1.0)  # pixel centres' hull misses half the rim
   except spatial.QhullError:  # degenerate (one-line) masks
     solidity = 1.0
-  return np.asarray([math.log(height / width), math.log(area), boundary**2 / (4 * np.pi * area),
-                     solidity])
+  return np.asarray(
+    [math.log(height / width), math.log(area), boundary**2 / (4 * np.pi * area), solidity]
+  )
 
 
 def audit(collection: records.Collection, folds: int = 5, seed: int = 0) -> dict[str, float]:
@@ -617,21 +710,35 @@ def audit(collection: records.Collection, folds: int = 5, seed: int = 0) -> dict
   recs = [r for r in collection.records if r.label in (0, 1)]
   y = np.asarray([r.label for r in recs])
   groups = np.asarray([r.patient_id for r in recs])
-  hist = np.stack([np.concatenate([np.histogram(r.image, bins=32, range=(0, 256))[0] / r.image.size,
-                                   [r.image.mean() / 255, r.image.std() / 255]]) for r in recs])
+  hist = np.stack(
+    [
+      np.concatenate(
+        [
+          np.histogram(r.image, bins=32, range=(0, 256))[0] / r.image.size,
+          [r.image.mean() / 255, r.image.std() / 255],
+        ]
+      )
+      for r in recs
+    ]
+  )
 
   def one_hot(names):
-    return np.stack([np.concatenate([np.asarray(LEXICON[f][0]) == r.meta[f] for f in names])
-                     for r in recs]).astype(np.float64)
+    return np.stack(
+      [np.concatenate([np.asarray(LEXICON[f][0]) == r.meta[f] for f in names]) for r in recs]
+    ).astype(np.float64)
 
   geometry = np.stack([_mask_geometry(r.mask.astype(bool)) for r in recs])
   cv = model_selection.StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
   result = {}
-  for key, features in (("histogram_auc", hist), ("lexicon_auc", one_hot(LEXICON)),
-                        ("shape_margin_auc", one_hot(("shape", "orientation", "margin"))),
-                        ("mask_geometry_auc", geometry)):
-    model = pipeline.make_pipeline(preprocessing.StandardScaler(),
-                                   linear_model.LogisticRegression(C=1.0, max_iter=2000))
+  for key, features in (
+    ("histogram_auc", hist),
+    ("lexicon_auc", one_hot(LEXICON)),
+    ("shape_margin_auc", one_hot(("shape", "orientation", "margin"))),
+    ("mask_geometry_auc", geometry),
+  ):
+    model = pipeline.make_pipeline(
+      preprocessing.StandardScaler(), linear_model.LogisticRegression(C=1.0, max_iter=2000)
+    )
     scores = np.zeros(len(y))
     for train, test in cv.split(features, y, groups):
       scores[test] = model.fit(features[train], y[train]).predict_proba(features[test])[:, 1]
@@ -640,16 +747,29 @@ def audit(collection: records.Collection, folds: int = 5, seed: int = 0) -> dict
   return result
 
 
-def save_grid(path: str, *, image_size: int = 128, per_class: int = 6, seed: int = 0,
-              difficulty: float = DEFAULT_DIFFICULTY, **kwargs: Any) -> None:
+def save_grid(
+  path: str,
+  *,
+  image_size: int = 128,
+  per_class: int = 6,
+  seed: int = 0,
+  difficulty: float = DEFAULT_DIFFICULTY,
+  **kwargs: Any,
+) -> None:
   """Writes a PNG grid of examples, one row per class, mask outlines in colour."""
   import matplotlib
 
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
 
-  coll = make_collection(counts=(per_class,) * 3, image_size=image_size, seed=seed,
-                         difficulty=difficulty, images_per_patient=1, **kwargs)
+  coll = make_collection(
+    counts=(per_class,) * 3,
+    image_size=image_size,
+    seed=seed,
+    difficulty=difficulty,
+    images_per_patient=1,
+    **kwargs,
+  )
   fig, axes = plt.subplots(3, per_class, figsize=(1.6 * per_class, 1.9 * 3 + 0.4), dpi=100)
   for ax, rec in zip(axes.ravel(), coll.records, strict=True):
     ax.imshow(rec.image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
@@ -657,14 +777,20 @@ def save_grid(path: str, *, image_size: int = 128, per_class: int = 6, seed: int
       ax.contour(rec.mask, levels=[0.5], colors=["#ff5050"], linewidths=0.5)
     if rec.label != 2:
       m = rec.meta
-      ax.set_title(f"{m['shape'][:5]} {m['margin'][:6]}\n{m['posterior'][:6]} BR{m['birads']}",
-                   fontsize=6, pad=2)
+      ax.set_title(
+        f"{m['shape'][:5]} {m['margin'][:6]}\n{m['posterior'][:6]} BR{m['birads']}",
+        fontsize=6,
+        pad=2,
+      )
     ax.set_xticks([])
     ax.set_yticks([])
   for row, class_name in enumerate(coll.class_names):
     axes[row, 0].set_ylabel(class_name, fontsize=10)
-  fig.suptitle(f"SYNTHETIC phantom data ({image_size} px, difficulty {difficulty}); "
-               "red = lesion mask", fontsize=9, y=0.995)
+  fig.suptitle(
+    f"SYNTHETIC phantom data ({image_size} px, difficulty {difficulty}); red = lesion mask",
+    fontsize=9,
+    y=0.995,
+  )
   fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.96))
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png")
@@ -673,7 +799,8 @@ def save_grid(path: str, *, image_size: int = 128, per_class: int = 6, seed: int
   buffer.seek(0)
   with Image.open(buffer) as figure:
     figure.convert("RGB").quantize(colors=96, method=Image.Quantize.FASTOCTREE).save(
-        path, optimize=True)
+      path, optimize=True
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -686,18 +813,34 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--per_class", type=int, default=6)
   parser.add_argument("--field_of_view", default="linear")
   parser.add_argument("--calipers", type=float, default=0.0)
-  parser.add_argument("--audit", action="store_true",
-                      help="also time a default collection and print the shortcut audit")
+  parser.add_argument(
+    "--audit",
+    action="store_true",
+    help="also time a default collection and print the shortcut audit",
+  )
   args = parser.parse_args(argv)
-  fov = args.field_of_view if args.field_of_view in ("linear", "sector") else float(
-      args.field_of_view)
-  save_grid(args.out, image_size=args.image_size, per_class=args.per_class, seed=args.seed,
-            difficulty=args.difficulty, calipers=args.calipers, field_of_view=fov)
+  fov = (
+    args.field_of_view if args.field_of_view in ("linear", "sector") else float(args.field_of_view)
+  )
+  save_grid(
+    args.out,
+    image_size=args.image_size,
+    per_class=args.per_class,
+    seed=args.seed,
+    difficulty=args.difficulty,
+    calipers=args.calipers,
+    field_of_view=fov,
+  )
   print(f"wrote {args.out}")
   if args.audit:
     start = time.perf_counter()
-    coll = make_collection(image_size=args.image_size, seed=args.seed, difficulty=args.difficulty,
-                           calipers=args.calipers, field_of_view=fov)
+    coll = make_collection(
+      image_size=args.image_size,
+      seed=args.seed,
+      difficulty=args.difficulty,
+      calipers=args.calipers,
+      field_of_view=fov,
+    )
     elapsed = time.perf_counter() - start
     print(f"{coll.describe()}\ngenerated {len(coll)} images in {elapsed:.1f} s")
     print(audit(coll))

@@ -83,8 +83,16 @@ class _RecordSource:
   resolution; without it each access decodes (for data that does not fit in memory).
   """
 
-  def __init__(self, collection: records.Collection, positions: np.ndarray, *,
-               working_size: int, with_masks: bool, cache: bool, source_id: int | None = None):
+  def __init__(
+    self,
+    collection: records.Collection,
+    positions: np.ndarray,
+    *,
+    working_size: int,
+    with_masks: bool,
+    cache: bool,
+    source_id: int | None = None,
+  ):
     self._records = [collection.records[int(i)] for i in positions]
     self._positions = np.asarray(positions, np.int32)
     self._labels = collection.labels[self._positions] if len(positions) else np.zeros(0, np.int32)
@@ -131,8 +139,11 @@ class _Augment(grain.transforms.RandomMap):
     self._augmenter = augmenter
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    out = {"label": np.int32(element["label"]), "index": np.int32(element["index"]),
-           "valid": np.bool_(True)}
+    out = {
+      "label": np.int32(element["label"]),
+      "index": np.int32(element["index"]),
+      "valid": np.bool_(True),
+    }
     if "mask" in element:
       image, mask = self._augmenter(element["image"], rng, mask=element["mask"])
       out["mask"] = mask[..., None]
@@ -149,62 +160,102 @@ def _derived_seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _records_stream(collection: records.Collection, *, seed: int, process_index: int,
-                    process_count: int, image_size: int, with_masks: bool, cache: bool,
-                    sample_weights, source_id: int | None = None) -> grain.MapDataset:
+def _records_stream(
+  collection: records.Collection,
+  *,
+  seed: int,
+  process_index: int,
+  process_count: int,
+  image_size: int,
+  with_masks: bool,
+  cache: bool,
+  sample_weights,
+  source_id: int | None = None,
+) -> grain.MapDataset:
   """This process's infinite stream of (un-augmented) examples from one collection."""
   positions = np.arange(len(collection))[process_index::process_count]
   if len(positions) == 0:
-    raise ValueError(f"collection {collection.name!r} has {len(collection)} records: nothing "
-                     f"for process {process_index} of {process_count}")
-  source = _RecordSource(collection, positions, working_size=round(WORKING_SCALE * image_size),
-                         with_masks=with_masks, cache=cache, source_id=source_id)
+    raise ValueError(
+      f"collection {collection.name!r} has {len(collection)} records: nothing "
+      f"for process {process_index} of {process_count}"
+    )
+  source = _RecordSource(
+    collection,
+    positions,
+    working_size=round(WORKING_SCALE * image_size),
+    with_masks=with_masks,
+    cache=cache,
+    source_id=source_id,
+  )
   stream_seed = _derived_seed(seed, source_id or 0, process_index)
   if sample_weights is None:
     # Shuffle before repeat: each epoch is a fresh permutation (repeat reseeds per epoch).
     return grain.MapDataset.source(source).shuffle(seed=stream_seed).repeat()
   weights = np.asarray(sample_weights, np.float64)
-  if weights.shape != (len(collection),) or not np.all(np.isfinite(weights)) or np.any(
-      weights < 0):
-    raise ValueError(f"sample_weights must be {len(collection)} finite values >= 0, one per "
-                     f"record of {collection.name!r}; got shape {weights.shape}")
+  if weights.shape != (len(collection),) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+    raise ValueError(
+      f"sample_weights must be {len(collection)} finite values >= 0, one per "
+      f"record of {collection.name!r}; got shape {weights.shape}"
+    )
   weights = weights[positions]
   if weights.sum() <= 0:
     raise ValueError(f"sample_weights of process {process_index}'s records sum to 0")
-  return grain.MapDataset.range(len(source)).repeat().random_map(
-      _WeightedDraw(source, weights), seed=stream_seed)
+  return (
+    grain.MapDataset.range(len(source))
+    .repeat()
+    .random_map(_WeightedDraw(source, weights), seed=stream_seed)
+  )
 
 
-def _finish(stream: grain.MapDataset, *, image_size: int, global_batch_size: int, seed: int,
-            augment_config, num_workers: int, process_index: int,
-            process_count: int) -> grain.IterDataset:
+def _finish(
+  stream: grain.MapDataset,
+  *,
+  image_size: int,
+  global_batch_size: int,
+  seed: int,
+  augment_config,
+  num_workers: int,
+  process_index: int,
+  process_count: int,
+) -> grain.IterDataset:
   """Augment -> batch -> iterate (in-process or in worker processes)."""
   if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
-                     f"process_count {process_count}")
+    raise ValueError(
+      f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}"
+    )
   local_batch = global_batch_size // process_count
   augmenter = augment.Augmenter(augment_config, image_size)
   dataset = stream.random_map(_Augment(augmenter), seed=_derived_seed(seed, 7, process_index))
   # Batching before to_iter_dataset makes a worker's unit of work (and of pickling) a batch.
   dataset = dataset.batch(local_batch, drop_remainder=True)
   dataset = dataset.to_iter_dataset(
-      grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_THREADS))
+    grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_THREADS)
+  )
   if num_workers > 0:
     # Grain's workers read absl flags; a notebook or test that never ran absl.app would crash
     # with UnparsedFlagAccessError, so fall back to the flags' defaults there.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                               per_worker_buffer_size=2))
+    dataset = dataset.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2)
+    )
   return dataset
 
 
-def train_dataset(collection: records.Collection, *, image_size: int, global_batch_size: int,
-                  seed: int, augment_config: ml_collections.ConfigDict | None,
-                  num_workers: int = 0, process_index: int | None = None,
-                  process_count: int | None = None, with_masks: bool = False,
-                  sample_weights: Sequence[float] | np.ndarray | None = None,
-                  cache: bool = True) -> grain.IterDataset:
+def train_dataset(
+  collection: records.Collection,
+  *,
+  image_size: int,
+  global_batch_size: int,
+  seed: int,
+  augment_config: ml_collections.ConfigDict | None,
+  num_workers: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  with_masks: bool = False,
+  sample_weights: Sequence[float] | np.ndarray | None = None,
+  cache: bool = True,
+) -> grain.IterDataset:
   """Infinite, augmented, reshuffled-each-epoch training batches for this process.
 
   Args:
@@ -226,20 +277,43 @@ def train_dataset(collection: records.Collection, *, image_size: int, global_bat
     A grain.IterDataset; ``iter(ds)`` gives an iterator with get_state()/set_state().
   """
   process_index, process_count = _process_slot(process_index, process_count)
-  stream = _records_stream(collection, seed=seed, process_index=process_index,
-                           process_count=process_count, image_size=image_size,
-                           with_masks=with_masks, cache=cache, sample_weights=sample_weights)
-  return _finish(stream, image_size=image_size, global_batch_size=global_batch_size, seed=seed,
-                 augment_config=augment_config, num_workers=num_workers,
-                 process_index=process_index, process_count=process_count)
+  stream = _records_stream(
+    collection,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    image_size=image_size,
+    with_masks=with_masks,
+    cache=cache,
+    sample_weights=sample_weights,
+  )
+  return _finish(
+    stream,
+    image_size=image_size,
+    global_batch_size=global_batch_size,
+    seed=seed,
+    augment_config=augment_config,
+    num_workers=num_workers,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
-def mixture_dataset(collections: Sequence[records.Collection], weights: Sequence[float], *,
-                    image_size: int, global_batch_size: int, seed: int,
-                    augment_config: ml_collections.ConfigDict | None, num_workers: int = 0,
-                    process_index: int | None = None, process_count: int | None = None,
-                    with_masks: bool = False, sample_weights=None,
-                    cache: bool = True) -> grain.IterDataset:
+def mixture_dataset(
+  collections: Sequence[records.Collection],
+  weights: Sequence[float],
+  *,
+  image_size: int,
+  global_batch_size: int,
+  seed: int,
+  augment_config: ml_collections.ConfigDict | None,
+  num_workers: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  with_masks: bool = False,
+  sample_weights=None,
+  cache: bool = True,
+) -> grain.IterDataset:
   """Like train_dataset, over several collections mixed in proportion to `weights`.
 
   Rows carry ``source`` (int32, position of their collection in `collections`) and ``index``
@@ -253,8 +327,10 @@ def mixture_dataset(collections: Sequence[records.Collection], weights: Sequence
     Others: as train_dataset.
   """
   if not collections or len(weights) != len(collections):
-    raise ValueError(f"need one weight per collection, got {len(weights)} weights for "
-                     f"{len(collections)} collections")
+    raise ValueError(
+      f"need one weight per collection, got {len(weights)} weights for "
+      f"{len(collections)} collections"
+    )
   class_names = {tuple(c.class_names) for c in collections}
   if len(class_names) != 1:
     raise ValueError(f"mixed collections must share class_names, got {sorted(class_names)}")
@@ -269,20 +345,42 @@ def mixture_dataset(collections: Sequence[records.Collection], weights: Sequence
   streams, kept = [], []
   for source_id, (collection, w) in enumerate(zip(collections, weights, strict=True)):
     if w > 0:
-      streams.append(_records_stream(
-          collection, seed=seed, process_index=process_index, process_count=process_count,
-          image_size=image_size, with_masks=with_masks, cache=cache,
-          sample_weights=per_collection[source_id], source_id=source_id))
+      streams.append(
+        _records_stream(
+          collection,
+          seed=seed,
+          process_index=process_index,
+          process_count=process_count,
+          image_size=image_size,
+          with_masks=with_masks,
+          cache=cache,
+          sample_weights=per_collection[source_id],
+          source_id=source_id,
+        )
+      )
       kept.append(w)
   mixed = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, kept)
-  return _finish(mixed, image_size=image_size, global_batch_size=global_batch_size, seed=seed,
-                 augment_config=augment_config, num_workers=num_workers,
-                 process_index=process_index, process_count=process_count)
+  return _finish(
+    mixed,
+    image_size=image_size,
+    global_batch_size=global_batch_size,
+    seed=seed,
+    augment_config=augment_config,
+    num_workers=num_workers,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
-def eval_batches(collection: records.Collection, *, image_size: int, batch_size: int,
-                 process_index: int | None = None, process_count: int | None = None,
-                 with_masks: bool = False) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  collection: records.Collection,
+  *,
+  image_size: int,
+  batch_size: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  with_masks: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
   """Every record exactly once, resize_pad geometry, last batch padded.
 
   Global batch b holds records ``b * batch_size ...``; process p yields its rows
@@ -308,10 +406,10 @@ def eval_batches(collection: records.Collection, *, image_size: int, batch_size:
   for start in range(0, len(collection), batch_size):
     first = start + process_index * local
     batch = {
-        "image": np.zeros((local, image_size, image_size, 1), np.uint8),
-        "label": np.zeros(local, np.int32),
-        "index": np.full(local, -1, np.int32),
-        "valid": np.zeros(local, bool),
+      "image": np.zeros((local, image_size, image_size, 1), np.uint8),
+      "label": np.zeros(local, np.int32),
+      "index": np.full(local, -1, np.int32),
+      "valid": np.zeros(local, bool),
     }
     if with_masks:
       batch["mask"] = np.zeros((local, image_size, image_size, 1), np.uint8)

@@ -79,11 +79,11 @@ class Collection:
     """Counts per class and patients, for logs and reports."""
     counts = np.bincount(self.labels, minlength=len(self.class_names))
     return {
-        "source": self.name,
-        "synthetic": self.synthetic,
-        "images": len(self),
-        "patients": int(len(set(self.patient_ids.tolist()))),
-        "per_class": {c: int(n) for c, n in zip(self.class_names, counts, strict=True)},
+      "source": self.name,
+      "synthetic": self.synthetic,
+      "images": len(self),
+      "patients": int(len(set(self.patient_ids.tolist()))),
+      "per_class": {c: int(n) for c, n in zip(self.class_names, counts, strict=True)},
     }
 
 
@@ -152,6 +152,7 @@ def load_mask(record: Record, shape: tuple[int, int] | None = None) -> np.ndarra
   else:
     mask, where = read_image_file(record.mask), record.mask
   if shape is not None and tuple(mask.shape) != tuple(shape):
-    raise DataError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                    f"{shape[1]}x{shape[0]}")
+    raise DataError(
+      f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}"
+    )
   return (mask > 0).astype(np.uint8)

@@ -78,8 +78,9 @@ class _Problems:
     listed = "; ".join(self.messages[:_MAX_LISTED_PROBLEMS])
     more = len(self.messages) - _MAX_LISTED_PROBLEMS
     suffix = f"; ... and {more} more" if more > 0 else ""
-    logging.warning("%s: skipped %d of %d images: %s%s", self.source, self.skipped_images,
-                    total, listed, suffix)
+    logging.warning(
+      "%s: skipped %d of %d images: %s%s", self.source, self.skipped_images, total, listed, suffix
+    )
 
 
 def _image_mode(path: str) -> str:
@@ -103,8 +104,10 @@ def _check(candidate: _Candidate) -> tuple[records.Record | None, str | None]:
     for mask_path in candidate.mask_paths:
       mask = records.read_image_file(mask_path)
       if mask.shape != shape:
-        return None, (f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                      f"{record.image} is {shape[1]}x{shape[0]}")
+        return None, (
+          f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+          f"{record.image} is {shape[1]}x{shape[0]}"
+        )
       merged = mask > 0 if merged is None else merged | (mask > 0)
   except records.DataError as e:
     return None, str(e)
@@ -119,8 +122,9 @@ def _check(candidate: _Candidate) -> tuple[records.Record | None, str | None]:
     # Metadata, not pixels, is wrong here (BUS-BRA's bus_0857-r: CSV says 409 rows, image and
     # mask agree on 393): note it and let _finish warn, since image and mask are consistent.
     exp_h, exp_w = candidate.expected_shape
-    meta["size_note"] = (f"{record.image} is {shape[1]}x{shape[0]} but {candidate.expected_where}"
-                         f" says {exp_w}x{exp_h}")
+    meta["size_note"] = (
+      f"{record.image} is {shape[1]}x{shape[0]} but {candidate.expected_where} says {exp_w}x{exp_h}"
+    )
   if len(candidate.mask_paths) > 1:
     meta["mask_files"] = len(candidate.mask_paths)
   return dataclasses.replace(record, mask=mask_value, meta=meta), None
@@ -144,9 +148,16 @@ def _mark_duplicates(candidates: Sequence[_Candidate]) -> None:
       seen[key] = c.record.id
 
 
-def _finish(name: str, candidates: Sequence[_Candidate], *, class_names: tuple[str, ...],
-            root: str | None, on_error: str, problems: _Problems | None = None,
-            class_hint: Callable[[str], str] | None = None) -> records.Collection:
+def _finish(
+  name: str,
+  candidates: Sequence[_Candidate],
+  *,
+  class_names: tuple[str, ...],
+  root: str | None,
+  on_error: str,
+  problems: _Problems | None = None,
+  class_hint: Callable[[str], str] | None = None,
+) -> records.Collection:
   """Checks all candidates in a thread pool and builds the collection."""
   problems = problems or _Problems(name, on_error)
   _mark_duplicates(candidates)
@@ -161,16 +172,23 @@ def _finish(name: str, candidates: Sequence[_Candidate], *, class_names: tuple[s
   problems.summarise(len(candidates))
   notes = [r.meta["size_note"] for r in kept if "size_note" in r.meta]
   if notes:
-    logging.warning("%s: %d images differ in size from their metadata (kept, the mask matches "
-                    "the image): %s", name, len(notes), "; ".join(notes[:_MAX_LISTED_PROBLEMS]))
+    logging.warning(
+      "%s: %d images differ in size from their metadata (kept, the mask matches the image): %s",
+      name,
+      len(notes),
+      "; ".join(notes[:_MAX_LISTED_PROBLEMS]),
+    )
   counts = np.bincount([r.label for r in kept], minlength=len(class_names))
   for label, class_name in enumerate(class_names):
     if counts[label] == 0:
       where = class_hint(class_name) if class_hint else (root or name)
-      raise records.DataError(f"{where}: no usable images of class {class_name!r}"
-                              f" ({problems.skipped_images} records skipped)")
-  return records.Collection(name=name, records=tuple(kept), class_names=class_names,
-                            synthetic=False, root=root)
+      raise records.DataError(
+        f"{where}: no usable images of class {class_name!r}"
+        f" ({problems.skipped_images} records skipped)"
+      )
+  return records.Collection(
+    name=name, records=tuple(kept), class_names=class_names, synthetic=False, root=root
+  )
 
 
 def _natural_key(text: str) -> list[Any]:
@@ -188,8 +206,9 @@ def _require_file(path: str, what: str) -> None:
     raise records.DataError(f"{path}: {what} file not found")
 
 
-def _read_csv(path: str, required: Iterable[str], delimiter: str = ","
-              ) -> list[tuple[int, dict[str, str]]]:
+def _read_csv(
+  path: str, required: Iterable[str], delimiter: str = ","
+) -> list[tuple[int, dict[str, str]]]:
   """Rows of a CSV/TSV as (line number, row), checking the header has the required columns."""
   _require_file(path, "CSV")
   try:
@@ -245,13 +264,15 @@ def _read_busi_split_file(path: str) -> dict[str, tuple[int, str, int, int]]:
   for line, row in rows:
     split, name = row["medmnist_split"], row["busi_name"]
     if split not in BREASTMNIST_SPLITS:
-      raise records.DataError(f"{path} line {line}: medmnist_split {split!r} is not one of "
-                              f"{BREASTMNIST_SPLITS}")
+      raise records.DataError(
+        f"{path} line {line}: medmnist_split {split!r} is not one of {BREASTMNIST_SPLITS}"
+      )
     try:
       index, label = int(row["medmnist_index"]), int(row[label_column])
     except ValueError as e:
-      raise records.DataError(f"{path} line {line}: medmnist_index and breastmnist_label must be"
-                              f" integers ({e})") from e
+      raise records.DataError(
+        f"{path} line {line}: medmnist_index and breastmnist_label must be integers ({e})"
+      ) from e
     if label not in (0, 1):
       raise records.DataError(f"{path} line {line}: breastmnist_label {label} is not 0 or 1")
     if name in table:
@@ -260,8 +281,9 @@ def _read_busi_split_file(path: str) -> dict[str, tuple[int, str, int, int]]:
   return table
 
 
-def busi(root: str, *, classes: str = "binary", split_file: str | None = None,
-         on_error: str = "raise") -> records.Collection:
+def busi(
+  root: str, *, classes: str = "binary", split_file: str | None = None, on_error: str = "raise"
+) -> records.Collection:
   """BUSI in its original layout ``root/{benign,malignant,normal}/``.
 
   Masks ``X_mask.png``, ``X_mask_1.png``, ... are merged by union; a single mask stays a path,
@@ -288,8 +310,7 @@ def busi(root: str, *, classes: str = "binary", split_file: str | None = None,
     _require_dir(folder, f"BUSI class {class_name!r}")
     images, masks = _busi_listing(folder)
     for orphan in sorted(set(masks) - set(images), key=_natural_key):
-      problems.add(f"{masks[orphan][0][1]}: mask without an image {orphan}.png",
-                   is_image=False)
+      problems.add(f"{masks[orphan][0][1]}: mask without an image {orphan}.png", is_image=False)
     for stem in sorted(images, key=_natural_key):
       path = images[stem]
       record_id = f"{class_name}/{os.path.basename(path)}"
@@ -298,16 +319,28 @@ def busi(root: str, *, classes: str = "binary", split_file: str | None = None,
       if split_table is not None:
         meta, problem = _busi_split_meta(record_id, label, meta, split_table, split_file)
       mask_paths = tuple(p for _, p in sorted(masks.get(stem, [])))
-      record = records.Record(id=record_id, label=label, patient_id=record_id, image=path,
-                              meta=meta)
+      record = records.Record(
+        id=record_id, label=label, patient_id=record_id, image=path, meta=meta
+      )
       candidates.append(_Candidate(record, mask_paths, problem=problem))
   if split_table is not None:
     unlisted = sum(1 for c in candidates if "split" not in c.record.meta and not c.problem)
     if unlisted:
-      logging.warning("busi: %d of %d images are not in %s (no meta['split'])", unlisted,
-                      len(candidates), split_file)
-  return _finish("busi", candidates, class_names=class_names, root=root, on_error=on_error,
-                 problems=problems, class_hint=lambda c: os.path.join(root, c))
+      logging.warning(
+        "busi: %d of %d images are not in %s (no meta['split'])",
+        unlisted,
+        len(candidates),
+        split_file,
+      )
+  return _finish(
+    "busi",
+    candidates,
+    class_names=class_names,
+    root=root,
+    on_error=on_error,
+    problems=problems,
+    class_hint=lambda c: os.path.join(root, c),
+  )
 
 
 def _busi_split_meta(record_id, label, meta, split_table, split_file):
@@ -317,8 +350,10 @@ def _busi_split_meta(record_id, label, meta, split_table, split_file):
   line, split, index, bm_label = split_table[record_id]
   # BreastMNIST: 0 = malignant, 1 = benign or normal.
   if (bm_label == 0) != (label == records.MALIGNANT):
-    return meta, (f"{split_file} line {line}: {record_id} has breastmnist_label {bm_label} "
-                  f"(0 = malignant) but sits in the {meta['class_folder']!r} folder")
+    return meta, (
+      f"{split_file} line {line}: {record_id} has breastmnist_label {bm_label} "
+      f"(0 = malignant) but sits in the {meta['class_folder']!r} folder"
+    )
   return dict(meta, split=split, medmnist_index=index), None
 
 
@@ -345,8 +380,9 @@ def _read_busbra_folds(path: str) -> dict[str, int]:
     try:
       folds[row["ID"]] = int(row["kFold"])
     except ValueError as e:
-      raise records.DataError(f"{path} line {line}: kFold {row['kFold']!r} is not an integer"
-                              ) from e
+      raise records.DataError(
+        f"{path} line {line}: kFold {row['kFold']!r} is not an integer"
+      ) from e
   return folds
 
 
@@ -373,8 +409,11 @@ def busbra(root: str, *, on_error: str = "raise") -> records.Collection:
     where = f"{data_csv} line {line}"
     image = os.path.join(root, "Images", f"{image_id}.png")
     mask = os.path.join(root, "Masks", f"{image_id.replace('bus_', 'mask_', 1)}.png")
-    meta: dict[str, Any] = {"device": row["Device"], "histology": row.get("Histology", ""),
-                            "side": row.get("Side", "")}
+    meta: dict[str, Any] = {
+      "device": row["Device"],
+      "histology": row.get("Histology", ""),
+      "side": row.get("Side", ""),
+    }
     problem, label, expected = None, 0, None
     pathology = row["Pathology"].lower()
     if pathology not in records.BINARY_CLASSES:
@@ -392,17 +431,25 @@ def busbra(root: str, *, on_error: str = "raise") -> records.Collection:
     for key, folds in (("fold5", fold5), ("fold10", fold10)):
       if image_id in folds:
         meta[key] = folds[image_id]
-    record = records.Record(id=image_id, label=label, patient_id=row["Case"], image=image,
-                            meta=meta)
-    candidates.append(_Candidate(record, (mask,), expected_shape=expected,
-                                 expected_where=where, problem=problem))
+    record = records.Record(
+      id=image_id, label=label, patient_id=row["Case"], image=image, meta=meta
+    )
+    candidates.append(
+      _Candidate(record, (mask,), expected_shape=expected, expected_where=where, problem=problem)
+    )
   seen_ids: set[str] = set()
   for c in candidates:  # Duplicate IDs would silently share one file.
     if c.record.id in seen_ids and not c.problem:
       c.problem = f"{data_csv}: ID {c.record.id} listed twice"
     seen_ids.add(c.record.id)
-  return _finish("busbra", candidates, class_names=records.BINARY_CLASSES, root=root,
-                 on_error=on_error, class_hint=lambda c: f"{data_csv} (Pathology {c})")
+  return _finish(
+    "busbra",
+    candidates,
+    class_names=records.BINARY_CLASSES,
+    root=root,
+    on_error=on_error,
+    class_hint=lambda c: f"{data_csv} (Pathology {c})",
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,8 +479,9 @@ def breastmnist(path: str, *, on_error: str = "raise") -> records.Collection:
     if images.ndim == 4 and images.shape[-1] == 1:
       images = images[..., 0]
     if images.ndim != 3 or images.dtype != np.uint8:
-      raise records.DataError(f"{path}: {split}_images is {images.dtype} {images.shape}, "
-                              "expected uint8 (N, H, W)")
+      raise records.DataError(
+        f"{path}: {split}_images is {images.dtype} {images.shape}, expected uint8 (N, H, W)"
+      )
     if len(labels) != len(images):
       raise records.DataError(f"{path}: {len(images)} {split} images but {len(labels)} labels")
     total += len(images)
@@ -442,15 +490,22 @@ def breastmnist(path: str, *, on_error: str = "raise") -> records.Collection:
         problems.add(f"{path}: {split}_labels[{i}] = {medmnist_label} is not 0 or 1")
         continue
       record_id = f"{split}/{i}"
-      kept.append(records.Record(
-          id=record_id, label=int(medmnist_label == 0), patient_id=record_id, image=image,
-          meta={"split": split, "medmnist_index": i}))
+      kept.append(
+        records.Record(
+          id=record_id,
+          label=int(medmnist_label == 0),
+          patient_id=record_id,
+          image=image,
+          meta={"split": split, "medmnist_index": i},
+        )
+      )
   problems.summarise(total)
   return _in_memory_collection("breastmnist", kept, records.BINARY_CLASSES, path)
 
 
-def _in_memory_collection(name, kept, class_names, root, *, every_class: bool = True
-                          ) -> records.Collection:
+def _in_memory_collection(
+  name, kept, class_names, root, *, every_class: bool = True
+) -> records.Collection:
   """Builds the collection; a class with no images raises (every_class) or warns."""
   if not kept:
     raise records.DataError(f"{root}: {name} has no usable images")
@@ -501,15 +556,24 @@ def csv_manifest(path: str, *, on_error: str = "raise") -> records.Collection:
         problem = f"{where}: mask file {mask_paths[0]} not found"
     meta = {k: v for k, v in row.items() if k not in ("path", "label", "patient_id", "mask")}
     meta["line"] = line
-    record = records.Record(id=row["path"], label=label or 0,
-                            patient_id=row.get("patient_id") or row["path"], image=image,
-                            meta=meta)
+    record = records.Record(
+      id=row["path"],
+      label=label or 0,
+      patient_id=row.get("patient_id") or row["path"],
+      image=image,
+      meta=meta,
+    )
     candidates.append(_Candidate(record, mask_paths, problem=problem))
   has_normal = any(c.record.label == 2 for c in candidates if not c.problem)
   class_names = records.THREE_CLASSES if has_normal else records.BINARY_CLASSES
-  return _finish(os.path.splitext(os.path.basename(path))[0], candidates,
-                 class_names=class_names, root=base, on_error=on_error,
-                 class_hint=lambda c: f"{path} (label {c})")
+  return _finish(
+    os.path.splitext(os.path.basename(path))[0],
+    candidates,
+    class_names=class_names,
+    root=base,
+    on_error=on_error,
+    class_hint=lambda c: f"{path} (label {c})",
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,12 +613,15 @@ def tfds_source(name: str, data_dir: str, split: str = "train") -> records.Colle
     builder = tfds.builder(name, data_dir=data_dir)
     source = builder.as_data_source(split=split)
   except Exception as e:  # noqa: BLE001 - tfds raises many types for "not built here".
-    raise records.DataError(f"{data_dir}: cannot read TFDS dataset {name!r} split {split!r} "
-                            f"({type(e).__name__}: {e})") from e
+    raise records.DataError(
+      f"{data_dir}: cannot read TFDS dataset {name!r} split {split!r} ({type(e).__name__}: {e})"
+    ) from e
   class_names = tuple(builder.info.features["label"].names)
   if "malignant" in class_names and class_names.index("malignant") != records.MALIGNANT:
-    raise records.DataError(f"{data_dir}/{name}: label 'malignant' is class "
-                            f"{class_names.index('malignant')}, busjax needs it at 1")
+    raise records.DataError(
+      f"{data_dir}/{name}: label 'malignant' is class "
+      f"{class_names.index('malignant')}, busjax needs it at 1"
+    )
   kept = []
   for i in range(len(source)):
     example = source[i]
@@ -568,13 +635,20 @@ def tfds_source(name: str, data_dir: str, split: str = "train") -> records.Colle
     # TFDS has no null: busjax's builders write "" or -1 for "unknown", which we drop again.
     meta = {k: _text(v) for k, v in dict(example.get("metadata", {})).items()}
     meta = {k: v for k, v in meta.items() if not (isinstance(v, str | int) and v in ("", -1))}
-    kept.append(records.Record(
-        id=record_id, label=int(example["label"]),
-        patient_id=_text(example.get("patient_id", record_id)), image=image, mask=mask,
-        meta=meta))
+    kept.append(
+      records.Record(
+        id=record_id,
+        label=int(example["label"]),
+        patient_id=_text(example.get("patient_id", record_id)),
+        image=image,
+        mask=mask,
+        meta=meta,
+      )
+    )
   # A slice such as "train[:2]" may legitimately miss a class; the build checked the whole set.
-  return _in_memory_collection(f"tfds:{name}[{split}]", kept, class_names, data_dir,
-                               every_class=False)
+  return _in_memory_collection(
+    f"tfds:{name}[{split}]", kept, class_names, data_dir, every_class=False
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,8 +674,10 @@ def _restrict_classes(collection: records.Collection, classes: str) -> records.C
   if want == records.BINARY_CLASSES and collection.class_names == records.THREE_CLASSES:
     keep = [i for i, r in enumerate(collection.records) if r.label != 2]
     return dataclasses.replace(collection.subset(keep), class_names=want)
-  raise records.DataError(f"{collection.root}: source {collection.name!r} has classes "
-                          f"{collection.class_names}, cannot serve classes={classes!r}")
+  raise records.DataError(
+    f"{collection.root}: source {collection.name!r} has classes "
+    f"{collection.class_names}, cannot serve classes={classes!r}"
+  )
 
 
 def from_config(data_config: Any) -> records.Collection:
@@ -616,14 +692,15 @@ def from_config(data_config: Any) -> records.Collection:
     phantom_kwargs = data_config.get("phantom") or {}
     if hasattr(phantom_kwargs, "to_dict"):  # ConfigDict: plain nested dicts for the generator.
       phantom_kwargs = phantom_kwargs.to_dict()
-    return phantom.make_collection(**dict(phantom_kwargs),
-                                   image_size=data_config.image_size,
-                                   include_normal=(classes == "three"))
+    return phantom.make_collection(
+      **dict(phantom_kwargs), image_size=data_config.image_size, include_normal=(classes == "three")
+    )
   if source != "tfds" and not root:
     raise records.DataError(f"config.data.root is empty for source {source!r}")
   if source == "busi":
-    collection = busi(root, classes=classes, split_file=data_config.get("split_file"),
-                      on_error=on_error)
+    collection = busi(
+      root, classes=classes, split_file=data_config.get("split_file"), on_error=on_error
+    )
   elif source == "busbra":
     collection = busbra(root, on_error=on_error)
   elif source == "breastmnist":
@@ -632,8 +709,11 @@ def from_config(data_config: Any) -> records.Collection:
   elif source == "csv":
     collection = csv_manifest(root, on_error=on_error)
   elif source == "tfds":
-    collection = tfds_source(data_config.tfds_name, data_config.get("tfds_data_dir") or root,
-                             data_config.get("tfds_split", "train"))
+    collection = tfds_source(
+      data_config.tfds_name,
+      data_config.get("tfds_data_dir") or root,
+      data_config.get("tfds_split", "train"),
+    )
   else:
     raise ValueError(f"unknown config.data.source {source!r}")
   return _restrict_classes(collection, classes)

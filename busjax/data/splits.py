@@ -57,8 +57,7 @@ def _scales(step: float) -> np.ndarray:
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   """Area-aware (antialiased) bilinear resize of a uint8 image to float32."""
-  pil = Image.fromarray(image).resize((max(1, width), max(1, height)),
-                                      Image.Resampling.BILINEAR)
+  pil = Image.fromarray(image).resize((max(1, width), max(1, height)), Image.Resampling.BILINEAR)
   return np.asarray(pil, np.float32)
 
 
@@ -111,7 +110,7 @@ class _Level:
       if th >= 4 and tw >= 4 and th * tw >= min_pixels:
         scaled = _high_pass(_resize(self.images[i], sh, sw), self.side)
         y0, x0 = (sh - th) // 2, (sw - tw) // 2
-        crop = scaled[y0:y0 + th, x0:x0 + tw].astype(np.float64)
+        crop = scaled[y0 : y0 + th, x0 : x0 + tw].astype(np.float64)
         crop -= crop.mean()
         norm = np.sqrt((crop * crop).sum())
         if norm > _MIN_STD * np.sqrt(crop.size):
@@ -130,21 +129,39 @@ class _Level:
     s1, s2 = self.sum1[sel], self.sum2[sel]
     ny, nx = self.side - th + 1, self.side - tw + 1
     n = th * tw
-    win1 = (s1[:, th:th + ny, tw:tw + nx] - s1[:, :ny, tw:tw + nx] - s1[:, th:th + ny, :nx]
-            + s1[:, :ny, :nx])
-    win2 = (s2[:, th:th + ny, tw:tw + nx] - s2[:, :ny, tw:tw + nx] - s2[:, th:th + ny, :nx]
-            + s2[:, :ny, :nx])
+    win1 = (
+      s1[:, th : th + ny, tw : tw + nx]
+      - s1[:, :ny, tw : tw + nx]
+      - s1[:, th : th + ny, :nx]
+      + s1[:, :ny, :nx]
+    )
+    win2 = (
+      s2[:, th : th + ny, tw : tw + nx]
+      - s2[:, :ny, tw : tw + nx]
+      - s2[:, th : th + ny, :nx]
+      + s2[:, :ny, :nx]
+    )
     var_n = win2 - win1 * win1 / n
     h, w = self.shapes[sel, 0], self.shapes[sel, 1]
     ys, xs = np.arange(ny), np.arange(nx)
-    valid = ((ys[None, :, None] <= (h - th)[:, None, None])
-             & (xs[None, None, :] <= (w - tw)[:, None, None])
-             & (var_n >= n * _MIN_STD**2))
+    valid = (
+      (ys[None, :, None] <= (h - th)[:, None, None])
+      & (xs[None, None, :] <= (w - tw)[:, None, None])
+      & (var_n >= n * _MIN_STD**2)
+    )
     return np.where(valid, 1.0 / np.sqrt(np.maximum(var_n, n * _MIN_STD**2)), 0.0).astype(
-        np.float32)
+      np.float32
+    )
 
-  def best_ncc(self, t_fft: np.ndarray, th: int, tw: int, inv_den: np.ndarray,
-               targets: np.ndarray | None = None, with_shift: bool = False):
+  def best_ncc(
+    self,
+    t_fft: np.ndarray,
+    th: int,
+    tw: int,
+    inv_den: np.ndarray,
+    targets: np.ndarray | None = None,
+    with_shift: bool = False,
+  ):
     """Max NCC over all shifts of one template inside each target (0 if it fits nowhere)."""
     sel = slice(None) if targets is None else targets
     corr = scipy.fft.irfft2(self.target_fft[sel] * t_fft, s=(self.side, self.side))
@@ -164,14 +181,14 @@ class _Level:
     Tiles flat in both images (a cyst's inside) agree trivially and are left out (NaN).
     """
     th, tw = crop.shape
-    window = self.padded[j, y:y + th, x:x + tw]
+    window = self.padded[j, y : y + th, x : x + tw]
     ys = np.linspace(0, th, blocks + 1).round().astype(int)
     xs = np.linspace(0, tw, blocks + 1).round().astype(int)
     out = np.full(blocks * blocks, np.nan, np.float32)
     for a in range(blocks):
       for b in range(blocks):
-        t = crop[ys[a]:ys[a + 1], xs[b]:xs[b + 1]].astype(np.float64)
-        w = window[ys[a]:ys[a + 1], xs[b]:xs[b + 1]].astype(np.float64)
+        t = crop[ys[a] : ys[a + 1], xs[b] : xs[b + 1]].astype(np.float64)
+        w = window[ys[a] : ys[a + 1], xs[b] : xs[b + 1]].astype(np.float64)
         t, w = t - t.mean(), w - w.mean()
         tn, wn = np.sqrt((t * t).mean()), np.sqrt((w * w).mean())
         if tn < _MIN_STD and wn < _MIN_STD:
@@ -239,9 +256,13 @@ def _images_of(collection: records.Collection) -> list[np.ndarray]:
   return [records.load_image(r) for r in collection.records]
 
 
-def near_duplicate_pairs(collection: records.Collection, *, threshold: float = 0.65,
-                         candidates_per_image: int = 8,
-                         images: list[np.ndarray] | None = None) -> list[tuple[int, int, float]]:
+def near_duplicate_pairs(
+  collection: records.Collection,
+  *,
+  threshold: float = 0.65,
+  candidates_per_image: int = 8,
+  images: list[np.ndarray] | None = None,
+) -> list[tuple[int, int, float]]:
   """Pairs of records that show the same scan (re-cropped, rescaled or re-saved).
 
   Args:
@@ -268,8 +289,9 @@ def near_duplicate_pairs(collection: records.Collection, *, threshold: float = 0
   k = min(candidates_per_image, n - 1)
   # Stable sort on (-score, index) keeps candidate choice deterministic under ties.
   nearest = np.argsort(-both, axis=1, kind="stable")[:, :k]
-  candidates = sorted({(min(i, int(j)), max(i, int(j))) for i in range(n) for j in nearest[i]
-                       if i != j})
+  candidates = sorted(
+    {(min(i, int(j)), max(i, int(j))) for i in range(n) for j in nearest[i] if i != j}
+  )
   # Fine search over the whole scale grid: centring it on the coarse best scale missed copies
   # (a re-crop without its frame scored 0.68 instead of 0.98) for a ~2x saving.
   fine_scales = [float(s) for s in _scales(_FINE_STEP)]
@@ -309,9 +331,13 @@ def _union_find_labels(n: int, pairs) -> np.ndarray:
   return np.asarray([find(x) for x in range(n)], np.int64)
 
 
-def near_duplicate_clusters(collection: records.Collection, *, threshold: float = 0.65,
-                            pairs: list[tuple[int, int, float]] | None = None,
-                            **kwargs) -> list[list[int]]:
+def near_duplicate_clusters(
+  collection: records.Collection,
+  *,
+  threshold: float = 0.65,
+  pairs: list[tuple[int, int, float]] | None = None,
+  **kwargs,
+) -> list[list[int]]:
   """Connected groups (size >= 2) of near-duplicate records, sorted, indices into records.
 
   Args:
@@ -334,8 +360,12 @@ def near_duplicate_clusters(collection: records.Collection, *, threshold: float 
 # ---------------------------------------------------------------------------------------------
 
 
-def group_ids(collection: records.Collection, *, near_duplicates: bool = True,
-              pairs: list[tuple[int, int, float]] | None = None) -> np.ndarray:
+def group_ids(
+  collection: records.Collection,
+  *,
+  near_duplicates: bool = True,
+  pairs: list[tuple[int, int, float]] | None = None,
+) -> np.ndarray:
   """Group index per record: records sharing a patient or a near-duplicate cluster share one.
 
   Args:
@@ -415,8 +445,10 @@ def _split_fraction(labels, groups, fraction: float, seed: int) -> np.ndarray:
 
 def _named(collection: records.Collection, tag: str, indices) -> dict[str, records.Collection]:
   """Train/val/test subsets named '<source>/<tag>/<part>'."""
-  return {part: collection.subset(np.asarray(idx, np.int64), name=f"{collection.name}/{tag}/{part}")
-          for part, idx in indices.items()}
+  return {
+    part: collection.subset(np.asarray(idx, np.int64), name=f"{collection.name}/{tag}/{part}")
+    for part, idx in indices.items()
+  }
 
 
 def _pairs_within(pairs, indices: np.ndarray):
@@ -427,8 +459,13 @@ def _pairs_within(pairs, indices: np.ndarray):
   return [(position[a], position[b], s) for a, b, s in pairs if a in position and b in position]
 
 
-def make_splits(collection: records.Collection, split_config, *, fold: int | None = None,
-                pairs: list[tuple[int, int, float]] | None = None) -> dict[str, records.Collection]:
+def make_splits(
+  collection: records.Collection,
+  split_config,
+  *,
+  fold: int | None = None,
+  pairs: list[tuple[int, int, float]] | None = None,
+) -> dict[str, records.Collection]:
   """Train / val / test collections for one split.
 
   Args:
@@ -466,17 +503,21 @@ def make_splits(collection: records.Collection, split_config, *, fold: int | Non
       return _named(collection, "predefined", parts)
     # The given val part is reported as the test set; a grouped val is carved from train.
     if parts["test"]:
-      raise ValueError("split.val_from_train needs a predefined split without a test part "
-                       f"({len(parts['test'])} records are marked test)")
+      raise ValueError(
+        "split.val_from_train needs a predefined split without a test part "
+        f"({len(parts['test'])} records are marked test)"
+      )
     train = np.asarray(parts["train"], np.int64)
     sub = collection.subset(train)
-    groups = group_ids(sub, near_duplicates=bool(cfg.get("near_duplicates", True)),
-                       pairs=_pairs_within(pairs, train))
+    groups = group_ids(
+      sub, near_duplicates=bool(cfg.get("near_duplicates", True)), pairs=_pairs_within(pairs, train)
+    )
     val_in_train = _split_fraction(labels[train], groups, val_fraction, seed + 1)
     indices = {"train": train[~val_in_train], "val": train[val_in_train], "test": parts["val"]}
     return _named(collection, "predefined-valtest", indices)
-  groups = group_ids(collection, near_duplicates=bool(cfg.get("near_duplicates", True)),
-                     pairs=pairs)
+  groups = group_ids(
+    collection, near_duplicates=bool(cfg.get("near_duplicates", True)), pairs=pairs
+  )
   if kind == "kfold":
     k = int(cfg.get("k", 5))
     if not 0 <= fold < k:
@@ -501,12 +542,19 @@ def make_splits(collection: records.Collection, split_config, *, fold: int | Non
     raise ValueError(f"unknown split kind {kind!r}")
   rest = np.flatnonzero(~test)
   val_in_rest = _split_fraction(labels[rest], groups[rest], val_fraction, seed + 1)
-  return _named(collection, tag, {"train": rest[~val_in_rest], "val": rest[val_in_rest],
-                                  "test": np.flatnonzero(test)})
+  return _named(
+    collection,
+    tag,
+    {"train": rest[~val_in_rest], "val": rest[val_in_rest], "test": np.flatnonzero(test)},
+  )
 
 
-def leakage_report(collection: records.Collection, splits: dict[str, records.Collection], *,
-                   pairs: list[tuple[int, int, float]] | None = None) -> dict:
+def leakage_report(
+  collection: records.Collection,
+  splits: dict[str, records.Collection],
+  *,
+  pairs: list[tuple[int, int, float]] | None = None,
+) -> dict:
   """Near-duplicate pairs, clusters and patients that straddle split boundaries.
 
   Args:
@@ -526,8 +574,10 @@ def leakage_report(collection: records.Collection, splits: dict[str, records.Col
   ids = [r.id for r in collection.records]
   where = [part_of.get(i) for i in ids]
   straddling_pairs = [
-      {"a": ids[i], "b": ids[j], "score": round(float(s), 4), "parts": [where[i], where[j]]}
-      for i, j, s in pairs if where[i] and where[j] and where[i] != where[j]]
+    {"a": ids[i], "b": ids[j], "score": round(float(s), 4), "parts": [where[i], where[j]]}
+    for i, j, s in pairs
+    if where[i] and where[j] and where[i] != where[j]
+  ]
   straddling_clusters = []
   for cluster in near_duplicate_clusters(collection, pairs=pairs):
     parts = sorted({where[i] for i in cluster if where[i]})
@@ -539,12 +589,12 @@ def leakage_report(collection: records.Collection, splits: dict[str, records.Col
       by_patient.setdefault(str(record.patient_id), set()).add(part)
   straddling_patients = sorted(p for p, parts in by_patient.items() if len(parts) > 1)
   return {
-      "split_sizes": {part: len(subset) for part, subset in splits.items()},
-      "pairs": len(pairs),
-      "straddling_pairs": len(straddling_pairs),
-      "straddling_clusters": len(straddling_clusters),
-      "straddling_patients": len(straddling_patients),
-      "pair_details": straddling_pairs,
-      "cluster_details": straddling_clusters,
-      "patient_details": straddling_patients,
+    "split_sizes": {part: len(subset) for part, subset in splits.items()},
+    "pairs": len(pairs),
+    "straddling_pairs": len(straddling_pairs),
+    "straddling_clusters": len(straddling_clusters),
+    "straddling_patients": len(straddling_patients),
+    "pair_details": straddling_pairs,
+    "cluster_details": straddling_clusters,
+    "patient_details": straddling_patients,
   }

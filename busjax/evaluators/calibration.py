@@ -24,7 +24,7 @@ def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
 
 
 def _calibration_gaps(
-    hits: np.ndarray, confidence: np.ndarray, n_bins: int
+  hits: np.ndarray, confidence: np.ndarray, n_bins: int
 ) -> dict[str, np.ndarray]:
   """Per-bin counts, mean confidence and observed frequency (nan in empty bins)."""
   bins = _bin_index(confidence, n_bins)
@@ -35,10 +35,10 @@ def _calibration_gaps(
     mean_confidence = np.where(counts > 0, sum_confidence / counts, np.nan)
     observed = np.where(counts > 0, sum_hits / counts, np.nan)
   return {
-      "bin_edges": np.linspace(0.0, 1.0, n_bins + 1),
-      "counts": counts,
-      "mean_predicted": mean_confidence,
-      "fraction_positive": observed,
+    "bin_edges": np.linspace(0.0, 1.0, n_bins + 1),
+    "counts": counts,
+    "mean_predicted": mean_confidence,
+    "fraction_positive": observed,
   }
 
 
@@ -92,8 +92,10 @@ def check_multiclass(labels: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
   row_sums = probs.sum(axis=1)
   if not np.allclose(row_sums, 1.0, atol=1e-3):
     worst = int(np.argmax(np.abs(row_sums - 1.0)))
-    raise ValueError(f"class probabilities must sum to 1 per row; row {worst} sums to "
-                     f"{row_sums[worst]:.4f} (pass softmax outputs, not logits)")
+    raise ValueError(
+      f"class probabilities must sum to 1 per row; row {worst} sums to "
+      f"{row_sums[worst]:.4f} (pass softmax outputs, not logits)"
+    )
   n_classes = probs.shape[1]
   if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= n_classes:
     raise ValueError(f"labels must be integers in [0, {n_classes}); got {np.unique(labels)[:5]}")

@@ -122,7 +122,7 @@ def _auc_unchecked(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def bootstrap_indices(
-    n: int, *, clusters: Any = None, n_resamples: int = 2000, seed: int = 0
+  n: int, *, clusters: Any = None, n_resamples: int = 2000, seed: int = 0
 ) -> Any:
   """Yields ``n_resamples`` index arrays: plain, or patient-clustered when ``clusters`` is given.
 
@@ -147,14 +147,14 @@ def bootstrap_indices(
 
 
 def bootstrap_ci(
-    metric_fn: Callable[[np.ndarray, np.ndarray], float],
-    y: Any,
-    p: Any,
-    *,
-    clusters: Any = None,
-    n: int = 2000,
-    alpha: float = 0.05,
-    seed: int = 0,
+  metric_fn: Callable[[np.ndarray, np.ndarray], float],
+  y: Any,
+  p: Any,
+  *,
+  clusters: Any = None,
+  n: int = 2000,
+  alpha: float = 0.05,
+  seed: int = 0,
 ) -> Interval:
   """Percentile bootstrap interval of ``metric_fn(y, p)``.
 
@@ -190,13 +190,13 @@ def bootstrap_ci(
   else:
     lo = hi = float("nan")
   return Interval(
-      lo,
-      hi,
-      method="bootstrap-clustered" if clusters is not None else "bootstrap",
-      alpha=alpha,
-      n_resamples=len(values),
-      n_skipped_one_class=skipped_one_class,
-      n_skipped_nan=skipped_nan,
+    lo,
+    hi,
+    method="bootstrap-clustered" if clusters is not None else "bootstrap",
+    alpha=alpha,
+    n_resamples=len(values),
+    n_skipped_one_class=skipped_one_class,
+    n_skipped_nan=skipped_nan,
   )
 
 
@@ -233,8 +233,12 @@ def delong_ci(y: Any, p: Any, *, alpha: float = 0.05) -> Interval:
   auc, se = float(aucs[0]), float(np.sqrt(max(cov[0, 0], 0.0)))
   z = scipy.stats.norm.ppf(1.0 - alpha / 2.0)
   return Interval(
-      max(auc - z * se, 0.0), min(auc + z * se, 1.0), method="delong", alpha=alpha, estimate=auc,
-      se=se,
+    max(auc - z * se, 0.0),
+    min(auc + z * se, 1.0),
+    method="delong",
+    alpha=alpha,
+    estimate=auc,
+    se=se,
   )
 
 
@@ -260,12 +264,12 @@ def delong_test(y: Any, p1: Any, p2: Any) -> dict[str, float]:
     z = float("nan")
     p_value = 1.0 if abs(diff) < 1e-12 else float("nan")
   return {
-      "auc1": float(aucs[0]),
-      "auc2": float(aucs[1]),
-      "diff": diff,
-      "se": float(np.sqrt(max(variance, 0.0))),
-      "z": float(z),
-      "p_value": p_value,
+    "auc1": float(aucs[0]),
+    "auc2": float(aucs[1]),
+    "diff": diff,
+    "se": float(np.sqrt(max(variance, 0.0))),
+    "z": float(z),
+    "p_value": p_value,
   }
 
 
@@ -329,22 +333,22 @@ def threshold_metrics(y: Any, p: Any, threshold: float) -> dict[str, float]:
   sensitivity = _ratio(tp, tp + fn)
   specificity = _ratio(tn, tn + fp)
   return {
-      "accuracy": _ratio(tp + tn, y.shape[0]),
-      "sensitivity": sensitivity,
-      "specificity": specificity,
-      "ppv": _ratio(tp, tp + fp),
-      "npv": _ratio(tn, tn + fn),
-      "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-      "balanced_accuracy": (sensitivity + specificity) / 2.0,  # nan propagates.
-      "tp": tp,
-      "fp": fp,
-      "tn": tn,
-      "fn": fn,
+    "accuracy": _ratio(tp + tn, y.shape[0]),
+    "sensitivity": sensitivity,
+    "specificity": specificity,
+    "ppv": _ratio(tp, tp + fp),
+    "npv": _ratio(tn, tn + fn),
+    "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+    "balanced_accuracy": (sensitivity + specificity) / 2.0,  # nan propagates.
+    "tp": tp,
+    "fp": fp,
+    "tn": tn,
+    "fn": fn,
   }
 
 
 def specificity_at_sensitivity_point(
-    y: np.ndarray, p: np.ndarray, target_sens: float
+  y: np.ndarray, p: np.ndarray, target_sens: float
 ) -> tuple[float, float, float]:
   """(specificity, achieved sensitivity, threshold) of the best point with sens >= target.
 
@@ -357,7 +361,7 @@ def specificity_at_sensitivity_point(
 
 
 def sensitivity_at_specificity_point(
-    y: np.ndarray, p: np.ndarray, target_spec: float
+  y: np.ndarray, p: np.ndarray, target_spec: float
 ) -> tuple[float, float, float]:
   """(sensitivity, achieved specificity, threshold) of the best point with spec >= target.
 
@@ -369,14 +373,14 @@ def sensitivity_at_specificity_point(
 
 
 def specificity_at_sensitivity(
-    y: Any,
-    p: Any,
-    target_sens: float,
-    *,
-    clusters: Any = None,
-    n_bootstrap: int = 2000,
-    alpha: float = 0.05,
-    seed: int = 0,
+  y: Any,
+  p: Any,
+  target_sens: float,
+  *,
+  clusters: Any = None,
+  n_bootstrap: int = 2000,
+  alpha: float = 0.05,
+  seed: int = 0,
 ) -> dict[str, Any]:
   """Best specificity among thresholds whose sensitivity is at least ``target_sens``.
 
@@ -394,27 +398,32 @@ def specificity_at_sensitivity(
   ci = None
   if n_bootstrap:
     ci = bootstrap_ci(
-        lambda yy, pp: specificity_at_sensitivity_point(yy, pp, target_sens)[0],
-        y, p, clusters=clusters, n=n_bootstrap, alpha=alpha, seed=seed,
+      lambda yy, pp: specificity_at_sensitivity_point(yy, pp, target_sens)[0],
+      y,
+      p,
+      clusters=clusters,
+      n=n_bootstrap,
+      alpha=alpha,
+      seed=seed,
     )
   return {
-      "target_sensitivity": float(target_sens),
-      "specificity": spec,
-      "sensitivity": sens,
-      "threshold": threshold,
-      "ci": ci,
+    "target_sensitivity": float(target_sens),
+    "specificity": spec,
+    "sensitivity": sens,
+    "threshold": threshold,
+    "ci": ci,
   }
 
 
 def sensitivity_at_specificity(
-    y: Any,
-    p: Any,
-    target_spec: float,
-    *,
-    clusters: Any = None,
-    n_bootstrap: int = 2000,
-    alpha: float = 0.05,
-    seed: int = 0,
+  y: Any,
+  p: Any,
+  target_spec: float,
+  *,
+  clusters: Any = None,
+  n_bootstrap: int = 2000,
+  alpha: float = 0.05,
+  seed: int = 0,
 ) -> dict[str, Any]:
   """Best sensitivity among thresholds whose specificity is at least ``target_spec``.
 
@@ -429,14 +438,18 @@ def sensitivity_at_specificity(
   ci = None
   if n_bootstrap:
     ci = bootstrap_ci(
-        lambda yy, pp: sensitivity_at_specificity_point(yy, pp, target_spec)[0],
-        y, p, clusters=clusters, n=n_bootstrap, alpha=alpha, seed=seed,
+      lambda yy, pp: sensitivity_at_specificity_point(yy, pp, target_spec)[0],
+      y,
+      p,
+      clusters=clusters,
+      n=n_bootstrap,
+      alpha=alpha,
+      seed=seed,
     )
   return {
-      "target_specificity": float(target_spec),
-      "sensitivity": sens,
-      "specificity": spec,
-      "threshold": threshold,
-      "ci": ci,
+    "target_specificity": float(target_spec),
+    "sensitivity": sens,
+    "specificity": spec,
+    "threshold": threshold,
+    "ci": ci,
   }
-

@@ -37,7 +37,7 @@ def parse_birads(values: Any) -> np.ndarray:
       match = _BIRADS_PATTERN.match(str(value))
       if match is None:
         raise records.DataError(
-            f"BI-RADS value {value!r} at position {i} is not a category 0-6 (optionally 4a/4b/4c)"
+          f"BI-RADS value {value!r} at position {i} is not a category 0-6 (optionally 4a/4b/4c)"
         )
       number, sub = int(match.group(1)), match.group(2)
     if not 0 <= number <= 6 or (sub is not None and number != 4):
@@ -59,14 +59,14 @@ def _specificity_of_calls(y: np.ndarray, calls: np.ndarray) -> float:
 
 
 def reader_operating_point(
-    y: Any,
-    birads: Any,
-    threshold: Any = 4,
-    *,
-    clusters: Any = None,
-    n_bootstrap: int = 2000,
-    alpha: float = 0.05,
-    seed: int = 0,
+  y: Any,
+  birads: Any,
+  threshold: Any = 4,
+  *,
+  clusters: Any = None,
+  n_bootstrap: int = 2000,
+  alpha: float = 0.05,
+  seed: int = 0,
 ) -> dict[str, Any]:
   """The reader's sensitivity and specificity when ``BI-RADS >= threshold`` is called malignant.
 
@@ -90,8 +90,13 @@ def reader_operating_point(
   threshold_value = _threshold_value(threshold)
   calls = (birads >= threshold_value).astype(np.float64)
   point = metrics.threshold_metrics(y, calls, 0.5)
-  point.update(threshold=threshold_value, rule=f"BI-RADS >= {threshold} called malignant",
-               n=int(y.shape[0]), sensitivity_ci=None, specificity_ci=None)
+  point.update(
+    threshold=threshold_value,
+    rule=f"BI-RADS >= {threshold} called malignant",
+    n=int(y.shape[0]),
+    sensitivity_ci=None,
+    specificity_ci=None,
+  )
   if n_bootstrap:
     common = dict(clusters=clusters, n=n_bootstrap, alpha=alpha, seed=seed)
     point["sensitivity_ci"] = metrics.bootstrap_ci(_sensitivity_of_calls, y, calls, **common)
@@ -109,15 +114,15 @@ def _matched_differences(y: np.ndarray, model_and_calls: np.ndarray) -> tuple[fl
 
 
 def compare_model_to_reader(
-    y: Any,
-    p: Any,
-    birads: Any,
-    clusters: Any = None,
-    *,
-    threshold: Any = 4,
-    n_bootstrap: int = 2000,
-    alpha: float = 0.05,
-    seed: int = 0,
+  y: Any,
+  p: Any,
+  birads: Any,
+  clusters: Any = None,
+  *,
+  threshold: Any = 4,
+  n_bootstrap: int = 2000,
+  alpha: float = 0.05,
+  seed: int = 0,
 ) -> dict[str, Any]:
   """The model at the reader's operating point, on the same images.
 
@@ -137,7 +142,7 @@ def compare_model_to_reader(
   """
   y, p = metrics.check_binary(y, p)
   reader = reader_operating_point(
-      y, birads, threshold, clusters=clusters, n_bootstrap=n_bootstrap, alpha=alpha, seed=seed
+    y, birads, threshold, clusters=clusters, n_bootstrap=n_bootstrap, alpha=alpha, seed=seed
   )
   if np.isnan(reader["sensitivity"]) or np.isnan(reader["specificity"]):
     raise ValueError("comparing with a reader needs both benign and malignant cases")
@@ -151,15 +156,17 @@ def compare_model_to_reader(
   if n_bootstrap:
     boot = dict(clusters=clusters, n=n_bootstrap, alpha=alpha, seed=seed)
     spec_diff_ci = metrics.bootstrap_ci(
-        lambda yy, pp: _matched_differences(yy, pp)[0], y, model_and_calls, **boot)
+      lambda yy, pp: _matched_differences(yy, pp)[0], y, model_and_calls, **boot
+    )
     sens_diff_ci = metrics.bootstrap_ci(
-        lambda yy, pp: _matched_differences(yy, pp)[1], y, model_and_calls, **boot)
+      lambda yy, pp: _matched_differences(yy, pp)[1], y, model_and_calls, **boot
+    )
   return {
-      "reader": reader,
-      "model_auc": metrics.roc_auc(y, p),
-      "model_specificity_at_reader_sensitivity": spec_at_sens,
-      "model_sensitivity_at_reader_specificity": sens_at_spec,
-      "specificity_difference": {"value": spec_diff, "ci": spec_diff_ci},
-      "sensitivity_difference": {"value": sens_diff, "ci": sens_diff_ci},
-      "note": "model thresholds chosen on these images to match the reader's operating point",
+    "reader": reader,
+    "model_auc": metrics.roc_auc(y, p),
+    "model_specificity_at_reader_sensitivity": spec_at_sens,
+    "model_sensitivity_at_reader_specificity": sens_at_spec,
+    "specificity_difference": {"value": spec_diff, "ci": spec_diff_ci},
+    "sensitivity_difference": {"value": sens_diff, "ci": sens_diff_ci},
+    "note": "model thresholds chosen on these images to match the reader's operating point",
   }

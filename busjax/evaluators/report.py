@@ -83,13 +83,13 @@ def _default_class_names(n_classes: int) -> tuple[str, ...]:
 
 
 def write_predictions_csv(
-    path: str,
-    ids: Sequence[Any],
-    labels: Any,
-    probs: Any,
-    patient_ids: Sequence[Any] | None = None,
-    extra: Mapping[str, Sequence[Any]] | None = None,
-    class_names: Sequence[str] | None = None,
+  path: str,
+  ids: Sequence[Any],
+  labels: Any,
+  probs: Any,
+  patient_ids: Sequence[Any] | None = None,
+  extra: Mapping[str, Sequence[Any]] | None = None,
+  class_names: Sequence[str] | None = None,
 ) -> None:
   """One row per image: ``id, [patient_id], label, p_<class>..., [extra columns]``.
 
@@ -147,28 +147,33 @@ def _operating_point(y, p, threshold, chosen, clusters, bootstrap, alpha, seed) 
   point.update(threshold=float(threshold), chosen=chosen)
   if bootstrap:
     point["ci"] = {
-        name: metrics.bootstrap_ci(
-            lambda yy, pp, name=name: metrics.threshold_metrics(yy, pp, threshold)[name],
-            y, p, clusters=clusters, n=bootstrap, alpha=alpha, seed=seed,
-        )
-        for name in ("sensitivity", "specificity", "balanced_accuracy")
+      name: metrics.bootstrap_ci(
+        lambda yy, pp, name=name: metrics.threshold_metrics(yy, pp, threshold)[name],
+        y,
+        p,
+        clusters=clusters,
+        n=bootstrap,
+        alpha=alpha,
+        seed=seed,
+      )
+      for name in ("sensitivity", "specificity", "balanced_accuracy")
     }
   return point
 
 
 def evaluate(
-    y: Any,
-    p: Any,
-    *,
-    threshold: float | None = None,
-    patient_ids: Any = None,
-    class_names: Sequence[str] = records.BINARY_CLASSES,
-    probs_full: Any = None,
-    labels_full: Any = None,
-    bootstrap: int = 2000,
-    seed: int = 0,
-    alpha: float = 0.05,
-    n_bins: int = 15,
+  y: Any,
+  p: Any,
+  *,
+  threshold: float | None = None,
+  patient_ids: Any = None,
+  class_names: Sequence[str] = records.BINARY_CLASSES,
+  probs_full: Any = None,
+  labels_full: Any = None,
+  bootstrap: int = 2000,
+  seed: int = 0,
+  alpha: float = 0.05,
+  n_bins: int = 15,
 ) -> dict[str, Any]:
   """All numbers of a report for malignant-vs-rest predictions.
 
@@ -204,24 +209,29 @@ def evaluate(
   n_positive = int(y.sum())
   negative_names = [c for i, c in enumerate(class_names) if i != records.MALIGNANT]
   result: dict[str, Any] = {
-      "positive_class": class_names[records.MALIGNANT],
-      "negative_class": " or ".join(negative_names),
-      "counts": {
-          "images": int(y.shape[0]),
-          "patients": int(n_patients),
-          "positive": n_positive,
-          "negative": int(y.shape[0] - n_positive),
-          "prevalence": n_positive / y.shape[0],
-      },
-      "bootstrap": {"resamples": bootstrap, "clustered_by_patient": clusters is not None,
-                    "alpha": alpha, "seed": seed},
+    "positive_class": class_names[records.MALIGNANT],
+    "negative_class": " or ".join(negative_names),
+    "counts": {
+      "images": int(y.shape[0]),
+      "patients": int(n_patients),
+      "positive": n_positive,
+      "negative": int(y.shape[0] - n_positive),
+      "prevalence": n_positive / y.shape[0],
+    },
+    "bootstrap": {
+      "resamples": bootstrap,
+      "clustered_by_patient": clusters is not None,
+      "alpha": alpha,
+      "seed": seed,
+    },
   }
   auc: dict[str, Any] = {"value": None, "bootstrap_ci": None, "delong_ci": None}
   if 0 < n_positive < y.shape[0]:
     auc["value"] = metrics.roc_auc(y, p)
     if bootstrap:
       auc["bootstrap_ci"] = metrics.bootstrap_ci(
-          metrics.roc_auc, y, p, clusters=clusters, n=bootstrap, alpha=alpha, seed=seed)
+        metrics.roc_auc, y, p, clusters=clusters, n=bootstrap, alpha=alpha, seed=seed
+      )
     if min(n_positive, y.shape[0] - n_positive) >= 2:
       auc["delong_ci"] = metrics.delong_ci(y, p, alpha=alpha)
       auc["delong_note"] = "assumes independent images; prefer bootstrap_ci when clustered"
@@ -231,14 +241,15 @@ def evaluate(
   points = {}
   if threshold is not None:
     points["at_threshold"] = _operating_point(
-        y, p, threshold, "given (chosen on validation data)", clusters, bootstrap, alpha, seed)
+      y, p, threshold, "given (chosen on validation data)", clusters, bootstrap, alpha, seed
+    )
   points["at_0.5"] = _operating_point(y, p, 0.5, "fixed 0.5", clusters, bootstrap, alpha, seed)
   result["operating_points"] = points
   result["calibration"] = {
-      "ece": calibration.expected_calibration_error(y, p, n_bins),
-      "n_bins": n_bins,
-      "brier": calibration.brier(y, p),
-      "nll": calibration.nll(y, p),
+    "ece": calibration.expected_calibration_error(y, p, n_bins),
+    "n_bins": n_bins,
+    "brier": calibration.brier(y, p),
+    "nll": calibration.nll(y, p),
   }
   if probs_full is not None and labels_full is not None:
     labels_full, probs_full = calibration.check_multiclass(labels_full, probs_full)
@@ -253,12 +264,12 @@ def evaluate(
     confusion = np.zeros((n_classes, n_classes), np.int64)
     np.add.at(confusion, (labels_full, predicted), 1)
     result["multiclass"] = {
-        "class_names": list(class_names),
-        "accuracy": float(np.mean(predicted == labels_full)),
-        "confusion_matrix": confusion,  # Rows: truth, columns: argmax prediction.
-        "top_label_ece": calibration.top_label_ece(labels_full, probs_full, n_bins),
-        "brier": calibration.multiclass_brier(labels_full, probs_full),
-        "nll": calibration.multiclass_nll(labels_full, probs_full),
+      "class_names": list(class_names),
+      "accuracy": float(np.mean(predicted == labels_full)),
+      "confusion_matrix": confusion,  # Rows: truth, columns: argmax prediction.
+      "top_label_ece": calibration.top_label_ece(labels_full, probs_full, n_bins),
+      "brier": calibration.multiclass_brier(labels_full, probs_full),
+      "nll": calibration.multiclass_nll(labels_full, probs_full),
     }
   return result
 
@@ -276,13 +287,27 @@ def _new_figure(provenance: Mapping[str, Any], what: str, size=(5.6, 5.6)) -> mp
   fig.get_layout_engine().set(rect=(0.0, 0.035, 1.0, 0.965))
   synthetic = bool(provenance["synthetic"])
   title = f"{what}: {provenance['source']}, split {provenance['split']}"
-  fig.suptitle(("SYNTHETIC DATA - " if synthetic else "") + title, fontsize=10,
-               color="firebrick" if synthetic else "black")
+  fig.suptitle(
+    ("SYNTHETIC DATA - " if synthetic else "") + title,
+    fontsize=10,
+    color="firebrick" if synthetic else "black",
+  )
   if synthetic:
-    fig.text(0.5, 0.5, "SYNTHETIC DATA", fontsize=38, color="firebrick", alpha=0.13,
-             rotation=30, ha="center", va="center", zorder=0)
+    fig.text(
+      0.5,
+      0.5,
+      "SYNTHETIC DATA",
+      fontsize=38,
+      color="firebrick",
+      alpha=0.13,
+      rotation=30,
+      ha="center",
+      va="center",
+      zorder=0,
+    )
   footer = " | ".join(
-      f"{key} {provenance[key]}" for key in ("model", "step", "trained_on") if key in provenance)
+    f"{key} {provenance[key]}" for key in ("model", "step", "trained_on") if key in provenance
+  )
   if footer:
     fig.text(0.01, 0.005, footer, fontsize=7, color="dimgray", ha="left", va="bottom")
   return fig
@@ -309,9 +334,16 @@ def _plot_roc(path, y, p, result, provenance, comparison) -> None:
     marker, color = markers[key]
     if math.isfinite(point["sensitivity"]) and math.isfinite(point["specificity"]):
       where = "validation threshold p >= " if key == "at_threshold" else "p >= "
-      ax.plot(1 - point["specificity"], point["sensitivity"], marker, color=color, ms=8,
-              mec="black", label=f"{where}{point['threshold']:.3g}: sens "
-              f"{point['sensitivity']:.2f}, spec {point['specificity']:.2f}")
+      ax.plot(
+        1 - point["specificity"],
+        point["sensitivity"],
+        marker,
+        color=color,
+        ms=8,
+        mec="black",
+        label=f"{where}{point['threshold']:.3g}: sens "
+        f"{point['sensitivity']:.2f}, spec {point['specificity']:.2f}",
+      )
   if comparison is not None:
     reader = comparison["reader"]
     sens, spec = reader["sensitivity"], reader["specificity"]
@@ -321,16 +353,28 @@ def _plot_roc(path, y, p, result, provenance, comparison) -> None:
       xerr = [[max(hi - spec, 0.0)], [max(spec - lo, 0.0)]]  # 1 - spec flips the interval.
       lo, hi = reader["sensitivity_ci"]
       yerr = [[max(sens - lo, 0.0)], [max(hi - sens, 0.0)]]
-    ax.errorbar(1 - spec, sens, xerr=xerr, yerr=yerr, fmt="*", color="crimson", ms=13,
-                mec="black", capsize=3, label=f"reader ({reader['rule']}): sens {sens:.2f}, "
-                f"spec {spec:.2f}")
+    ax.errorbar(
+      1 - spec,
+      sens,
+      xerr=xerr,
+      yerr=yerr,
+      fmt="*",
+      color="crimson",
+      ms=13,
+      mec="black",
+      capsize=3,
+      label=f"reader ({reader['rule']}): sens {sens:.2f}, spec {spec:.2f}",
+    )
   ax.set_xlim(-0.01, 1.01)
   ax.set_ylim(-0.01, 1.01)
   ax.set_aspect("equal")
   ax.set_xlabel("1 - specificity (false-positive rate)")
   ax.set_ylabel("sensitivity (true-positive rate)")
-  ax.set_title(f"{counts['images']} images, {counts['patients']} patients, "
-               f"{counts['positive']} {result['positive_class']}", fontsize=8)
+  ax.set_title(
+    f"{counts['images']} images, {counts['patients']} patients, "
+    f"{counts['positive']} {result['positive_class']}",
+    fontsize=8,
+  )
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right", fontsize=6.5)
   fig.savefig(path)
@@ -345,9 +389,14 @@ def _plot_reliability(path, y, p, result, provenance) -> None:
   curve = calibration.reliability_curve(y, p, n_bins)
   filled = curve["counts"] > 0
   ax.plot([0, 1], [0, 1], color="lightgray", ls="--", lw=1, label="perfect calibration")
-  ax.plot(curve["mean_predicted"][filled], curve["fraction_positive"][filled], "o-",
-          color="tab:blue", label=f"model: ECE {result['calibration']['ece']:.3f} "
-          f"({n_bins} bins), Brier {result['calibration']['brier']:.3f}")
+  ax.plot(
+    curve["mean_predicted"][filled],
+    curve["fraction_positive"][filled],
+    "o-",
+    color="tab:blue",
+    label=f"model: ECE {result['calibration']['ece']:.3f} "
+    f"({n_bins} bins), Brier {result['calibration']['brier']:.3f}",
+  )
   ax.set_ylabel(f"observed fraction {result['positive_class']}")
   ax.set_xlim(0, 1)
   ax.set_ylim(-0.02, 1.02)
@@ -355,9 +404,13 @@ def _plot_reliability(path, y, p, result, provenance) -> None:
   ax.legend(loc="upper left", fontsize=7)
   ax.tick_params(labelbottom=False)
   edges = curve["bin_edges"]
-  hist_ax.hist([p[y == 0], p[y == 1]], bins=edges, stacked=True,
-               color=["tab:gray", "tab:red"], label=[result["negative_class"],
-                                                      result["positive_class"]])
+  hist_ax.hist(
+    [p[y == 0], p[y == 1]],
+    bins=edges,
+    stacked=True,
+    color=["tab:gray", "tab:red"],
+    label=[result["negative_class"], result["positive_class"]],
+  )
   hist_ax.set_xlabel(f"predicted p({result['positive_class']})")
   hist_ax.set_ylabel("images")
   hist_ax.legend(fontsize=6.5, loc="upper center")
@@ -370,8 +423,15 @@ def _draw_confusion(ax, matrix, row_names, col_names, title) -> None:
   ax.imshow(row_share, cmap="Blues", vmin=0, vmax=1)
   for i in range(matrix.shape[0]):
     for j in range(matrix.shape[1]):
-      ax.text(j, i, f"{matrix[i, j]}\n{100 * row_share[i, j]:.0f}%", ha="center", va="center",
-              color="white" if row_share[i, j] > 0.6 else "black", fontsize=9)
+      ax.text(
+        j,
+        i,
+        f"{matrix[i, j]}\n{100 * row_share[i, j]:.0f}%",
+        ha="center",
+        va="center",
+        color="white" if row_share[i, j] > 0.6 else "black",
+        fontsize=9,
+      )
   ax.set_xticks(range(len(col_names)), col_names, fontsize=8)
   ax.set_yticks(range(len(row_names)), row_names, fontsize=8)
   ax.set_xlabel("predicted")
@@ -387,12 +447,22 @@ def _plot_confusion(path, result, provenance) -> None:
   fig = _new_figure(provenance, "Confusion", size=(9.0 if multiclass else 5.0, 4.6))
   names = [result["negative_class"], result["positive_class"]]
   ax = fig.add_subplot(1, 2 if multiclass else 1, 1)
-  _draw_confusion(ax, [[point["tn"], point["fp"]], [point["fn"], point["tp"]]], names, names,
-                  f"p >= {point['threshold']:.3g} ({point['chosen']}); row %")
+  _draw_confusion(
+    ax,
+    [[point["tn"], point["fp"]], [point["fn"], point["tp"]]],
+    names,
+    names,
+    f"p >= {point['threshold']:.3g} ({point['chosen']}); row %",
+  )
   if multiclass:
     ax = fig.add_subplot(1, 2, 2)
-    _draw_confusion(ax, multiclass["confusion_matrix"], multiclass["class_names"],
-                    multiclass["class_names"], "argmax over classes; row %")
+    _draw_confusion(
+      ax,
+      multiclass["confusion_matrix"],
+      multiclass["class_names"],
+      multiclass["class_names"],
+      "argmax over classes; row %",
+    )
   fig.savefig(path)
 
 
@@ -405,27 +475,28 @@ def _check_provenance(provenance: Mapping[str, Any]) -> None:
   for key, kind in _REQUIRED_PROVENANCE.items():
     if key not in provenance:
       raise ValueError(
-          f"provenance lacks {key!r}: a report must state {sorted(_REQUIRED_PROVENANCE)}")
+        f"provenance lacks {key!r}: a report must state {sorted(_REQUIRED_PROVENANCE)}"
+      )
     if not isinstance(provenance[key], kind):
       raise ValueError(f"provenance[{key!r}] must be {kind.__name__}, got {provenance[key]!r}")
 
 
 def write_report(
-    out_dir: str,
-    *,
-    name: str,
-    provenance: Mapping[str, Any],
-    y: Any,
-    p: Any,
-    patient_ids: Any = None,
-    ids: Sequence[Any] | None = None,
-    threshold: float | None = None,
-    reader: Any = None,
-    class_names: Sequence[str] = records.BINARY_CLASSES,
-    probs_full: Any = None,
-    labels_full: Any = None,
-    bootstrap: int = 2000,
-    seed: int = 0,
+  out_dir: str,
+  *,
+  name: str,
+  provenance: Mapping[str, Any],
+  y: Any,
+  p: Any,
+  patient_ids: Any = None,
+  ids: Sequence[Any] | None = None,
+  threshold: float | None = None,
+  reader: Any = None,
+  class_names: Sequence[str] = records.BINARY_CLASSES,
+  probs_full: Any = None,
+  labels_full: Any = None,
+  bootstrap: int = 2000,
+  seed: int = 0,
 ) -> dict[str, Any]:
   """Evaluates and writes ``out_dir/name/`` (see the module docstring); returns the JSON dict.
 
@@ -443,8 +514,17 @@ def write_report(
   if not isinstance(name, str) or not _NAME_PATTERN.match(name):
     raise ValueError(f"report name {name!r} must be a plain file name (letters, digits, . _ -)")
   _check_provenance(provenance)
-  result = evaluate(y, p, threshold=threshold, patient_ids=patient_ids, class_names=class_names,
-                    probs_full=probs_full, labels_full=labels_full, bootstrap=bootstrap, seed=seed)
+  result = evaluate(
+    y,
+    p,
+    threshold=threshold,
+    patient_ids=patient_ids,
+    class_names=class_names,
+    probs_full=probs_full,
+    labels_full=labels_full,
+    bootstrap=bootstrap,
+    seed=seed,
+  )
   y, p = metrics.check_binary(y, p, probabilities=True)
   ids = [str(i) for i in range(y.shape[0])] if ids is None else list(ids)
   comparison = None
@@ -453,30 +533,46 @@ def write_report(
     reader_spec = dict(reader) if isinstance(reader, Mapping) else {"birads": reader}
     clusters = patient_ids if result["bootstrap"]["clustered_by_patient"] else None
     comparison = readers.compare_model_to_reader(
-        y, p, reader_spec["birads"], clusters, threshold=reader_spec.get("threshold", 4),
-        n_bootstrap=bootstrap, seed=seed)
+      y,
+      p,
+      reader_spec["birads"],
+      clusters,
+      threshold=reader_spec.get("threshold", 4),
+      n_bootstrap=bootstrap,
+      seed=seed,
+    )
     extra["birads"] = list(np.asarray(reader_spec["birads"], dtype=object))
   report_dir = os.path.join(out_dir, name)
   os.makedirs(report_dir, exist_ok=True)
-  files = {"json": "report.json", "predictions": "predictions.csv", "roc": "roc.png",
-           "reliability": "reliability.png", "confusion": "confusion.png"}
+  files = {
+    "json": "report.json",
+    "predictions": "predictions.csv",
+    "roc": "roc.png",
+    "reliability": "reliability.png",
+    "confusion": "confusion.png",
+  }
   labels = labels_full if labels_full is not None else y
   write_predictions_csv(
-      os.path.join(report_dir, files["predictions"]), ids, labels,
-      probs_full if probs_full is not None else p, patient_ids=patient_ids, extra=extra,
-      class_names=class_names if probs_full is not None else None)
+    os.path.join(report_dir, files["predictions"]),
+    ids,
+    labels,
+    probs_full if probs_full is not None else p,
+    patient_ids=patient_ids,
+    extra=extra,
+    class_names=class_names if probs_full is not None else None,
+  )
   _plot_roc(os.path.join(report_dir, files["roc"]), y, p, result, provenance, comparison)
   _plot_reliability(os.path.join(report_dir, files["reliability"]), y, p, result, provenance)
   _plot_confusion(os.path.join(report_dir, files["confusion"]), result, provenance)
   report = {
-      "schema": SCHEMA,
-      "name": name,
-      "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-      "provenance": dict(provenance),
-      "synthetic": bool(provenance["synthetic"]),  # Top level too: it must be impossible to miss.
-      **result,
-      "reader_comparison": comparison,
-      "files": files,
+    "schema": SCHEMA,
+    "name": name,
+    "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "provenance": dict(provenance),
+    "synthetic": bool(provenance["synthetic"]),  # Top level too: it must be impossible to miss.
+    **result,
+    "reader_comparison": comparison,
+    "files": files,
   }
   report = to_jsonable(report)
   write_json(os.path.join(report_dir, files["json"]), report)

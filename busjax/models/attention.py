@@ -73,12 +73,14 @@ class SqueezeExcitation(nnx.Module):
 class ECA(nnx.Module):
   """Efficient channel attention: a 1-D convolution across the pooled channel vector, no MLP."""
 
-  def __init__(self, channels: int, *, rngs: nnx.Rngs, gamma: float = 2.0, b: float = 1.0,
-               dtype=None):
+  def __init__(
+    self, channels: int, *, rngs: nnx.Rngs, gamma: float = 2.0, b: float = 1.0, dtype=None
+  ):
     self.kernel_size = eca_kernel_size(channels, gamma, b)
     # One input and one output feature: the same k weights slide over the channel axis.
-    self.conv = nnx.Conv(1, 1, kernel_size=(self.kernel_size,), padding="SAME", use_bias=False,
-                         dtype=dtype, rngs=rngs)
+    self.conv = nnx.Conv(
+      1, 1, kernel_size=(self.kernel_size,), padding="SAME", use_bias=False, dtype=dtype, rngs=rngs
+    )
 
   def channel_gate(self, x: jax.Array) -> jax.Array:
     """Gate of shape (N, 1, 1, C) in [0, 1]."""
@@ -97,13 +99,15 @@ class CBAM(nnx.Module):
   features, as in the paper (without the optional BatchNorm, so the block has no batch state).
   """
 
-  def __init__(self, channels: int, reduction: int = 16, *, rngs: nnx.Rngs,
-               spatial_kernel: int = 7, dtype=None):
+  def __init__(
+    self, channels: int, reduction: int = 16, *, rngs: nnx.Rngs, spatial_kernel: int = 7, dtype=None
+  ):
     hidden = _hidden_channels(channels, reduction)
     self.fc1 = nnx.Linear(channels, hidden, dtype=dtype, rngs=rngs)
     self.fc2 = nnx.Linear(hidden, channels, dtype=dtype, rngs=rngs)
-    self.spatial_conv = nnx.Conv(2, 1, kernel_size=(spatial_kernel, spatial_kernel),
-                                 padding="SAME", dtype=dtype, rngs=rngs)
+    self.spatial_conv = nnx.Conv(
+      2, 1, kernel_size=(spatial_kernel, spatial_kernel), padding="SAME", dtype=dtype, rngs=rngs
+    )
 
   def _mlp(self, v: jax.Array) -> jax.Array:
     return self.fc2(jax.nn.relu(self.fc1(v)))
@@ -116,7 +120,8 @@ class CBAM(nnx.Module):
   def spatial_gate(self, x: jax.Array) -> jax.Array:
     """sigmoid(conv7x7([mean_c(x), max_c(x)])), shape (N, H, W, 1)."""
     stacked = jnp.concatenate(
-        [jnp.mean(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)], axis=-1)
+      [jnp.mean(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)], axis=-1
+    )
     return jax.nn.sigmoid(self.spatial_conv(stacked))
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -151,8 +156,9 @@ class ChannelSpatialAttention(nnx.Module):
     return refined * self.spatial_gate(refined).astype(x.dtype)
 
 
-def create_attention(name: str, channels: int, rngs: nnx.Rngs, *, reduction: int = 16,
-                     dtype=None) -> nnx.Module:
+def create_attention(
+  name: str, channels: int, rngs: nnx.Rngs, *, reduction: int = 16, dtype=None
+) -> nnx.Module:
   """Builds an attention block by name.
 
   Args:

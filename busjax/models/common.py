@@ -157,8 +157,9 @@ class Head(nnx.Module):
     # Only create the dropout (and its RNG state) when it is used: a model without
     # dropout then needs no RNG stream in the train step.
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else nnx.data(None)
-    self.fc = nnx.Linear(in_features, num_classes, dtype=dtype,
-                         kernel_init=layers.dense_kernel_init, rngs=rngs)
+    self.fc = nnx.Linear(
+      in_features, num_classes, dtype=dtype, kernel_init=layers.dense_kernel_init, rngs=rngs
+    )
 
   def __call__(self, features: jax.Array) -> jax.Array:
     pooled = global_average_pool(features)

@@ -61,8 +61,9 @@ class Transition(nnx.Module):
     self.norm = layers.batch_norm(
       in_features, epsilon=options["bn_epsilon"], dtype=options["dtype"], rngs=options["rngs"]
     )
-    self.conv = layers.Conv(in_features, out_features, 1, dtype=options["dtype"],
-                            rngs=options["rngs"])
+    self.conv = layers.Conv(
+      in_features, out_features, 1, dtype=options["dtype"], rngs=options["rngs"]
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.conv(jax.nn.relu(self.norm(x)))
@@ -107,20 +108,29 @@ class DenseNet(nnx.Module):
     self.small_stem = small_stem
     self.dtype = common.compute_dtype(dtype)
     options = dict(
-      padding=layers.canonical_padding(padding), bn_epsilon=bn_epsilon, dtype=self.dtype,
+      padding=layers.canonical_padding(padding),
+      bn_epsilon=bn_epsilon,
+      dtype=self.dtype,
       rngs=rngs,
     )
     self.stem = layers.ConvBN(
-      in_channels, num_init_features, 3 if small_stem else 7, strides=1 if small_stem else 2,
-      padding=options["padding"], bn_epsilon=bn_epsilon, dtype=self.dtype, rngs=rngs,
+      in_channels,
+      num_init_features,
+      3 if small_stem else 7,
+      strides=1 if small_stem else 2,
+      padding=options["padding"],
+      bn_epsilon=bn_epsilon,
+      dtype=self.dtype,
+      rngs=rngs,
     )
     blocks, transitions = [], []
     features = num_init_features
     for index, num_layers in enumerate(block_config):
       block = []
       for _ in range(num_layers):
-        block.append(DenseLayer(features, growth_rate=growth_rate, bn_size=bn_size,
-                                options=options))
+        block.append(
+          DenseLayer(features, growth_rate=growth_rate, bn_size=bn_size, options=options)
+        )
         features += growth_rate
       blocks.append(nnx.List(block))
       if index != len(block_config) - 1:
@@ -129,8 +139,7 @@ class DenseNet(nnx.Module):
         features = compressed
     self.blocks = nnx.List(blocks)
     self.transitions = nnx.List(transitions)
-    self.final_norm = layers.batch_norm(features, epsilon=bn_epsilon, dtype=self.dtype,
-                                        rngs=rngs)
+    self.final_norm = layers.batch_norm(features, epsilon=bn_epsilon, dtype=self.dtype, rngs=rngs)
     self.num_features = features
     self.stage_names = ("block_1", "block_2", "block_3", "features")
     self.head = common.Head(features, num_classes, dropout=dropout, dtype=self.dtype, rngs=rngs)

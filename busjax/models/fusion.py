@@ -37,20 +37,21 @@ FUSIONS = ("concat", "add", "attention_weighted")
 
 # Backbone name -> (module under busjax.models, variant passed to its create()).
 BACKBONES = {
-    "mobilenet_v2": ("mobilenet_v2", None),
-    "densenet121": ("densenet", "densenet121"),
-    "densenet169": ("densenet", "densenet169"),
-    "resnet18": ("resnet", "resnet18"),
-    "resnet34": ("resnet", "resnet34"),
-    "resnet50": ("resnet", "resnet50"),
+  "mobilenet_v2": ("mobilenet_v2", None),
+  "densenet121": ("densenet", "densenet121"),
+  "densenet169": ("densenet", "densenet169"),
+  "resnet18": ("resnet", "resnet18"),
+  "resnet34": ("resnet", "resnet34"),
+  "resnet50": ("resnet", "resnet50"),
 }
 
 # Fields of the fusion config that every backbone inherits unless its own sub-config says otherwise.
 _SHARED_FIELDS = ("in_channels", "dtype", "padding", "bn_epsilon")
 
 
-def backbone_config(model_config: ml_collections.ConfigDict, name: str,
-                    index: int) -> ml_collections.ConfigDict:
+def backbone_config(
+  model_config: ml_collections.ConfigDict, name: str, index: int
+) -> ml_collections.ConfigDict:
   """The config a backbone's own ``create`` receives (shared fields + width + its sub-config)."""
   if name not in BACKBONES:
     raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
@@ -64,8 +65,10 @@ def backbone_config(model_config: ml_collections.ConfigDict, name: str,
   widths = model_config.get("backbone_widths")
   if widths is not None:
     if len(widths) != len(model_config.backbones):
-      raise ValueError(f"backbone_widths={tuple(widths)} must give one width per backbone "
-                       f"{tuple(model_config.backbones)}")
+      raise ValueError(
+        f"backbone_widths={tuple(widths)} must give one width per backbone "
+        f"{tuple(model_config.backbones)}"
+      )
     sub.width = float(widths[index])
   else:
     sub.width = float(model_config.get("width", 1.0))
@@ -98,8 +101,9 @@ def align_spatial(maps: list[jax.Array]) -> list[jax.Array]:
   out = []
   for m in maps:
     if m.shape[1:3] != (height, width):
-      m = jax.image.resize(m, (m.shape[0], height, width, m.shape[3]), "linear",
-                           antialias=True).astype(m.dtype)
+      m = jax.image.resize(
+        m, (m.shape[0], height, width, m.shape[3]), "linear", antialias=True
+      ).astype(m.dtype)
     out.append(m)
   return out
 
@@ -107,9 +111,19 @@ def align_spatial(maps: list[jax.Array]) -> list[jax.Array]:
 class FusionModel(nnx.Module):
   """Backbones -> projections -> aligned fusion -> attention -> pooled -> dropout -> linear head."""
 
-  def __init__(self, backbones: dict[str, nnx.Module], *, num_classes: int,
-               projection_channels: int = 256, fusion: str = "concat", attention: str = "cbam",
-               attention_reduction: int = 16, dropout: float = 0.0, dtype=None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    backbones: dict[str, nnx.Module],
+    *,
+    num_classes: int,
+    projection_channels: int = 256,
+    fusion: str = "concat",
+    attention: str = "cbam",
+    attention_reduction: int = 16,
+    dropout: float = 0.0,
+    dtype=None,
+    rngs: nnx.Rngs,
+  ):
     if not backbones:
       raise ValueError("FusionModel needs at least one backbone")
     if fusion not in FUSIONS:
@@ -118,26 +132,31 @@ class FusionModel(nnx.Module):
     self.fusion = fusion
     self.dtype = dtype
     self.backbones = nnx.Dict(backbones)
-    self.projections = nnx.Dict({
+    self.projections = nnx.Dict(
+      {
         name: Projection(net.num_features, projection_channels, dtype=dtype, rngs=rngs)
         for name, net in backbones.items()
-    })
+      }
+    )
     if fusion == "attention_weighted":
       # One score per branch from its pooled map; softmax across branches weights the sum.
-      self.branch_scores = nnx.Dict({
-          name: nnx.Linear(projection_channels, 1, dtype=dtype, rngs=rngs) for name in backbones
-      })
+      self.branch_scores = nnx.Dict(
+        {name: nnx.Linear(projection_channels, 1, dtype=dtype, rngs=rngs) for name in backbones}
+      )
     fused_channels = projection_channels * (len(backbones) if fusion == "concat" else 1)
-    self.attention = attention_lib.create_attention(attention, fused_channels, rngs,
-                                                    reduction=attention_reduction, dtype=dtype)
+    self.attention = attention_lib.create_attention(
+      attention, fused_channels, rngs, reduction=attention_reduction, dtype=dtype
+    )
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.head = nnx.Linear(fused_channels, num_classes, dtype=dtype, rngs=rngs)
     self.num_features = fused_channels
 
   def branch_weights(self, projected: list[jax.Array]) -> jax.Array:
     """(N, n_branches) softmax weights of the attention-weighted fusion."""
-    scores = [self.branch_scores[name](jnp.mean(m, axis=(1, 2)))
-              for name, m in zip(self.backbone_names, projected, strict=True)]
+    scores = [
+      self.branch_scores[name](jnp.mean(m, axis=(1, 2)))
+      for name, m in zip(self.backbone_names, projected, strict=True)
+    ]
     return jax.nn.softmax(jnp.concatenate(scores, axis=-1).astype(jnp.float32), axis=-1)
 
   def __call__(self, x: jax.Array, *, return_features: bool = False):
@@ -155,8 +174,10 @@ class FusionModel(nnx.Module):
       fused = sum(projected[1:], projected[0])
     else:
       weights = self.branch_weights(projected).astype(projected[0].dtype)
-      fused = sum(w[:, None, None, None] * m
-                  for w, m in zip(jnp.moveaxis(weights, -1, 0), projected, strict=True))
+      fused = sum(
+        w[:, None, None, None] * m
+        for w, m in zip(jnp.moveaxis(weights, -1, 0), projected, strict=True)
+      )
       features["branch_weights"] = weights
     attended = self.attention(fused)
     pooled = jnp.mean(attended.astype(jnp.float32), axis=(1, 2))
@@ -172,8 +193,9 @@ def _dtype(name: str | None):
   return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
-def create(model_config: ml_collections.ConfigDict, *, num_classes: int,
-           rngs: nnx.Rngs) -> FusionModel:
+def create(
+  model_config: ml_collections.ConfigDict, *, num_classes: int, rngs: nnx.Rngs
+) -> FusionModel:
   """Builds a `FusionModel` from ``config.model`` (fields in the module docstring).
 
   Backbones are created by their own modules' ``create``; a backbone sub-config with a
@@ -193,18 +215,22 @@ def create(model_config: ml_collections.ConfigDict, *, num_classes: int,
     if overrides is not None and overrides.get("pretrained"):
       from busjax.models import pretrained  # local: keeps h5py/keras optional for plain training
 
-      net = pretrained.load_pretrained(net, overrides.pretrained,
-                                       arch=overrides.get("pretrained_arch", name),
-                                       fmt=overrides.get("pretrained_format"), skip_head=True)
+      net = pretrained.load_pretrained(
+        net,
+        overrides.pretrained,
+        arch=overrides.get("pretrained_arch", name),
+        fmt=overrides.get("pretrained_format"),
+        skip_head=True,
+      )
     backbones[name] = net
   return FusionModel(
-      backbones,
-      num_classes=num_classes,
-      projection_channels=int(model_config.get("projection_channels", 256)),
-      fusion=model_config.get("fusion", "concat"),
-      attention=model_config.get("attention", "cbam"),
-      attention_reduction=int(model_config.get("attention_reduction", 16)),
-      dropout=float(model_config.get("dropout", 0.2)),
-      dtype=_dtype(model_config.get("dtype", "float32")),
-      rngs=rngs,
+    backbones,
+    num_classes=num_classes,
+    projection_channels=int(model_config.get("projection_channels", 256)),
+    fusion=model_config.get("fusion", "concat"),
+    attention=model_config.get("attention", "cbam"),
+    attention_reduction=int(model_config.get("attention_reduction", 16)),
+    dropout=float(model_config.get("dropout", 0.2)),
+    dtype=_dtype(model_config.get("dtype", "float32")),
+    rngs=rngs,
   )

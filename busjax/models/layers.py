@@ -52,7 +52,9 @@ def _normal_draws(key: jax.Array, size: int) -> jax.Array:
 
 
 def he_normal(
-  scale: float = 2.0, mode: str = "fan_out", in_axis: int | Sequence[int] = -2,
+  scale: float = 2.0,
+  mode: str = "fan_out",
+  in_axis: int | Sequence[int] = -2,
   out_axis: int = -1,
 ) -> Callable:
   """Variance-scaling normal initialiser (std = sqrt(scale / fan)), fast to set up on CPU.
@@ -90,9 +92,7 @@ def canonical_padding(padding: str) -> str:
   try:
     return PADDING_ALIASES[padding.lower()]
   except (KeyError, AttributeError):
-    raise ValueError(
-      f"padding must be one of {sorted(PADDING_ALIASES)}, got {padding!r}"
-    ) from None
+    raise ValueError(f"padding must be one of {sorted(PADDING_ALIASES)}, got {padding!r}") from None
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -102,9 +102,7 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
   return (int(first), int(second))
 
 
-def pad_widths(
-  size: int, kernel_size: int, stride: int, padding: str
-) -> tuple[int, int]:
+def pad_widths(size: int, kernel_size: int, stride: int, padding: str) -> tuple[int, int]:
   """Zeros to add before and after one spatial axis of length `size`.
 
   Args:
@@ -186,9 +184,7 @@ class PointwiseConv(nnx.Module):
     self.kernel = nnx.Param(
       kernel_init(rngs.params(), (1, 1, in_features, out_features), param_dtype)
     )
-    self.bias = (
-      nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else nnx.data(None)
-    )
+    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else nnx.data(None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
@@ -270,9 +266,7 @@ class Conv(nnx.Module):
     self.kernel = nnx.Param(
       kernel_init(rngs.params(), (kh, kw, in_features, out_features), param_dtype)
     )
-    self.bias = (
-      nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else nnx.data(None)
-    )
+    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else nnx.data(None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
@@ -307,9 +301,7 @@ def batch_norm(
   torchvision uses epsilon 1e-5 and momentum 0.1 (i.e. 0.9 here); Keras uses 1e-3 (DenseNet
   1.001e-5) and 0.99. Statistics are computed in at least float32 even for bfloat16 inputs.
   """
-  return nnx.BatchNorm(
-    num_features, epsilon=epsilon, momentum=momentum, dtype=dtype, rngs=rngs
-  )
+  return nnx.BatchNorm(num_features, epsilon=epsilon, momentum=momentum, dtype=dtype, rngs=rngs)
 
 
 class ConvBN(nnx.Module):
@@ -339,13 +331,24 @@ class ConvBN(nnx.Module):
       if in_features != out_features:
         raise ValueError("a depthwise ConvBN needs in_features == out_features")
       self.conv = DepthwiseConv(
-        in_features, kernel_size=kernel_size, strides=strides, padding=padding,
-        use_bias=use_bias, dtype=dtype, rngs=rngs,
+        in_features,
+        kernel_size=kernel_size,
+        strides=strides,
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        rngs=rngs,
       )
     elif kind == "conv":
       self.conv = Conv(
-        in_features, out_features, kernel_size, strides=strides, padding=padding,
-        use_bias=use_bias, dtype=dtype, rngs=rngs,
+        in_features,
+        out_features,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        rngs=rngs,
       )
     else:
       raise ValueError(f"kind must be 'conv' or 'depthwise', got {kind!r}")

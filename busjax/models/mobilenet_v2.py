@@ -61,8 +61,14 @@ class InvertedResidual(nnx.Module):
       else nnx.data(None)
     )
     self.depthwise = layers.ConvBN(
-      hidden, hidden, 3, strides=strides, padding=padding, kind="depthwise",
-      activation=jax.nn.relu6, **common_args,
+      hidden,
+      hidden,
+      3,
+      strides=strides,
+      padding=padding,
+      kind="depthwise",
+      activation=jax.nn.relu6,
+      **common_args,
     )
     self.project = layers.ConvBN(hidden, out_features, 1, activation=None, **common_args)
 
@@ -95,12 +101,15 @@ class MobileNetV2(nnx.Module):
   ):
     self.dtype = common.compute_dtype(dtype)
     padding = layers.canonical_padding(padding)
-    common_args = dict(
-      bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, dtype=self.dtype, rngs=rngs
-    )
+    common_args = dict(bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, dtype=self.dtype, rngs=rngs)
     stem_features = common.make_divisible(32 * width)
     self.stem = layers.ConvBN(
-      in_channels, stem_features, 3, strides=2, padding=padding, activation=jax.nn.relu6,
+      in_channels,
+      stem_features,
+      3,
+      strides=2,
+      padding=padding,
+      activation=jax.nn.relu6,
       **common_args,
     )
     blocks = []
@@ -113,8 +122,12 @@ class MobileNetV2(nnx.Module):
       for repeat in range(repeats):
         blocks.append(
           InvertedResidual(
-            in_features, out_features, strides=first_stride if repeat == 0 else 1,
-            expansion=expansion, padding=padding, **common_args,
+            in_features,
+            out_features,
+            strides=first_stride if repeat == 0 else 1,
+            expansion=expansion,
+            padding=padding,
+            **common_args,
           )
         )
         in_features = out_features
@@ -125,8 +138,9 @@ class MobileNetV2(nnx.Module):
       in_features, self.num_features, 1, activation=jax.nn.relu6, **common_args
     )
     self.stage_names = (*stage_names, "features")
-    self.head = common.Head(self.num_features, num_classes, dropout=dropout, dtype=self.dtype,
-                            rngs=rngs)
+    self.head = common.Head(
+      self.num_features, num_classes, dropout=dropout, dtype=self.dtype, rngs=rngs
+    )
 
   def features(self, x: jax.Array) -> dict[str, jax.Array]:
     """Named NHWC feature maps: "stem", "block_0".."block_16", "features"."""

@@ -70,8 +70,10 @@ class Unit:
 
 
 def _mobilenet_v2_units() -> list[Unit]:
-  units = [Unit("conv", "stem.conv", "Conv1", "features.0.0"),
-           Unit("bn", "stem.bn", "bn_Conv1", "features.0.1")]
+  units = [
+    Unit("conv", "stem.conv", "Conv1", "features.0.0"),
+    Unit("bn", "stem.bn", "bn_Conv1", "features.0.1"),
+  ]
   # 17 inverted-residual blocks; block 0 has no expansion conv (expand ratio 1).
   for i in range(17):
     keras = "expanded_conv" if i == 0 else f"block_{i}"
@@ -79,38 +81,51 @@ def _mobilenet_v2_units() -> list[Unit]:
     b = f"blocks.{i}"
     t = 0
     if i > 0:
-      units += [Unit("conv", f"{b}.expand.conv", f"{keras}_expand", f"{torch}.0.0"),
-                Unit("bn", f"{b}.expand.bn", f"{keras}_expand_BN", f"{torch}.0.1")]
+      units += [
+        Unit("conv", f"{b}.expand.conv", f"{keras}_expand", f"{torch}.0.0"),
+        Unit("bn", f"{b}.expand.bn", f"{keras}_expand_BN", f"{torch}.0.1"),
+      ]
       t = 1
-    units += [Unit("depthwise", f"{b}.depthwise.conv", f"{keras}_depthwise", f"{torch}.{t}.0"),
-              Unit("bn", f"{b}.depthwise.bn", f"{keras}_depthwise_BN", f"{torch}.{t}.1"),
-              Unit("conv", f"{b}.project.conv", f"{keras}_project", f"{torch}.{t + 1}"),
-              Unit("bn", f"{b}.project.bn", f"{keras}_project_BN", f"{torch}.{t + 2}")]
-  units += [Unit("conv", "last_conv.conv", "Conv_1", "features.18.0"),
-            Unit("bn", "last_conv.bn", "Conv_1_bn", "features.18.1"),
-            Unit("dense", "head.fc", "predictions", "classifier.1", head=True)]
+    units += [
+      Unit("depthwise", f"{b}.depthwise.conv", f"{keras}_depthwise", f"{torch}.{t}.0"),
+      Unit("bn", f"{b}.depthwise.bn", f"{keras}_depthwise_BN", f"{torch}.{t}.1"),
+      Unit("conv", f"{b}.project.conv", f"{keras}_project", f"{torch}.{t + 1}"),
+      Unit("bn", f"{b}.project.bn", f"{keras}_project_BN", f"{torch}.{t + 2}"),
+    ]
+  units += [
+    Unit("conv", "last_conv.conv", "Conv_1", "features.18.0"),
+    Unit("bn", "last_conv.bn", "Conv_1_bn", "features.18.1"),
+    Unit("dense", "head.fc", "predictions", "classifier.1", head=True),
+  ]
   return units
 
 
 def _densenet_units(block_sizes=(6, 12, 24, 16)) -> list[Unit]:
-  units = [Unit("conv", "stem.conv", "conv1_conv", "features.conv0"),
-           Unit("bn", "stem.bn", "conv1_bn", "features.norm0")]
+  units = [
+    Unit("conv", "stem.conv", "conv1_conv", "features.conv0"),
+    Unit("bn", "stem.bn", "conv1_bn", "features.norm0"),
+  ]
   for b, size in enumerate(block_sizes):
     for j in range(size):
       path = f"blocks.{b}.{j}"
       keras = f"conv{b + 2}_block{j + 1}"
       torch = f"features.denseblock{b + 1}.denselayer{j + 1}"
-      units += [Unit("bn", f"{path}.norm1", f"{keras}_0_bn", f"{torch}.norm1"),
-                Unit("conv", f"{path}.conv1", f"{keras}_1_conv", f"{torch}.conv1"),
-                Unit("bn", f"{path}.norm2", f"{keras}_1_bn", f"{torch}.norm2"),
-                Unit("conv", f"{path}.conv2", f"{keras}_2_conv", f"{torch}.conv2")]
+      units += [
+        Unit("bn", f"{path}.norm1", f"{keras}_0_bn", f"{torch}.norm1"),
+        Unit("conv", f"{path}.conv1", f"{keras}_1_conv", f"{torch}.conv1"),
+        Unit("bn", f"{path}.norm2", f"{keras}_1_bn", f"{torch}.norm2"),
+        Unit("conv", f"{path}.conv2", f"{keras}_2_conv", f"{torch}.conv2"),
+      ]
     if b < len(block_sizes) - 1:
       path = f"transitions.{b}"
-      units += [Unit("bn", f"{path}.norm", f"pool{b + 2}_bn", f"features.transition{b + 1}.norm"),
-                Unit("conv", f"{path}.conv", f"pool{b + 2}_conv",
-                     f"features.transition{b + 1}.conv")]
-  units += [Unit("bn", "final_norm", "bn", "features.norm5"),
-            Unit("dense", "head.fc", "predictions", "classifier", head=True)]
+      units += [
+        Unit("bn", f"{path}.norm", f"pool{b + 2}_bn", f"features.transition{b + 1}.norm"),
+        Unit("conv", f"{path}.conv", f"pool{b + 2}_conv", f"features.transition{b + 1}.conv"),
+      ]
+  units += [
+    Unit("bn", "final_norm", "bn", "features.norm5"),
+    Unit("dense", "head.fc", "predictions", "classifier", head=True),
+  ]
   return units
 
 
@@ -125,19 +140,23 @@ def architecture_units(arch: str) -> list[Unit]:
 
 # Parameter names per kind: busjax leaf name -> (keras attribute, torch suffix).
 _PARAMS = {
-    "conv": {"kernel": ("kernel", "weight")},
-    "depthwise": {"kernel": ("kernel", "weight")},
-    "dense": {"kernel": ("kernel", "weight"), "bias": ("bias", "bias")},
-    "bn": {"scale": ("gamma", "weight"), "bias": ("beta", "bias"),
-           "mean": ("moving_mean", "running_mean"), "var": ("moving_variance", "running_var")},
+  "conv": {"kernel": ("kernel", "weight")},
+  "depthwise": {"kernel": ("kernel", "weight")},
+  "dense": {"kernel": ("kernel", "weight"), "bias": ("bias", "bias")},
+  "bn": {
+    "scale": ("gamma", "weight"),
+    "bias": ("beta", "bias"),
+    "mean": ("moving_mean", "running_mean"),
+    "var": ("moving_variance", "running_var"),
+  },
 }
 
 # What the busjax model must be set to for each source's numbers to mean the same thing.
 _CONVENTIONS = {
-    ("keras", "mobilenet_v2"): {"padding": "same", "bn_epsilon": 1e-3},
-    ("keras", "densenet121"): {"padding": "symmetric", "bn_epsilon": 1.001e-5},
-    ("torch", "mobilenet_v2"): {"padding": "symmetric", "bn_epsilon": 1e-5},
-    ("torch", "densenet121"): {"padding": "symmetric", "bn_epsilon": 1e-5},
+  ("keras", "mobilenet_v2"): {"padding": "same", "bn_epsilon": 1e-3},
+  ("keras", "densenet121"): {"padding": "symmetric", "bn_epsilon": 1.001e-5},
+  ("torch", "mobilenet_v2"): {"padding": "symmetric", "bn_epsilon": 1e-5},
+  ("torch", "densenet121"): {"padding": "symmetric", "bn_epsilon": 1e-5},
 }
 
 # -------------------------------------------------------------------------------------------------
@@ -146,7 +165,7 @@ _CONVENTIONS = {
 
 
 def infer_format(path: str) -> str:
-  """"keras", "torch", "safetensors" or "npz" from the file name."""
+  """ "keras", "torch", "safetensors" or "npz" from the file name."""
   name = os.path.basename(path).lower()
   if name.endswith((".h5", ".hdf5", ".keras")):
     return "keras"
@@ -156,8 +175,9 @@ def infer_format(path: str) -> str:
     return "safetensors"
   if name.endswith(".npz"):
     return "npz"
-  raise WeightImportError(f"{path}: cannot tell the weight format from the suffix; pass fmt= one "
-                          f"of {FORMATS}")
+  raise WeightImportError(
+    f"{path}: cannot tell the weight format from the suffix; pass fmt= one of {FORMATS}"
+  )
 
 
 def _keras_application(arch: str, include_top: bool, alpha: float):
@@ -217,14 +237,17 @@ def read_keras(path: str, arch: str, *, alpha: float = 1.0) -> dict[str, np.ndar
       errors.append(f"include_top={include_top}: {type(e).__name__}: {e}")
       continue
     return keras_model_to_flat(model, arch)
-  raise WeightImportError(f"{path}: Keras could not load it into keras.applications {arch}:\n  "
-                          + "\n  ".join(errors))
+  raise WeightImportError(
+    f"{path}: Keras could not load it into keras.applications {arch}:\n  " + "\n  ".join(errors)
+  )
 
 
 def _fix_old_densenet_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   # Old torchvision DenseNet files say "denselayer1.norm.1.weight" for "denselayer1.norm1.weight".
-  pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|"
-                       r"running_mean|running_var))$")
+  pattern = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|"
+    r"running_mean|running_var))$"
+  )
   out = {}
   for key, value in state.items():
     match = pattern.match(key)
@@ -232,8 +255,9 @@ def _fix_old_densenet_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndar
   return out
 
 
-def torch_state_to_flat(state: Mapping[str, np.ndarray], arch: str, *,
-                        source: str = "state_dict") -> dict[str, np.ndarray]:
+def torch_state_to_flat(
+  state: Mapping[str, np.ndarray], arch: str, *, source: str = "state_dict"
+) -> dict[str, np.ndarray]:
   """Maps a torchvision state_dict (numpy values) to busjax layout; the head is optional."""
   state = _fix_old_densenet_keys(state)
   flat = {}
@@ -243,8 +267,9 @@ def torch_state_to_flat(state: Mapping[str, np.ndarray], arch: str, *,
       if key not in state:
         if unit.head:
           break
-        raise WeightImportError(f"{source}: torchvision {arch} tensor {key!r} is missing "
-                                f"(busjax {unit.busjax}.{leaf})")
+        raise WeightImportError(
+          f"{source}: torchvision {arch} tensor {key!r} is missing (busjax {unit.busjax}.{leaf})"
+        )
       value = np.asarray(state[key], np.float32)
       if unit.kind in ("conv", "depthwise"):
         if value.ndim != 4:
@@ -263,16 +288,21 @@ def read_torch(path: str, arch: str) -> dict[str, np.ndarray]:
   try:
     import torch  # optional
   except ImportError as e:
-    raise WeightImportError(f"{path}: reading .pth needs torch (pip install torch); or convert the "
-                            "state_dict to .safetensors elsewhere and pass that") from e
+    raise WeightImportError(
+      f"{path}: reading .pth needs torch (pip install torch); or convert the "
+      "state_dict to .safetensors elsewhere and pass that"
+    ) from e
   state = torch.load(path, map_location="cpu", weights_only=True)
   for wrapper in ("state_dict", "model"):
     if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
       state = state[wrapper]
   if not isinstance(state, dict):
     raise WeightImportError(f"{path}: expected a state_dict, got {type(state).__name__}")
-  arrays = {k: v.detach().to(torch.float32).numpy() for k, v in state.items()
-            if hasattr(v, "detach") and v.dtype.is_floating_point}
+  arrays = {
+    k: v.detach().to(torch.float32).numpy()
+    for k, v in state.items()
+    if hasattr(v, "detach") and v.dtype.is_floating_point
+  }
   return torch_state_to_flat(arrays, arch, source=path)
 
 
@@ -294,8 +324,9 @@ def read_flat_file(path: str) -> dict[str, np.ndarray]:
     raise WeightImportError(f"{path}: not a readable .safetensors file: {e}") from e
 
 
-def read_weights(path: str, *, arch: str, fmt: str | None = None,
-                 alpha: float = 1.0) -> tuple[dict[str, np.ndarray], str]:
+def read_weights(
+  path: str, *, arch: str, fmt: str | None = None, alpha: float = 1.0
+) -> tuple[dict[str, np.ndarray], str]:
   """Reads any supported file into busjax layout.
 
   Returns:
@@ -327,8 +358,11 @@ def _path_key(path) -> str:
 
 def model_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
   """Every Param / BatchStat of `model` by dotted path (the busjax layout's keys)."""
-  return {_path_key(path): node for path, node in nnx.iter_graph(model)
-          if isinstance(node, nnx.Param | nnx.BatchStat)}
+  return {
+    _path_key(path): node
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.Param | nnx.BatchStat)
+  }
 
 
 def _iter_modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
@@ -344,26 +378,36 @@ def check_conventions(model: nnx.Module, arch: str, source: str, *, path: str = 
     return
   for name, module in _iter_modules(model):
     padding = getattr(module, "padding", None)
-    is_spatial = isinstance(module, layers.Conv | layers.DepthwiseConv) and max(
-        getattr(module, "kernel_size", (1, 1))) > 1  # 1x1 convs pad nothing either way
+    is_spatial = (
+      isinstance(module, layers.Conv | layers.DepthwiseConv)
+      and max(getattr(module, "kernel_size", (1, 1))) > 1
+    )  # 1x1 convs pad nothing either way
     if isinstance(padding, str) and is_spatial:
       if layers.canonical_padding(padding) != wanted["padding"]:
         raise WeightImportError(
-            f"{path}: {source} {arch} weights need padding={wanted['padding']!r}, but module "
-            f"{name or '<root>'} uses {padding!r}; build the model with "
-            f"padding={wanted['padding']!r}, bn_epsilon={wanted['bn_epsilon']} "
-            "(or pass check=False)")
+          f"{path}: {source} {arch} weights need padding={wanted['padding']!r}, but module "
+          f"{name or '<root>'} uses {padding!r}; build the model with "
+          f"padding={wanted['padding']!r}, bn_epsilon={wanted['bn_epsilon']} "
+          "(or pass check=False)"
+        )
     if isinstance(module, nnx.BatchNorm):
       if not np.isclose(module.epsilon, wanted["bn_epsilon"], rtol=1e-3, atol=0):
         raise WeightImportError(
-            f"{path}: {source} {arch} weights need bn_epsilon={wanted['bn_epsilon']}, but "
-            f"BatchNorm {name} has epsilon={module.epsilon}; build the model with "
-            f"padding={wanted['padding']!r}, bn_epsilon={wanted['bn_epsilon']} "
-            "(or pass check=False)")
+          f"{path}: {source} {arch} weights need bn_epsilon={wanted['bn_epsilon']}, but "
+          f"BatchNorm {name} has epsilon={module.epsilon}; build the model with "
+          f"padding={wanted['padding']!r}, bn_epsilon={wanted['bn_epsilon']} "
+          "(or pass check=False)"
+        )
 
 
-def assign_flat(model: nnx.Module, flat: Mapping[str, np.ndarray], *, arch: str,
-                skip_head: bool = True, source: str = "weights") -> nnx.Module:
+def assign_flat(
+  model: nnx.Module,
+  flat: Mapping[str, np.ndarray],
+  *,
+  arch: str,
+  skip_head: bool = True,
+  source: str = "weights",
+) -> nnx.Module:
   """Writes busjax-layout arrays into `model`'s variables, in place.
 
   Every backbone tensor of `arch` must be present with the model's shape (an RGB stem kernel
@@ -377,19 +421,28 @@ def assign_flat(model: nnx.Module, flat: Mapping[str, np.ndarray], *, arch: str,
     if unit.head and skip_head:
       continue
     if key not in variables:
-      raise WeightImportError(f"{source}: the model has no variable {key!r} ({arch} layout); "
-                              "is it a busjax " + arch + " backbone?")
+      raise WeightImportError(
+        f"{source}: the model has no variable {key!r} ({arch} layout); "
+        "is it a busjax " + arch + " backbone?"
+      )
     if key not in flat:
       raise WeightImportError(f"{source}: tensor {key!r} is missing")
     value = np.asarray(flat[key], np.float32)
     target = variables[key]
-    if (unit is units[0] and value.ndim == 4 and value.shape[2] == 3 and target.shape[2] == 1
-        and value.shape[:2] + value.shape[3:] == target.shape[:2] + target.shape[3:]):
+    if (
+      unit is units[0]
+      and value.ndim == 4
+      and value.shape[2] == 3
+      and target.shape[2] == 1
+      and value.shape[:2] + value.shape[3:] == target.shape[:2] + target.shape[3:]
+    ):
       # Grey input: conv(x * [1, 1, 1], W) == conv(x, sum_c W), so the RGB filters are exact.
       value = value.sum(axis=2, keepdims=True)
     if tuple(value.shape) != tuple(target.shape):
-      raise WeightImportError(f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model "
-                              f"expects {tuple(target.shape)} (check arch/width/in_channels)")
+      raise WeightImportError(
+        f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model "
+        f"expects {tuple(target.shape)} (check arch/width/in_channels)"
+      )
     target[...] = np.asarray(value, target.dtype)
   return model
 
@@ -412,8 +465,15 @@ def infer_keras_alpha(model: nnx.Module) -> float:
   return 1.0
 
 
-def load_pretrained(model: nnx.Module, path: str, *, arch: str, fmt: str | None = None,
-                    skip_head: bool = True, check: bool = True) -> nnx.Module:
+def load_pretrained(
+  model: nnx.Module,
+  path: str,
+  *,
+  arch: str,
+  fmt: str | None = None,
+  skip_head: bool = True,
+  check: bool = True,
+) -> nnx.Module:
   """Loads ImageNet weights from a local file into a busjax backbone, in place.
 
   Args:
@@ -453,8 +513,9 @@ def main(argv: list[str] | None = None) -> int:
   import argparse
 
   parser = argparse.ArgumentParser(
-      prog="python -m busjax.models.pretrained",
-      description="Convert ImageNet weights (Keras / torchvision / safetensors) to busjax layout.")
+    prog="python -m busjax.models.pretrained",
+    description="Convert ImageNet weights (Keras / torchvision / safetensors) to busjax layout.",
+  )
   parser.add_argument("--arch", required=True, choices=ARCHS)
   parser.add_argument("--src", required=True, help="local weight file")
   parser.add_argument("--out", required=True, help="output .safetensors or .npz")
@@ -466,8 +527,10 @@ def main(argv: list[str] | None = None) -> int:
   wanted = _CONVENTIONS.get((convention, args.arch))
   print(f"wrote {len(flat)} tensors ({args.arch}, {convention} conventions) to {args.out}")
   if wanted:
-    print(f"build the busjax model with padding={wanted['padding']!r}, "
-          f"bn_epsilon={wanted['bn_epsilon']}")
+    print(
+      f"build the busjax model with padding={wanted['padding']!r}, "
+      f"bn_epsilon={wanted['bn_epsilon']}"
+    )
   return 0
 
 

@@ -34,12 +34,18 @@ VARIANTS = {
 EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
-def _conv_bn(in_features, out_features, kernel_size, *, strides=1, activation=jax.nn.relu,
-             options):
+def _conv_bn(in_features, out_features, kernel_size, *, strides=1, activation=jax.nn.relu, options):
   return layers.ConvBN(
-    in_features, out_features, kernel_size, strides=strides, activation=activation,
-    padding=options["padding"], use_bias=options["conv_bias"], bn_epsilon=options["bn_epsilon"],
-    dtype=options["dtype"], rngs=options["rngs"],
+    in_features,
+    out_features,
+    kernel_size,
+    strides=strides,
+    activation=activation,
+    padding=options["padding"],
+    use_bias=options["conv_bias"],
+    bn_epsilon=options["bn_epsilon"],
+    dtype=options["dtype"],
+    rngs=options["rngs"],
   )
 
 
@@ -114,8 +120,12 @@ class ResNet(nnx.Module):
     self.small_stem = small_stem
     self.dtype = common.compute_dtype(dtype)
     options = dict(
-      padding=layers.canonical_padding(padding), bn_epsilon=bn_epsilon, dtype=self.dtype,
-      stride_in_1x1=stride_in_1x1, conv_bias=conv_bias, rngs=rngs,
+      padding=layers.canonical_padding(padding),
+      bn_epsilon=bn_epsilon,
+      dtype=self.dtype,
+      stride_in_1x1=stride_in_1x1,
+      conv_bias=conv_bias,
+      rngs=rngs,
     )
     base = common.scaled_channels(64, width)
     if small_stem:
@@ -135,8 +145,7 @@ class ResNet(nnx.Module):
     self.stages = nnx.List(stages)
     self.num_features = in_features
     self.stage_names = ("stage1", "stage2", "stage3", "features")
-    self.head = common.Head(in_features, num_classes, dropout=dropout, dtype=self.dtype,
-                            rngs=rngs)
+    self.head = common.Head(in_features, num_classes, dropout=dropout, dtype=self.dtype, rngs=rngs)
 
   def features(self, x: jax.Array) -> dict[str, jax.Array]:
     """Named NHWC feature maps: "stem", "stage1".."stage4", "features"."""

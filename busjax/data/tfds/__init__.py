@@ -63,8 +63,9 @@ def encoded_records(collection):
   import os
 
   with concurrent.futures.ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool:
-    for record, (image, mask) in zip(collection.records,
-                                     pool.map(encode_record, collection.records), strict=True):
+    for record, (image, mask) in zip(
+      collection.records, pool.map(encode_record, collection.records), strict=True
+    ):
       yield record, image, mask
 
 
@@ -82,6 +83,5 @@ def prepare(builder_cls, *, manual_dir: str, data_dir: str, config: str | None =
 
   kwargs = {"config": config} if config else {}
   builder = builder_cls(data_dir=data_dir, file_format=FILE_FORMAT, **kwargs)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder

@@ -40,24 +40,28 @@ class Busbra(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "image": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-            "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-            "label": tfds.features.ClassLabel(names=list(records.BINARY_CLASSES)),
-            "patient_id": tfds.features.Text(),
-            "metadata": tfds.features.FeaturesDict({
-                "birads": tfds.features.Scalar(dtype=np.int64),
-                "device": tfds.features.Text(),
-                "histology": tfds.features.Text(),
-                "side": tfds.features.Text(),
-                "fold5": tfds.features.Scalar(dtype=np.int64),
-                "fold10": tfds.features.Scalar(dtype=np.int64),
-            }),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://doi.org/10.1002/mp.16812",
-        citation=_CITATION,
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "image": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+          "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+          "label": tfds.features.ClassLabel(names=list(records.BINARY_CLASSES)),
+          "patient_id": tfds.features.Text(),
+          "metadata": tfds.features.FeaturesDict(
+            {
+              "birads": tfds.features.Scalar(dtype=np.int64),
+              "device": tfds.features.Text(),
+              "histology": tfds.features.Text(),
+              "side": tfds.features.Text(),
+              "fold5": tfds.features.Scalar(dtype=np.int64),
+              "fold10": tfds.features.Scalar(dtype=np.int64),
+            }
+          ),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage="https://doi.org/10.1002/mp.16812",
+      citation=_CITATION,
     )
 
   def _split_generators(self, dl_manager):
@@ -66,18 +70,21 @@ class Busbra(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, root):
     collection = sources.busbra(root)
     for record, image, mask in busjax_tfds.encoded_records(collection):
-      yield record.id, {
+      yield (
+        record.id,
+        {
           "id": record.id,
           "image": image,
           "mask": mask,
           "label": record.label,
           "patient_id": record.patient_id,
           "metadata": {
-              "birads": record.meta["birads"],
-              "device": record.meta["device"],
-              "histology": record.meta.get("histology", ""),
-              "side": record.meta.get("side", ""),
-              "fold5": record.meta.get("fold5", -1),
-              "fold10": record.meta.get("fold10", -1),
+            "birads": record.meta["birads"],
+            "device": record.meta["device"],
+            "histology": record.meta.get("histology", ""),
+            "side": record.meta.get("side", ""),
+            "fold5": record.meta.get("fold5", -1),
+            "fold10": record.meta.get("fold10", -1),
           },
-      }
+        },
+      )

@@ -44,8 +44,8 @@ class Busi(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Grayscale PNG images, union masks, BreastMNIST split in metadata."}
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name="binary", description="benign (0) vs malignant (1)"),
-      tfds.core.BuilderConfig(name="three", description="benign (0), malignant (1), normal (2)"),
+    tfds.core.BuilderConfig(name="binary", description="benign (0) vs malignant (1)"),
+    tfds.core.BuilderConfig(name="three", description="benign (0), malignant (1), normal (2)"),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download BUSI (https://scholar.cu.edu.eg/?q=afahmy/pages/dataset, CC BY 4.0) and unpack it so
@@ -62,21 +62,25 @@ class Busi(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "image": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-            "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-            "label": tfds.features.ClassLabel(names=list(self._class_names())),
-            "patient_id": tfds.features.Text(),
-            "metadata": tfds.features.FeaturesDict({
-                "split": tfds.features.Text(),  # "" when unknown.
-                "medmnist_index": tfds.features.Scalar(dtype=np.int64),  # -1 when unknown.
-                "mode": tfds.features.Text(),  # PIL mode on disk; RGB = colour annotations.
-            }),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://doi.org/10.1016/j.dib.2019.104863",
-        citation=_CITATION,
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "image": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+          "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+          "label": tfds.features.ClassLabel(names=list(self._class_names())),
+          "patient_id": tfds.features.Text(),
+          "metadata": tfds.features.FeaturesDict(
+            {
+              "split": tfds.features.Text(),  # "" when unknown.
+              "medmnist_index": tfds.features.Scalar(dtype=np.int64),  # -1 when unknown.
+              "mode": tfds.features.Text(),  # PIL mode on disk; RGB = colour annotations.
+            }
+          ),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage="https://doi.org/10.1016/j.dib.2019.104863",
+      citation=_CITATION,
     )
 
   def _split_generators(self, dl_manager):
@@ -87,15 +91,18 @@ class Busi(tfds.core.GeneratorBasedBuilder):
     classes = "three" if self.builder_config.name == "three" else "binary"
     collection = sources.busi(busi_dir, classes=classes, split_file=split_file)
     for record, image, mask in busjax_tfds.encoded_records(collection):
-      yield record.id, {
+      yield (
+        record.id,
+        {
           "id": record.id,
           "image": image,
           "mask": mask,
           "label": record.label,
           "patient_id": record.patient_id,
           "metadata": {
-              "split": record.meta.get("split", ""),
-              "medmnist_index": record.meta.get("medmnist_index", -1),
-              "mode": record.meta.get("mode", ""),
+            "split": record.meta.get("split", ""),
+            "medmnist_index": record.meta.get("medmnist_index", -1),
+            "mode": record.meta.get("mode", ""),
           },
-      }
+        },
+      )
