@@ -17,6 +17,9 @@ from busjax.data import augment
 
 SOURCES = ("phantom", "busi", "busbra", "breastmnist", "csv", "tfds")
 SPLIT_KINDS = ("kfold", "predefined", "official_folds", "holdout")
+# optim.decay: which parameters AdamW decays. "kernels": weights with >= 2 dimensions (no decay
+# on BatchNorm scales and biases, the usual practice); "all": every parameter.
+DECAY_MASKS = ("kernels", "all")
 
 
 class ConfigError(ValueError):
@@ -109,7 +112,14 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   c.optim = ml_collections.ConfigDict(
-    dict(lr=1e-3, weight_decay=1e-4, warmup_steps=50, clip_norm=1.0, final_lr_fraction=0.01)
+    dict(
+      lr=1e-3,
+      weight_decay=1e-4,
+      decay="kernels",
+      warmup_steps=50,
+      clip_norm=1.0,
+      final_lr_fraction=0.01,
+    )
   )
   c.train = ml_collections.ConfigDict(
     dict(
@@ -122,6 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
       focal_gamma=0.0,
       label_smoothing=0.0,
       ema_decay=0.0,
+      # With EMA: BatchNorm statistics are re-estimated for the averaged weights on this many
+      # fixed training batches before each evaluation (the live model's would not match them).
+      ema_bn_batches=8,
     )
   )
   # Reports: percentile-bootstrap resamples behind every interval (AUC, sensitivity/specificity,
@@ -222,9 +235,14 @@ def _validate_data(prefix: str, d: ml_collections.ConfigDict) -> None:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first field that cannot work."""
+  """Raises ConfigError naming the first field that cannot work.
+
+  Checks the sections every regime shares (data, external, split, input, report), then calls the
+  trainer module's own ``validate_config(c)`` for its sections (model, optimiser, a GAN's
+  generator, ...), so a regime's config never fails on another regime's fields.
+  """
   try:
-    importlib.import_module(f"busjax.trainers.{c.trainer}")
+    trainer = importlib.import_module(f"busjax.trainers.{c.trainer}")
   except ModuleNotFoundError as e:
     raise ConfigError(f"trainer={c.trainer!r}: no module busjax/trainers/{c.trainer}.py") from e
   _validate_data("data", c.data)
@@ -248,74 +266,88 @@ def validate(c: ml_collections.ConfigDict) -> None:
     isinstance(c.input.batch_size, int) and c.input.batch_size > 0,
     f"input.batch_size={c.input.batch_size!r}: expected a positive integer",
   )
-  lr = c.optim.lr
-  _check(
-    isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, f"optim.lr={lr!r}: expected > 0"
-  )
-  _check(
-    c.optim.get("weight_decay", 0.0) >= 0,
-    f"optim.weight_decay={c.optim.weight_decay!r}: expected >= 0",
-  )
-  _check(
-    c.train.get("num_steps", 0) > 0 or c.train.get("epochs", 0) > 0,
-    "train.num_steps or train.epochs must be > 0",
-  )
-  _check(
-    c.train.get("log_every", 1) > 0, f"train.log_every={c.train.get('log_every')!r}: expected > 0"
-  )
-  _check(
-    c.model.get("dtype", "float32") in ("float32", "bfloat16"),
-    f"model.dtype={c.model.get('dtype')!r}: expected 'float32' or 'bfloat16'",
-  )
-  _check(
-    c.model.get("in_channels", 1) in (1, 3),
-    f"model.in_channels={c.model.get('in_channels')!r}: "
-    "expected 1 (grayscale) or 3 (ImageNet weights)",
-  )
   resamples = c.report.bootstrap_resamples
   _check(
     isinstance(resamples, int) and not isinstance(resamples, bool) and resamples >= 100,
     f"report.bootstrap_resamples={resamples!r}: expected an integer >= 100 (fewer gives "
     "unstable 95% interval ends)",
   )
-  _check(
-    0.0 <= c.train.get("ema_decay", 0.0) < 1.0,
-    f"train.ema_decay={c.train.get('ema_decay')!r}: expected in [0, 1)",
-  )
-  _check(
-    c.train.get("class_weights") in (None, "none", "balanced"),
-    f"train.class_weights={c.train.get('class_weights')!r}: expected 'balanced' or 'none'",
-  )
-  try:
-    importlib.import_module(f"busjax.models.{c.model.name}")
-  except ModuleNotFoundError as e:
-    raise ConfigError(
-      f"model.name={c.model.name!r}: no module busjax/models/{c.model.name}.py"
-    ) from e
-  _check(
-    c.model.get("normalization", "default") in ("default", "imagenet", "inception"),
-    f"model.normalization={c.model.get('normalization')!r}: expected 'default', 'imagenet' or "
-    "'inception'",
-  )
-  if c.model.get("pretrained"):
-    _check(
-      os.path.isfile(c.model.pretrained),
-      f"model.pretrained={c.model.pretrained!r}: no such file "
-      "(weights come from a local file; see docs/pretrained_weights.md)",
-    )
-  if c.model.name == "fusion":
-    for name in c.model.get("backbones", ()):
-      sub = c.model.get(name)
-      if sub is not None and "pretrained" in sub:
-        _check(
-          bool(sub.pretrained),
-          f"model.{name}.pretrained is required by this config "
-          f"(--config.model.{name}.pretrained=FILE; see docs/pretrained_weights.md)",
-        )
-        _check(
-          os.path.isfile(sub.pretrained),
-          f"model.{name}.pretrained={sub.pretrained!r}: no such file",
-        )
   for path in ("resume", "init_from"):
     if c.get(path):
       _check(os.path.isdir(c[path]), f"{path}={c[path]!r}: no such run directory")
+  if hasattr(trainer, "validate_config"):
+    trainer.validate_config(c)
+
+
+def validate_optim(optim: ml_collections.ConfigDict, prefix: str = "optim") -> None:
+  """An AdamW section: positive finite lr, non-negative decay, a known decay mask."""
+  lr = optim.lr
+  _check(
+    isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0,
+    f"{prefix}.lr={lr!r}: expected > 0",
+  )
+  _check(
+    optim.get("weight_decay", 0.0) >= 0,
+    f"{prefix}.weight_decay={optim.get('weight_decay')!r}: expected >= 0",
+  )
+  _check(
+    optim.get("decay", "kernels") in DECAY_MASKS,
+    f"{prefix}.decay={optim.get('decay')!r}: expected one of {DECAY_MASKS}",
+  )
+
+
+def validate_train(train: ml_collections.ConfigDict) -> None:
+  """Step counts and logging intervals."""
+  _check(
+    train.get("num_steps", 0) > 0 or train.get("epochs", 0) > 0,
+    "train.num_steps or train.epochs must be > 0",
+  )
+  _check(train.get("log_every", 1) > 0, f"train.log_every={train.get('log_every')!r}: expected > 0")
+
+
+def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> None:
+  """A busjax.models network: module exists, dtype, channels, normalisation, weight files."""
+  try:
+    importlib.import_module(f"busjax.models.{model.name}")
+  except ModuleNotFoundError as e:
+    raise ConfigError(
+      f"{prefix}.name={model.name!r}: no module busjax/models/{model.name}.py"
+    ) from e
+  _check(
+    model.get("dtype", "float32") in ("float32", "bfloat16"),
+    f"{prefix}.dtype={model.get('dtype')!r}: expected 'float32' or 'bfloat16'",
+  )
+  _check(
+    model.get("in_channels", 1) in (1, 3),
+    f"{prefix}.in_channels={model.get('in_channels')!r}: "
+    "expected 1 (grayscale) or 3 (ImageNet weights)",
+  )
+  _check(
+    model.get("normalization", "default") in ("default", "imagenet", "inception"),
+    f"{prefix}.normalization={model.get('normalization')!r}: expected 'default', 'imagenet' or "
+    "'inception'",
+  )
+  if model.get("pretrained"):
+    _check(
+      os.path.isfile(model.pretrained),
+      f"{prefix}.pretrained={model.pretrained!r}: no such file "
+      "(weights come from a local file; see docs/pretrained_weights.md)",
+    )
+  if model.name == "fusion":
+    for name in model.get("backbones", ()):
+      sub = model.get(name)
+      if sub is not None and "pretrained" in sub:
+        _check(
+          bool(sub.pretrained),
+          f"{prefix}.{name}.pretrained is required by this config "
+          f"(--config.{prefix}.{name}.pretrained=FILE; see docs/pretrained_weights.md)",
+        )
+        _check(
+          os.path.isfile(sub.pretrained),
+          f"{prefix}.{name}.pretrained={sub.pretrained!r}: no such file",
+        )
+
+
+def check(condition: bool, message: str) -> None:
+  """Raises ConfigError(message) unless `condition`: for trainers' own `validate_config`."""
+  _check(condition, message)

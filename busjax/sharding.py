@@ -92,3 +92,38 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     global_shape = (global_rows, *local.shape[1:])
     out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
   return out
+
+
+def replicate(tree, mesh: Mesh):
+  """Puts every leaf of `tree` on every device of the mesh (parameters, optimiser state)."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def jit_train_step(step_fn, mesh: Mesh, state, *, donate: bool = True):
+  """The one place a step is jitted: `step_fn(state, batch, rng) -> (state, metrics)`.
+
+  State and rng are replicated, every entry of the batch dict (any keys: one image, two
+  modalities, masks) is split over the "data" axis along its first dimension, metrics come back
+  replicated. The state is donated, so the caller must use the returned one.
+  """
+  replicated_sharding = replicated(mesh)
+  state_shardings = jax.tree.map(lambda _: replicated_sharding, state)
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, data_sharding(mesh), replicated_sharding),
+    out_shardings=(state_shardings, replicated_sharding),
+    donate_argnums=0 if donate else (),
+  )
+
+
+def jit_predict(apply_fn, mesh: Mesh):
+  """`apply_fn(variables, batch) -> probabilities`, jitted for evaluation.
+
+  The result also carries the batch's ``index`` and ``valid`` rows, and all three come back
+  replicated, so every process can read the whole global batch (evaluation is collective).
+  """
+
+  def predict(variables, batch):
+    return apply_fn(variables, batch), batch["index"], batch["valid"]
+
+  return jax.jit(predict, out_shardings=replicated(mesh))

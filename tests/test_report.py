@@ -74,7 +74,8 @@ def test_write_report_writes_all_files_with_provenance(tmp_path):
     "negative": int(60 - y.sum()),
     "prevalence": y.mean(),
   }
-  assert data["bootstrap"]["clustered_by_patient"] is True
+  assert data["bootstrap"]["clustered"] is True
+  assert data["bootstrap"]["cluster_definition"] == "patient"
   assert data["auc"]["bootstrap_ci"]["method"] == "bootstrap-clustered"
   assert data["auc"]["value"] == pytest.approx(metrics.roc_auc(y, p))
   assert data["operating_points"]["at_threshold"]["threshold"] == 0.4
@@ -105,7 +106,7 @@ def test_nan_is_written_as_null_and_unclustered_when_patients_unique(tmp_path):
   point = _strict_json(tmp_path / "val" / "report.json")["operating_points"]["at_threshold"]
   assert point["ppv"] is None and point["tp"] == 0 and point["fp"] == 0  # 0/0, not 0.
   assert data["synthetic"] is False
-  assert data["bootstrap"]["clustered_by_patient"] is False
+  assert data["bootstrap"]["clustered"] is False
   assert data["reader_comparison"] is None
 
 

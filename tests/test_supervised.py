@@ -1,5 +1,6 @@
 """End-to-end tests of the supervised trainer on phantom data (`:smoke` settings)."""
 
+import csv
 import json
 import os
 
@@ -8,9 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from busjax import configlib
-from busjax.data import pipeline
+from busjax import checkpointing, configlib, sharding
+from busjax.data import pipeline, sources, splits
+from busjax.evaluators import metrics
 from busjax.trainers import state_utils, supervised
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -38,10 +41,17 @@ def test_smoke_run_writes_reports_and_checkpoints(tmp_path):
   reports = tmp_path / "reports"
   assert (tmp_path / "summary.json").exists() and (tmp_path / "config.json").exists()
   assert summary["steps"] == config.train.num_steps
+  # Each report covers exactly its split's images, and its AUC is the one its predictions give.
+  collection = sources.from_config(config.data)
+  parts = splits.make_splits(collection, config.split)
   for split in ("val", "test"):
-    assert split in summary["reports"]
-    auc = summary["reports"][split]["auc"]
-    assert auc is None or 0.0 <= auc <= 1.0
+    with open(reports / split / "predictions.csv", newline="") as f:
+      rows = list(csv.DictReader(f))
+    assert sorted(r["id"] for r in rows) == sorted(r.id for r in parts[split].records)
+    y = np.asarray([int(r["label"]) for r in rows])
+    p = np.asarray([float(r["p_malignant"]) for r in rows])
+    assert summary["reports"][split]["auc"] == pytest.approx(metrics.roc_auc(y, p), abs=1e-9)
+    assert summary["reports"][split]["images_with_copy_in_train"] == 0  # Grouped k-fold.
   report_files = [p for p in reports.rglob("*.json")]
   assert report_files, "no report.json written"
   text = " ".join(p.read_text() for p in report_files)
@@ -58,25 +68,21 @@ def test_smoke_run_writes_reports_and_checkpoints(tmp_path):
 
 
 def _one_step(config, n_devices, batch):
-  """One jitted train step on an `n_devices` mesh; returns (loss, flat params)."""
+  """One step, jitted as the trainer jits it, on an `n_devices` mesh; (loss, flat params)."""
   mesh = _mesh(n_devices)
   model = supervised.create_model(config.model, 2, config.seed)
   tx = supervised.create_optimizer(config.optim, 10)
   defs, state = supervised.create_train_state(model, tx, use_ema=False)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  state_shardings = jax.tree.map(lambda _: replicated, state)
-  step = jax.jit(
-    supervised.make_train_step(defs, tx, config, np.ones(2, np.float32)),
-    in_shardings=(state_shardings, {"image": data, "label": data}, replicated),
-    out_shardings=(state_shardings, replicated),
+  step = sharding.jit_train_step(
+    supervised.make_train_step(defs, tx, config, np.ones(2, np.float32)), mesh, state
   )
-  state = jax.device_put(state, state_shardings)
-  batch = jax.device_put(batch, data)
-  new_state, metrics = step(state, batch, jax.random.key(1))
-  assert new_state["params"] is not None
-  flat = state_utils.flatten_state(new_state["params"])
-  return float(metrics["loss"]), {k: np.asarray(v) for k, v in flat.items()}
+  state = sharding.replicate(state, mesh)
+  before = {k: np.asarray(v) for k, v in state_utils.flatten_state(state["params"]).items()}
+  new_state, metrics = step(state, sharding.host_to_global(batch, mesh), jax.random.key(1))
+  flat = {k: np.asarray(v) for k, v in state_utils.flatten_state(new_state["params"]).items()}
+  assert int(new_state["step"]) == 1
+  assert any(not np.array_equal(before[k], flat[k]) for k in flat)  # The step moved the weights.
+  return float(metrics["loss"]), flat
 
 
 def test_same_step_on_one_and_four_devices():
@@ -134,8 +140,13 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path, monkeypatch):
     def __iter__(self):
       return CrashingIterator(iter(self.ds))
 
+  created = []
+
   def crashing_dataset(*args, **kwargs):
-    return CrashingDataset(real_train_dataset(*args, **kwargs))
+    # The first dataset is the training stream; later ones (EMA BatchNorm batches) stay real.
+    created.append(kwargs.get("seed"))
+    dataset = real_train_dataset(*args, **kwargs)
+    return CrashingDataset(dataset) if len(created) == 1 else dataset
 
   monkeypatch.setattr(pipeline, "train_dataset", crashing_dataset)
   with pytest.raises(Crash):
@@ -146,11 +157,7 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path, monkeypatch):
   assert resumed["resumed_at_step"] == 3 and resumed["steps"] == 6
 
   def final_params(workdir):
-    from busjax import checkpointing
-
-    model = supervised.create_model(config.model, 2, config.seed)
-    tx = supervised.create_optimizer(config.optim, 6)
-    _, state = supervised.create_train_state(model, tx, use_ema=bool(config.train.ema_decay))
+    state = _fresh_state(config, 6)
     flat = checkpointing.load_state(
       str(workdir), state_utils.abstract_flat_state(state), which="latest"
     )
@@ -162,15 +169,35 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def _fresh_state(config, total_steps):
+  model = supervised.create_model(config.model, 2, config.seed)
+  tx = supervised.create_optimizer(config.optim, total_steps)
+  return supervised.create_train_state(model, tx, use_ema=bool(config.train.ema_decay))[1]
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
   config = _smoke_config()
   config.train.num_steps = 6
-  config.train.checkpoint_every = 2
+  config.train.checkpoint_every = 1
+  config.train.log_every = 1
   config.train.eval_every = 6
-  config.optim.lr = 1e30  # Diverges within a few steps.
+  config.train.ema_decay = 0.0
+  config.optim.lr = 1e6  # Diverges after a few steps.
+  config.optim.warmup_steps = 0
   config.optim.clip_norm = 0.0
-  with pytest.raises(supervised.TrainingError, match="non-finite"):
+  with pytest.raises(supervised.TrainingError, match="non-finite") as error:
     supervised.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  # The error names the last good step, and that checkpoint is on disk and finite.
+  found = __import__("re").search(r"last good checkpoint \(step (\d+)\)", message)
+  assert found, message
+  good = int(found.group(1))
+  state = _fresh_state(config, 6)
+  flat = checkpointing.load_state(
+    str(tmp_path), state_utils.abstract_flat_state(state), which="latest"
+  )
+  assert int(flat["step"]) == good
+  assert all(np.all(np.isfinite(np.asarray(v))) for k, v in flat.items() if "params" in k)
 
 
 def test_class_weights_balanced_matches_sklearn_formula():
@@ -202,10 +229,101 @@ def test_finished_run_evaluates_new_external_source_without_retraining(tmp_path)
   config.external.shifted = configlib.phantom_data(
     image_size=64, counts=(10, 6, 0), seed=3, gain_db=6.0, field_of_view="sector"
   )
+  checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").rglob("*") if p.is_dir())
+  train_lines = (tmp_path / "metrics.jsonl").read_text().count('"split": "train"')
   second = supervised.train_and_evaluate(config, str(tmp_path))
-  assert second["train_seconds"] < 1.0
+  # Not one training step ran: no new checkpoint, no new training metrics.
   assert (first["resumed_at_step"], second["resumed_at_step"]) == (0, config.train.num_steps)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").rglob("*") if p.is_dir()) == checkpoints
+  assert (tmp_path / "metrics.jsonl").read_text().count('"split": "train"') == train_lines
   assert second["reports"]["test"]["auc"] == first["reports"]["test"]["auc"]
   shifted = json.loads((tmp_path / "reports" / "shifted" / "report.json").read_text())
   assert shifted["provenance"]["synthetic"] and shifted["counts"]["images"] == 16
   assert shifted["provenance"]["trained_on"].endswith("/train")
+
+
+def test_resume_continues_another_runs_state_and_init_from_takes_only_weights(tmp_path):
+  config = _smoke_config()
+  config.train.num_steps = 4
+  supervised.train_and_evaluate(config, str(tmp_path / "a"))
+  best_a = checkpointing.load_state(
+    str(tmp_path / "a"), state_utils.abstract_flat_state(_fresh_state(config, 4)), which="best"
+  )
+
+  # config.resume: the other run's latest full state; training goes on from its step.
+  config_b = _smoke_config()
+  config_b.train.num_steps = 6
+  config_b.resume = str(tmp_path / "a")
+  summary = supervised.train_and_evaluate(config_b, str(tmp_path / "b"))
+  assert summary["resumed_at_step"] == 4 and summary["steps"] == 6
+
+  # config.init_from: weights of the other run's best checkpoint; fresh step and optimiser.
+  config_c = _smoke_config()
+  config_c.init_from = str(tmp_path / "a")
+  fresh = _fresh_state(config_c, 4)
+  with checkpointing.Checkpointer(tmp_path / "c", best_metric="val_auc") as ckpt:
+    state, origin = state_utils.restore_or_init(ckpt, config_c, fresh)
+  assert origin == "init_from" and int(state["step"]) == 0
+  flat = state_utils.flatten_state(state)
+  fresh_flat = state_utils.flatten_state(fresh)
+  for name, value in flat.items():
+    expected = best_a[name] if name.startswith(("params.", "rest.")) else fresh_flat[name]
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(expected), err_msg=name)
+
+  # Named sub-trees: only the head's parameters, everything else stays fresh.
+  with checkpointing.Checkpointer(tmp_path / "d", best_metric="val_auc") as ckpt:
+    state, _ = state_utils.restore_or_init(ckpt, config_c, fresh, init_from=("params.head.",))
+  flat = state_utils.flatten_state(state)
+  head = [k for k in flat if k.startswith("params.head.")]
+  assert head
+  for name, value in flat.items():
+    expected = best_a[name] if name in head else fresh_flat[name]
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(expected), err_msg=name)
+
+
+class _TinyBN(nnx.Module):
+  """BatchNorm straight on the image, then a head: its statistics are easy to compute by hand."""
+
+  def __init__(self, rngs):
+    self.bn = nnx.BatchNorm(1, momentum=0.9, rngs=rngs)
+    self.head = nnx.Linear(1, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.bn(x).mean(axis=(1, 2)))
+
+
+def test_ema_batchnorm_statistics_are_re_estimated_for_the_averaged_weights():
+  config = _smoke_config()
+  tx = supervised.create_optimizer(config.optim, 10)
+  defs, state = supervised.create_train_state(_TinyBN(nnx.Rngs(0)), tx, use_ema=True)
+  rng = np.random.default_rng(0)
+  batches = [jnp.asarray(rng.integers(0, 255, (4, 8, 8, 1), dtype=np.uint8)) for _ in range(3)]
+  refreshed = supervised.make_bn_refresh(defs, config)(state["ema"], state["rest"], batches)
+  pixels = [(np.asarray(b, np.float64) / 255.0 - 0.5) / 0.25 for b in batches]
+  stats = refreshed["bn"]
+  # Equal-weight average of each batch's statistics (precise BatchNorm), not a momentum blend.
+  np.testing.assert_allclose(stats["mean"].value, [np.mean([x.mean() for x in pixels])], rtol=1e-5)
+  np.testing.assert_allclose(stats["var"].value, [np.mean([x.var() for x in pixels])], rtol=1e-4)
+  # The evaluated variables are the EMA weights with these statistics.
+  state["ema_rest"] = refreshed
+  params, rest = supervised.eval_variables(state)
+  assert params is state["ema"] and rest is refreshed
+
+
+def test_weight_decay_skips_norms_and_biases_by_default():
+  config = _smoke_config()
+  config.optim.weight_decay = 0.1
+  config.optim.warmup_steps = 0
+  model = supervised.create_model(config.model, 2, config.seed)
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for decay, expect_decayed in (("kernels", lambda p: p.ndim > 1), ("all", lambda p: True)):
+    config.optim.decay = decay
+    tx = supervised.create_optimizer(config.optim, 10)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    flat_p = state_utils.flatten_state(params)
+    flat_u = state_utils.flatten_state(updates)
+    for name, p in flat_p.items():
+      moved = bool(np.any(np.asarray(flat_u[name]) != 0)) and bool(np.any(np.asarray(p) != 0))
+      if np.any(np.asarray(p) != 0):
+        assert moved == expect_decayed(p), (decay, name)

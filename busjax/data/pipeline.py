@@ -11,8 +11,9 @@ Batches are dicts of numpy arrays: ``image`` uint8 [B, H, W, 1], ``label`` int32
 from). Images stay uint8 all the way: normalisation belongs inside the jitted step, and uint8 is
 4x less to copy. ``busjax.sharding.host_to_global`` turns a batch into global jax.Arrays.
 
-Multi-host: process p trains on records ``p::process_count`` (each process decodes and reads
-only its slice) and yields ``global_batch_size // process_count`` rows per batch. Eval batches
+Multi-host: every process builds the same global stream (order and augmentation depend on the
+seed only) and yields its ``global_batch_size // process_count`` rows of each global batch, so a
+run on any number of processes trains on the same batches as a single process. Eval batches
 are laid out so that concatenating the processes' rows in process order gives consecutive
 records of the collection.
 
@@ -119,6 +120,30 @@ class _RecordSource:
     return element
 
 
+class _ProcessRows(grain.MapDataset):
+  """Process p's rows ``p * local ... (p + 1) * local`` of every global batch of `parent`.
+
+  Grain derives each element's randomness from its index in the dataset, and MapDatasets are
+  lazy, so every process sees exactly the rows a single process would put at those places of
+  the global batch, and computes only its own: any process count trains on the same batches.
+  """
+
+  def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int, local: int):
+    super().__init__(parent)
+    self._offset = process_index * local
+    self._local = local
+    self._global = local * process_count
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._local)
+    return self._parent[batch * self._global + self._offset + row]
+
+
 class _WeightedDraw(grain.transforms.RandomMap):
   """Maps a step number to a record drawn with replacement, with the given weights."""
 
@@ -172,13 +197,12 @@ def _records_stream(
   sample_weights,
   source_id: int | None = None,
 ) -> grain.MapDataset:
-  """This process's infinite stream of (un-augmented) examples from one collection."""
-  positions = np.arange(len(collection))[process_index::process_count]
+  """The infinite stream of (un-augmented) examples from one collection, the same on every
+  process (`_finish` takes each process's rows of every global batch)."""
+  del process_index, process_count
+  positions = np.arange(len(collection))
   if len(positions) == 0:
-    raise ValueError(
-      f"collection {collection.name!r} has {len(collection)} records: nothing "
-      f"for process {process_index} of {process_count}"
-    )
+    raise ValueError(f"collection {collection.name!r} has no records")
   source = _RecordSource(
     collection,
     positions,
@@ -187,7 +211,7 @@ def _records_stream(
     cache=cache,
     source_id=source_id,
   )
-  stream_seed = _derived_seed(seed, source_id or 0, process_index)
+  stream_seed = _derived_seed(seed, source_id or 0, 0)
   if sample_weights is None:
     # Shuffle before repeat: each epoch is a fresh permutation (repeat reseeds per epoch).
     return grain.MapDataset.source(source).shuffle(seed=stream_seed).repeat()
@@ -197,9 +221,8 @@ def _records_stream(
       f"sample_weights must be {len(collection)} finite values >= 0, one per "
       f"record of {collection.name!r}; got shape {weights.shape}"
     )
-  weights = weights[positions]
   if weights.sum() <= 0:
-    raise ValueError(f"sample_weights of process {process_index}'s records sum to 0")
+    raise ValueError(f"sample_weights of {collection.name!r} sum to 0")
   return (
     grain.MapDataset.range(len(source))
     .repeat()
@@ -225,7 +248,9 @@ def _finish(
     )
   local_batch = global_batch_size // process_count
   augmenter = augment.Augmenter(augment_config, image_size)
-  dataset = stream.random_map(_Augment(augmenter), seed=_derived_seed(seed, 7, process_index))
+  dataset = stream.random_map(_Augment(augmenter), seed=_derived_seed(seed, 7, 0))
+  if process_count > 1:
+    dataset = _ProcessRows(dataset, process_index, process_count, local_batch)
   # Batching before to_iter_dataset makes a worker's unit of work (and of pickling) a batch.
   dataset = dataset.batch(local_batch, drop_remainder=True)
   dataset = dataset.to_iter_dataset(

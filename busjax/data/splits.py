@@ -23,6 +23,8 @@ cover "one is a zoomed-out copy of the other" once both are normalised to the sa
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import scipy.fft
 import scipy.ndimage
@@ -443,20 +445,48 @@ def _split_fraction(labels, groups, fraction: float, seed: int) -> np.ndarray:
   return grouped_stratified_kfold(labels, groups, k, seed) == 0
 
 
-def _named(collection: records.Collection, tag: str, indices) -> dict[str, records.Collection]:
-  """Train/val/test subsets named '<source>/<tag>/<part>'."""
-  return {
-    part: collection.subset(np.asarray(idx, np.int64), name=f"{collection.name}/{tag}/{part}")
-    for part, idx in indices.items()
-  }
+def with_groups(
+  collection: records.Collection, groups: np.ndarray, train_groups: set[int] | None = None
+) -> records.Collection:
+  """The records with ``meta["cluster"]`` (and, given `train_groups`, ``meta["copy_in_train"]``).
+
+  ``cluster`` is the bootstrap's resampling unit: images of one patient or copies of one scan are
+  not independent evidence, so every interval resamples them together. ``copy_in_train`` marks an
+  evaluated image whose group (same patient or a near-duplicate) also has training images: its
+  score measures memory as much as diagnosis, and reports give the AUC without such images too.
+  """
+  annotated = []
+  for record, group in zip(collection.records, groups, strict=True):
+    meta = dict(record.meta, cluster=f"g{int(group)}")
+    if train_groups is not None:
+      meta["copy_in_train"] = int(group) in train_groups
+    annotated.append(dataclasses.replace(record, meta=meta))
+  return dataclasses.replace(collection, records=tuple(annotated))
 
 
-def _pairs_within(pairs, indices: np.ndarray):
-  """Pairs among `indices`, renumbered to positions in `indices` (None stays None)."""
-  if pairs is None:
-    return None
-  position = {int(i): p for p, i in enumerate(indices)}
-  return [(position[a], position[b], s) for a, b, s in pairs if a in position and b in position]
+def annotate_groups(
+  collection: records.Collection,
+  *,
+  near_duplicates: bool,
+  pairs: list[tuple[int, int, float]] | None = None,
+) -> records.Collection:
+  """`with_groups` for a collection evaluated as a whole (an external test set)."""
+  return with_groups(
+    collection, group_ids(collection, near_duplicates=near_duplicates, pairs=pairs)
+  )
+
+
+def _named(
+  collection: records.Collection, tag: str, indices, groups: np.ndarray
+) -> dict[str, records.Collection]:
+  """Train/val/test subsets named '<source>/<tag>/<part>', annotated by `with_groups`."""
+  train_groups = {int(g) for g in groups[np.asarray(indices["train"], np.int64)]}
+  parts = {}
+  for part, idx in indices.items():
+    idx = np.asarray(idx, np.int64)
+    subset = collection.subset(idx, name=f"{collection.name}/{tag}/{part}")
+    parts[part] = with_groups(subset, groups[idx], None if part == "train" else train_groups)
+  return parts
 
 
 def make_splits(
@@ -492,6 +522,12 @@ def make_splits(
   val_fraction = float(cfg.get("val_fraction", 0.0) or 0.0)
   fold = int(cfg.get("fold", 0) if fold is None else fold)
   labels = collection.labels
+  # Groups over the whole collection, every kind: k-fold keeps them whole, and on a predefined
+  # split they tell which evaluated images have a copy in train (BUSI's BreastMNIST split has 38
+  # such pairs).
+  groups = group_ids(
+    collection, near_duplicates=bool(cfg.get("near_duplicates", True)), pairs=pairs
+  )
   if kind == "predefined":
     parts = {"train": [], "val": [], "test": []}
     for index, record in enumerate(collection.records):
@@ -500,7 +536,7 @@ def make_splits(
         raise records.DataError(f"{record.id}: meta['split'] is {part!r}, expected train/val/test")
       parts[part].append(index)
     if not cfg.get("val_from_train", False):
-      return _named(collection, "predefined", parts)
+      return _named(collection, "predefined", parts, groups)
     # The given val part is reported as the test set; a grouped val is carved from train.
     if parts["test"]:
       raise ValueError(
@@ -508,16 +544,9 @@ def make_splits(
         f"({len(parts['test'])} records are marked test)"
       )
     train = np.asarray(parts["train"], np.int64)
-    sub = collection.subset(train)
-    groups = group_ids(
-      sub, near_duplicates=bool(cfg.get("near_duplicates", True)), pairs=_pairs_within(pairs, train)
-    )
-    val_in_train = _split_fraction(labels[train], groups, val_fraction, seed + 1)
+    val_in_train = _split_fraction(labels[train], groups[train], val_fraction, seed + 1)
     indices = {"train": train[~val_in_train], "val": train[val_in_train], "test": parts["val"]}
-    return _named(collection, "predefined-valtest", indices)
-  groups = group_ids(
-    collection, near_duplicates=bool(cfg.get("near_duplicates", True)), pairs=pairs
-  )
+    return _named(collection, "predefined-valtest", indices, groups)
   if kind == "kfold":
     k = int(cfg.get("k", 5))
     if not 0 <= fold < k:
@@ -546,6 +575,7 @@ def make_splits(
     collection,
     tag,
     {"train": rest[~val_in_rest], "val": rest[val_in_rest], "test": np.flatnonzero(test)},
+    groups,
   )
 
 

@@ -161,12 +161,48 @@ def _operating_point(y, p, threshold, chosen, clusters, bootstrap, alpha, seed) 
   return point
 
 
+def _leak_free(y, p, copy_in_train, clusters, bootstrap, alpha, seed) -> dict[str, Any]:
+  """How many images have a copy in the training data, and the AUC without them."""
+  leaked = np.asarray(copy_in_train, bool)
+  if leaked.shape != y.shape:
+    raise ValueError(f"{leaked.shape[0]} copy_in_train flags for {y.shape[0]} images")
+  keep = ~leaked
+  section: dict[str, Any] = {
+    "images_with_copy_in_train": int(leaked.sum()),
+    "definition": "same patient or a near-duplicate scan among the training images",
+    "leak_free_images": int(keep.sum()),
+    "auc_leak_free": None,
+    "auc_leak_free_bootstrap_ci": None,
+  }
+  y_kept, p_kept = y[keep], p[keep]
+  if _has_both(y_kept):
+    section["auc_leak_free"] = metrics.roc_auc(y_kept, p_kept)
+    if bootstrap:
+      section["auc_leak_free_bootstrap_ci"] = metrics.bootstrap_ci(
+        metrics.roc_auc,
+        y_kept,
+        p_kept,
+        clusters=None if clusters is None else np.asarray(clusters)[keep],
+        n=bootstrap,
+        alpha=alpha,
+        seed=seed,
+      )
+  return section
+
+
+def _has_both(y: np.ndarray) -> bool:
+  return y.shape[0] > 0 and 0 < int(y.sum()) < y.shape[0]
+
+
 def evaluate(
   y: Any,
   p: Any,
   *,
   threshold: float | None = None,
   patient_ids: Any = None,
+  clusters: Any = None,
+  cluster_definition: str = "patient",
+  copy_in_train: Any = None,
   class_names: Sequence[str] = records.BINARY_CLASSES,
   probs_full: Any = None,
   labels_full: Any = None,
@@ -182,8 +218,13 @@ def evaluate(
     p: p(malignant), shape (n,).
     threshold: operating threshold chosen on validation data (e.g. `metrics.youden_threshold`);
       metrics are reported there and always at 0.5 too.
-    patient_ids: patient per image; when some patient has several images, intervals come from a
-      patient-clustered bootstrap.
+    patient_ids: patient per image (counted in the report).
+    clusters: resampling unit per image for every interval; default `patient_ids`. Images that
+      are not independent evidence (one patient's images, copies of one scan) must share one:
+      `busjax.data.splits.annotate_groups` joins patients and near-duplicate clusters.
+    cluster_definition: what `clusters` are, stated in the JSON.
+    copy_in_train: bool per image, True where the image has a copy (same patient or a
+      near-duplicate) in the training data; then the AUC is also given on the other images.
     class_names: the model's classes (malignant at index 1).
     probs_full: (n, C) class probabilities of a multi-class model, for top-label calibration.
     labels_full: (n,) C-class labels matching ``probs_full``.
@@ -198,14 +239,22 @@ def evaluate(
   y, p = metrics.check_binary(y, p, probabilities=True)
   if p.ndim != 1:
     raise ValueError(f"p must be p(malignant) of shape (n,), got {p.shape}")
-  clusters = None
   n_patients = y.shape[0]
   if patient_ids is not None:
     patient_ids = np.asarray(patient_ids)
     if patient_ids.shape != y.shape:
       raise ValueError(f"{patient_ids.shape[0]} patient ids for {y.shape[0]} images")
     n_patients = len(np.unique(patient_ids))
-    clusters = patient_ids if n_patients < y.shape[0] else None
+  if clusters is None:
+    clusters, cluster_definition = patient_ids, "patient"
+  n_clusters = y.shape[0]
+  if clusters is not None:
+    clusters = np.asarray(clusters)
+    if clusters.shape != y.shape:
+      raise ValueError(f"{clusters.shape[0]} cluster ids for {y.shape[0]} images")
+    n_clusters = len(np.unique(clusters))
+    # All-singleton clusters resample exactly like images: skip the grouping work.
+    clusters = clusters if n_clusters < y.shape[0] else None
   n_positive = int(y.sum())
   negative_names = [c for i, c in enumerate(class_names) if i != records.MALIGNANT]
   result: dict[str, Any] = {
@@ -220,7 +269,10 @@ def evaluate(
     },
     "bootstrap": {
       "resamples": bootstrap,
-      "clustered_by_patient": clusters is not None,
+      # Resampling unit: a cluster of images that are not independent evidence.
+      "clustered": clusters is not None,
+      "cluster_definition": cluster_definition,
+      "clusters": int(n_clusters),
       "alpha": alpha,
       "seed": seed,
     },
@@ -238,6 +290,8 @@ def evaluate(
   else:
     auc["reason"] = "undefined: the set holds only one class"
   result["auc"] = auc
+  if copy_in_train is not None:
+    result["leakage"] = _leak_free(y, p, copy_in_train, clusters, bootstrap, alpha, seed)
   points = {}
   if threshold is not None:
     points["at_threshold"] = _operating_point(
@@ -489,6 +543,9 @@ def write_report(
   y: Any,
   p: Any,
   patient_ids: Any = None,
+  clusters: Any = None,
+  cluster_definition: str = "patient",
+  copy_in_train: Any = None,
   ids: Sequence[Any] | None = None,
   threshold: float | None = None,
   reader: Any = None,
@@ -505,8 +562,8 @@ def write_report(
     name: sub-folder name for this set, e.g. ``"test"`` or ``"busbra_external"``.
     provenance: must hold ``source`` (str), ``split`` (str) and ``synthetic`` (bool); should hold
       ``trained_on``, ``model`` and ``step``; every key is copied into the JSON.
-    y, p, patient_ids, threshold, class_names, probs_full, labels_full, bootstrap, seed: as in
-      `evaluate`.
+    y, p, patient_ids, clusters, cluster_definition, copy_in_train, threshold, class_names,
+      probs_full, labels_full, bootstrap, seed: as in `evaluate`.
     ids: image ids for the predictions CSV (row numbers when None).
     reader: BI-RADS per image (array), or a mapping ``{"birads": ..., "threshold": 4}``; adds a
       `readers.compare_model_to_reader` section and the reader's point on the ROC figure.
@@ -519,6 +576,9 @@ def write_report(
     p,
     threshold=threshold,
     patient_ids=patient_ids,
+    clusters=clusters,
+    cluster_definition=cluster_definition,
+    copy_in_train=copy_in_train,
     class_names=class_names,
     probs_full=probs_full,
     labels_full=labels_full,
@@ -531,17 +591,22 @@ def write_report(
   extra = {}
   if reader is not None:
     reader_spec = dict(reader) if isinstance(reader, Mapping) else {"birads": reader}
-    clusters = patient_ids if result["bootstrap"]["clustered_by_patient"] else None
+    if clusters is None:
+      clusters = patient_ids
     comparison = readers.compare_model_to_reader(
       y,
       p,
       reader_spec["birads"],
-      clusters,
+      clusters if result["bootstrap"]["clustered"] else None,
       threshold=reader_spec.get("threshold", 4),
       n_bootstrap=bootstrap,
       seed=seed,
     )
     extra["birads"] = list(np.asarray(reader_spec["birads"], dtype=object))
+  if result["bootstrap"]["cluster_definition"] != "patient":
+    extra["cluster"] = list(np.asarray(clusters))
+  if copy_in_train is not None:
+    extra["copy_in_train"] = [int(v) for v in np.asarray(copy_in_train, bool)]
   report_dir = os.path.join(out_dir, name)
   os.makedirs(report_dir, exist_ok=True)
   files = {

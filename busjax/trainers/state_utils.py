@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import logging
 
 
 def model_module(name: str) -> ModuleType:
@@ -92,3 +94,87 @@ def abstract_flat_state(tree) -> dict[str, jax.ShapeDtypeStruct]:
 
 def all_finite(metrics: dict[str, Any]) -> bool:
   return all(bool(jnp.all(jnp.isfinite(v))) for v in metrics.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Restore or initialise, in the order every regime uses.
+# ----------------------------------------------------------------------------------------------
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+def _renamed(flat: dict[str, Any], mapping: dict[str, str]) -> dict[str, str]:
+  """target flat name -> source flat name, for the names under `mapping`'s target prefixes."""
+  out = {}
+  for name in flat:
+    for target, source in mapping.items():
+      if name.startswith(target):
+        out[name] = source + name[len(target) :]
+        break
+  return out
+
+
+def restore_or_init(ckpt, config, state, *, data_iterator=None, init_from=("params.", "rest.")):
+  """The state to start from; the first that applies: workdir -> resume -> init_from -> scratch.
+
+  Args:
+    ckpt: this run's `checkpointing.Checkpointer`.
+    config: reads ``config.resume`` (another run's workdir: its whole latest state) and
+      ``config.init_from`` (another run's best checkpoint: weights only).
+    state: the freshly initialised state (a dict of named sub-trees: a classifier's
+      ``params``/``rest``/``opt_state``, a GAN's generator and discriminators, ...).
+    data_iterator: restored in place from this workdir's checkpoint.
+    init_from: what ``config.init_from`` loads: flat-name prefixes (see `flatten_state`), or a
+      mapping target prefix -> prefix in the other run's checkpoint (e.g. an SSL encoder
+      ``{"params.backbone.": "params.encoder."}``). Everything else keeps its fresh value.
+
+  Returns:
+    (state, origin) with origin one of "workdir", "resume", "init_from", "scratch".
+  """
+  from busjax import checkpointing  # Lazy: keeps state_utils importable without Orbax set-up.
+
+  abstract = abstract_flat_state(state)
+  restored = ckpt.restore_latest(abstract, data_iterator=data_iterator)
+  if restored is not None:
+    step, flat = restored
+    logging.info("Resuming from this workdir's checkpoint at step %d.", step)
+    return unflatten_state(state, flat), "workdir"
+  if config.get("resume"):
+    flat = checkpointing.load_state(config.resume, abstract, which="latest")
+    logging.info("Continuing run %s (config.resume).", config.resume)
+    return unflatten_state(state, flat), "resume"
+  if config.get("init_from"):
+    mapping = init_from if isinstance(init_from, dict) else {p: p for p in init_from}
+    names = _renamed(abstract, mapping)
+    if not names:
+      raise ValueError(f"init_from prefixes {sorted(mapping)} match nothing in the state")
+    source_abstract = {names[k]: abstract[k] for k in names}
+    loaded = checkpointing.load_state(config.init_from, source_abstract, which="best", partial=True)
+    flat = {k: jnp.asarray(v) for k, v in flatten_state(state).items()}
+    flat.update({k: loaded[names[k]] for k in names})
+    logging.info(
+      "Initialised %d arrays (%s) from %s (config.init_from).",
+      len(names),
+      ", ".join(sorted(mapping)),
+      config.init_from,
+    )
+    return unflatten_state(state, flat), "init_from"
+  return state, "scratch"
+
+
+def check_finite(host_metrics, step: int, last_good_step: int | None, workdir: str) -> None:
+  """Raises TrainingError naming the step, the values and what was kept, if any is not finite."""
+  if all_finite(host_metrics):
+    return
+  where = (
+    f"the last good checkpoint (step {last_good_step}) is kept in {workdir}"
+    if last_good_step
+    else "no checkpoint was written yet"
+  )
+  values = {k: float(np.asarray(v)) for k, v in host_metrics.items()}
+  raise TrainingError(
+    f"non-finite training metrics at step {step}: {values}; {where}. "
+    "Lower config.optim.lr, set config.optim.clip_norm, or use float32."
+  )

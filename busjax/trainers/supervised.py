@@ -1,17 +1,16 @@
 """Supervised classification: one loop for every single-image classifier (baseline, fusion...).
 
-Top to bottom: data -> model -> state and shardings -> step -> restore -> loop -> final evaluation.
-The step is pure, `(state, batch, rng) -> (state, metrics)`, and jitted exactly once with explicit
-shardings (batch over the mesh's ``data`` axis, everything else replicated).
-
-`train_and_evaluate(config, workdir)` trains one split, or every fold in cross-validation mode
-(``config.split.cross_validate``), and writes reports under ``workdir/reports``.
+Top to bottom: config checks -> model -> optimiser and state -> step -> the split's training loop.
+Everything around the loop is shared with the other regimes: the protocol (splits, k-fold CV,
+external sets, reports) in `busjax.trainers.protocol`, restore-or-init and the finiteness check in
+`busjax.trainers.state_utils`, jitting with shardings in `busjax.sharding`, prediction and reports
+in `busjax.evaluators.classification`. The step is pure, `(state, batch, rng) -> (state, metrics)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import math
 import os
 import time
@@ -25,37 +24,37 @@ import optax
 from absl import logging
 from flax import nnx
 
-from busjax import checkpointing, sharding, writers
-from busjax.data import pipeline, records, sources, splits
-from busjax.evaluators import metrics, report
+from busjax import checkpointing, configlib, sharding, writers
+from busjax.data import pipeline, records
+from busjax.evaluators import classification, metrics
 from busjax.models import common as model_common
-from busjax.trainers import state_utils
+from busjax.trainers import protocol, state_utils
 
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+TrainingError = state_utils.TrainingError
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
+# Config
 # ----------------------------------------------------------------------------------------------
 
 
-def load_splits(
-  config: ml_collections.ConfigDict, fold: int | None
-) -> dict[str, records.Collection]:
-  """The train/val/test collections for `fold` (None: the config's own fold)."""
-  collection = sources.from_config(config.data)
-  logging.info("Data: %s", json.dumps(collection.describe()))
-  return splits.make_splits(collection, config.split, fold=fold)
-
-
-def load_external(config: ml_collections.ConfigDict) -> dict[str, records.Collection]:
-  """External evaluation sets (another hospital / scanner), never used for training."""
-  external = {}
-  for name, data_config in (config.get("external") or {}).items():
-    external[name] = sources.from_config(data_config)
-  return external
+def validate_config(c: ml_collections.ConfigDict) -> None:
+  """This regime's sections (called by `configlib.validate`)."""
+  configlib.validate_model(c.model)
+  configlib.validate_optim(c.optim)
+  configlib.validate_train(c.train)
+  configlib.check(
+    0.0 <= c.train.get("ema_decay", 0.0) < 1.0,
+    f"train.ema_decay={c.train.get('ema_decay')!r}: expected in [0, 1)",
+  )
+  configlib.check(
+    c.train.get("ema_bn_batches", 0) >= 0,
+    f"train.ema_bn_batches={c.train.get('ema_bn_batches')!r}: expected >= 0",
+  )
+  configlib.check(
+    c.train.get("class_weights") in (None, "none", "balanced"),
+    f"train.class_weights={c.train.get('class_weights')!r}: expected 'balanced' or 'none'",
+  )
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str | None) -> np.ndarray:
@@ -115,7 +114,11 @@ def _preprocess(images, model_config):
 def create_optimizer(
   optim_config: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
-  """AdamW with linear warmup and cosine decay; optional global-norm clipping."""
+  """AdamW with linear warmup and cosine decay; optional global-norm clipping.
+
+  ``optim_config.decay`` = "kernels" (default) decays only weights with >= 2 dimensions:
+  decaying BatchNorm scales and biases pulls them to 0 for no regularising benefit.
+  """
   warmup = min(int(optim_config.get("warmup_steps", 0)), max(total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
     init_value=0.0 if warmup else optim_config.lr,
@@ -124,6 +127,9 @@ def create_optimizer(
     decay_steps=max(total_steps, warmup + 1),
     end_value=optim_config.lr * optim_config.get("final_lr_fraction", 0.01),
   )
+  mask = None
+  if optim_config.get("decay", "kernels") == "kernels":
+    mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   chain = []
   if optim_config.get("clip_norm"):
     chain.append(optax.clip_by_global_norm(optim_config.clip_norm))
@@ -133,6 +139,7 @@ def create_optimizer(
       b1=optim_config.get("b1", 0.9),
       b2=optim_config.get("b2", 0.999),
       weight_decay=optim_config.get("weight_decay", 0.0),
+      mask=mask,
     )
   )
   return optax.chain(*chain)
@@ -140,18 +147,32 @@ def create_optimizer(
 
 @dataclasses.dataclass(frozen=True)
 class ModelDefs:
-  """The static halves of the model: one graph for training mode, one for evaluation mode."""
+  """The static halves of the model: training mode, evaluation mode, and BatchNorm refresh
+  (training mode with momentum 0 and dropout off, so running statistics = one batch's)."""
 
   train: Any
   eval: Any
+  bn_refresh: Any
 
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, use_ema: bool):
-  """Splits the model into (graphdefs, state dict of arrays) for the pure step."""
+  """Splits the model into (graphdefs, state dict of arrays) for the pure step.
+
+  With `use_ema` the state also holds ``ema`` (averaged parameters) and ``ema_rest`` (BatchNorm
+  statistics re-estimated for them, see `make_bn_refresh`).
+  """
   model.train()
   graph_train, params, rest = nnx.split(model, nnx.Param, ...)
   model.eval()
   graph_eval, _, _ = nnx.split(model, nnx.Param, ...)
+  refresh = nnx.clone(model)
+  refresh.train()
+  for _, module in nnx.iter_modules(refresh):
+    if isinstance(module, nnx.BatchNorm):
+      module.momentum = 0.0
+    elif isinstance(module, nnx.Dropout):
+      module.deterministic = True
+  graph_refresh, _, _ = nnx.split(refresh, nnx.Param, ...)
   state = {
     "step": jnp.zeros((), jnp.int32),
     "params": params,
@@ -160,11 +181,12 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, use_
   }
   if use_ema:
     state["ema"] = jax.tree.map(jnp.copy, params)
-  return ModelDefs(train=graph_train, eval=graph_eval), state
+    state["ema_rest"] = jax.tree.map(jnp.copy, rest)
+  return ModelDefs(train=graph_train, eval=graph_eval, bn_refresh=graph_refresh), state
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss and the pure steps
+# Loss and the pure functions
 # ----------------------------------------------------------------------------------------------
 
 
@@ -189,7 +211,7 @@ def classification_loss(
 def make_train_step(
   defs: ModelDefs, tx, config: ml_collections.ConfigDict, loss_weights: np.ndarray
 ):
-  """The pure step `(state, batch, rng) -> (state, metrics)`; the caller jits it once."""
+  """The pure step `(state, batch, rng) -> (state, metrics)`; `sharding.jit_train_step` jits it."""
   focal_gamma = float(config.train.get("focal_gamma", 0.0))
   label_smoothing = float(config.train.get("label_smoothing", 0.0))
   ema_decay = float(config.train.get("ema_decay", 0.0))
@@ -233,82 +255,54 @@ def make_train_step(
   return train_step
 
 
-def make_predict_fn(defs: ModelDefs, config: ml_collections.ConfigDict):
-  """`(params, rest, batch) -> (probabilities, index, valid)`, evaluation mode.
+def make_bn_refresh(defs: ModelDefs, config: ml_collections.ConfigDict):
+  """`(params, rest, batches) -> rest`: BatchNorm statistics that belong to `params`.
 
-  The caller jits it with replicated outputs, so every process can read the whole global batch.
+  Averaged weights (EMA) never ran forward during training, so the live model's running
+  statistics do not describe their activations. Each fixed training batch is run through
+  `params` in training mode with momentum 0 (running statistics = that batch's), and the
+  statistics are averaged over batches (precise BatchNorm); non-float entries (RNG streams)
+  stay as they were.
   """
 
-  def predict(params, rest, batch):
+  @jax.jit
+  def one_batch(params, rest, images):
+    model = nnx.merge(defs.bn_refresh, params, rest)
+    model(_preprocess(images, config.model))
+    return nnx.split(model, nnx.Param, ...)[2]
+
+  def refresh(params, rest, batches):
+    total = None
+    for images in batches:
+      stats = one_batch(params, rest, images)
+      total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    if total is None:
+      return rest
+    n = len(batches)
+    return jax.tree.map(
+      lambda t, r: t / n if jnp.issubdtype(r.dtype, jnp.floating) else r, total, rest
+    )
+
+  return refresh
+
+
+def make_apply(defs: ModelDefs, config: ml_collections.ConfigDict):
+  """`((params, rest), batch) -> class probabilities`, evaluation mode."""
+
+  def apply(variables, batch):
+    params, rest = variables
     model = nnx.merge(defs.eval, params, rest)
     logits = model(_preprocess(batch["image"], config.model))
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1), batch["index"], batch["valid"]
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
-  return predict
-
-
-def predict_collection(
-  predict_fn, params, rest, collection: records.Collection, config, mesh
-) -> dict:
-  """Runs a jitted `predict_fn` over every record once: ids, labels, patients, probabilities."""
-  batch_size = config.input.get("eval_batch_size", config.input.batch_size)
-  batch_size = max(batch_size // mesh.devices.size, 1) * mesh.devices.size
-  probs = np.zeros((len(collection), len(collection.class_names)), np.float32)
-  seen = np.zeros(len(collection), bool)
-  batches = pipeline.eval_batches(
-    collection,
-    image_size=config.data.image_size,
-    batch_size=batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  for batch in batches:
-    arrays = sharding.host_to_global({k: batch[k] for k in ("image", "index", "valid")}, mesh)
-    out, index, valid = jax.device_get(predict_fn(params, rest, arrays))
-    probs[index[valid]] = out[valid]
-    seen[index[valid]] = True
-  if not seen.all():
-    raise RuntimeError(f"{collection.name}: evaluation missed {int((~seen).sum())} records")
-  return {
-    "ids": [r.id for r in collection.records],
-    "labels": collection.labels,
-    "patient_ids": collection.patient_ids,
-    "probs": probs,
-    "p_malignant": probs[:, records.MALIGNANT],
-    "y_malignant": (collection.labels == records.MALIGNANT).astype(np.int32),
-  }
+  return apply
 
 
-# ----------------------------------------------------------------------------------------------
-# Restore
-# ----------------------------------------------------------------------------------------------
-
-
-def _restore(ckpt: checkpointing.Checkpointer, config, state, data_iterator):
-  """Resume order, first that applies: workdir -> config.resume -> config.init_from -> scratch."""
-  abstract = state_utils.abstract_flat_state(state)
-  restored = ckpt.restore_latest(abstract, data_iterator=data_iterator)
-  if restored is not None:
-    step, flat = restored
-    logging.info("Resuming from this workdir's checkpoint at step %d.", step)
-    return state_utils.unflatten_state(state, flat), "workdir"
-  if config.get("resume"):
-    flat = checkpointing.load_state(config.resume, abstract, which="latest")
-    logging.info("Continuing run %s (config.resume).", config.resume)
-    return state_utils.unflatten_state(state, flat), "resume"
-  if config.get("init_from"):
-    # Weights only: another run's parameters and statistics, fresh optimiser and step.
-    target = {"params": state["params"], "rest": state["rest"]}
-    flat = checkpointing.load_state(
-      config.init_from, state_utils.abstract_flat_state(target), which="best", partial=True
-    )
-    loaded = state_utils.unflatten_state(target, flat)
-    logging.info("Initialised weights from %s (config.init_from).", config.init_from)
-    new_state = dict(state, **loaded)
-    if "ema" in state:
-      new_state["ema"] = jax.tree.map(jnp.copy, loaded["params"])
-    return new_state, "init_from"
-  return state, "scratch"
+def eval_variables(state) -> tuple[Any, Any]:
+  """The weights that are evaluated: the EMA with its own statistics, else the live model."""
+  if "ema" in state:
+    return state["ema"], state["ema_rest"]
+  return state["params"], state["rest"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,32 +316,20 @@ def _num_steps(config, num_train: int) -> int:
   return max(1, math.ceil(config.train.epochs * num_train / config.input.batch_size))
 
 
-def _provenance(
-  config, collection: records.Collection, split_name: str, trained_on: str, step: int
-):
-  return {
-    "source": collection.name,
-    "split": split_name,
-    "synthetic": bool(collection.synthetic),
-    "trained_on": trained_on,
-    "model": config.model.name
-    + (f"/{config.model.variant}" if config.model.get("variant") else ""),
-    "step": int(step),
-    "images": len(collection),
-    "config_seed": int(config.seed),
-  }
-
-
 def train_split(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  data: dict[str, records.Collection],
-  external: dict[str, records.Collection],
-) -> dict[str, Any]:
-  """Trains on data["train"], selects on data["val"], reports on val/test/external; a summary."""
+  config: ml_collections.ConfigDict, workdir: str, data: dict[str, records.Collection]
+) -> protocol.Trained:
+  """Trains on data["train"], selects the checkpoint by AUC on data["val"]; the predictor."""
   os.makedirs(workdir, exist_ok=True)
   train_set, val_set = data["train"], data.get("val")
-  if val_set is not None and len(val_set) == 0:
+  if val_set is not None and len(set(val_set.labels.tolist())) < 2:
+    # No AUC on a val part with one class (or none): the last checkpoint is reported.
+    logging.warning(
+      "%s: %d images, %s; no checkpoint selection, the last step is evaluated.",
+      val_set.name,
+      len(val_set),
+      "empty" if len(val_set) == 0 else "one class only",
+    )
     val_set = None
   num_classes = len(train_set.class_names)
   mesh = sharding.make_mesh(config.get("mesh"))
@@ -370,43 +352,57 @@ def train_split(
   )
 
   # --- Data.
-  train_ds = pipeline.train_dataset(
-    train_set,
-    image_size=config.data.image_size,
-    global_batch_size=batch_size,
-    seed=config.seed,
-    augment_config=config.input.augment,
-    num_workers=config.input.get("num_workers", 0),
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  train_iter = iter(train_ds)
+  def train_batches(seed):
+    return iter(
+      pipeline.train_dataset(
+        train_set,
+        image_size=config.data.image_size,
+        global_batch_size=batch_size,
+        seed=seed,
+        augment_config=config.input.augment,
+        num_workers=config.input.get("num_workers", 0),
+      )
+    )
 
-  # --- Model, optimiser, state and shardings.
+  train_iter = train_batches(config.seed)
+
+  # --- Model, optimiser, state, jitted functions.
   model = create_model(config.model, num_classes, config.seed)
   tx = create_optimizer(config.optim, total_steps)
   defs, state = create_train_state(model, tx, use_ema=bool(config.train.get("ema_decay")))
   del model
-  replicated = sharding.replicated(mesh)
-  state = jax.device_put(state, replicated)
-  state_shardings = jax.tree.map(lambda _: replicated, state)
-  batch_shardings = {"image": sharding.data_sharding(mesh), "label": sharding.data_sharding(mesh)}
-
   weights = class_weights(train_set.labels, num_classes, config.train.get("class_weights"))
-  train_step = jax.jit(
-    make_train_step(defs, tx, config, weights),
-    in_shardings=(state_shardings, batch_shardings, replicated),
-    out_shardings=(state_shardings, replicated),
-    donate_argnums=0,
-  )
-  predict = jax.jit(make_predict_fn(defs, config), out_shardings=replicated)
+  train_step = sharding.jit_train_step(make_train_step(defs, tx, config, weights), mesh, state)
+  predict = sharding.jit_predict(make_apply(defs, config), mesh)
+  refresh_bn = make_bn_refresh(defs, config)
+  bn_batches = []
+  if "ema" in state and config.train.get("ema_bn_batches", 8):
+    # Fixed augmented training batches (their own seed): the same ones at every evaluation.
+    bn_iter = train_batches(config.seed + 1_000_003)
+    bn_batches = [
+      sharding.host_to_global({"image": b["image"]}, mesh)["image"]
+      for b in itertools.islice(bn_iter, int(config.train.ema_bn_batches))
+    ]
+    del bn_iter
+
+  def predict_on(variables, collection):
+    return classification.predict_collection(
+      predict,
+      variables,
+      collection,
+      mesh=mesh,
+      batch_size=config.input.get("eval_batch_size", batch_size),
+      image_size=config.data.image_size,
+    )
 
   # --- Restore.
   ckpt = checkpointing.Checkpointer(
     workdir, best_metric="val_auc" if val_set is not None else None, best_mode="max", every_steps=1
   )
-  state, origin = _restore(ckpt, config, state, train_iter)
-  state = jax.device_put(state, state_shardings)
+  state, origin = state_utils.restore_or_init(ckpt, config, state, data_iterator=train_iter)
+  if origin == "init_from" and "ema" in state:
+    state["ema"], state["ema_rest"] = state["params"], state["rest"]
+  state = sharding.replicate(state, mesh)
   start_step = int(jax.device_get(state["step"]))
 
   # --- Loop.
@@ -417,7 +413,7 @@ def train_split(
   eval_every = config.train.get("eval_every") or total_steps
   ckpt_every = config.train.get("checkpoint_every") or eval_every
   last_good_step = start_step if origin == "workdir" else None
-  t_start, step = time.time(), start_step
+  t_start = time.time()
   for step in range(start_step + 1, total_steps + 1):
     batch = next(train_iter)
     batch = sharding.host_to_global({"image": batch["image"], "label": batch["label"]}, mesh)
@@ -428,23 +424,15 @@ def train_split(
       host_metrics = jax.device_get(step_metrics)
       if not state_utils.all_finite(host_metrics):
         ckpt.wait_until_finished()
-        where = (
-          f"the last good checkpoint (step {last_good_step}) is kept in {workdir}"
-          if last_good_step
-          else "no checkpoint was written yet"
-        )
-        raise TrainingError(
-          f"non-finite training metrics at step {step}: "
-          f"{ {k: float(v) for k, v in host_metrics.items()} }; {where}. "
-          "Lower config.optim.lr, set config.optim.clip_norm, or use float32."
-        )
+      state_utils.check_finite(host_metrics, step, last_good_step, workdir)
       writer.write_scalars(step, host_metrics, split="train")
       progress(step, host_metrics)
     ckpt_metrics = None
+    if is_eval and bn_batches:
+      state["ema_rest"] = refresh_bn(state["ema"], state["rest"], bn_batches)
     if is_eval and val_set is not None:
-      eval_params = state["ema"] if "ema" in state else state["params"]
-      val = predict_collection(predict, eval_params, state["rest"], val_set, config, mesh)
-      ckpt_metrics = {"val_auc": metrics.roc_auc(val["y_malignant"], val["p_malignant"])}
+      val = classification.predictions(val_set, predict_on(eval_variables(state), val_set))
+      ckpt_metrics = {"val_auc": metrics.roc_auc(val.y_malignant, val.p_malignant)}
       writer.write_scalars(step, ckpt_metrics, split="val")
       logging.info("step %d: val AUC %.4f", step, ckpt_metrics["val_auc"])
     if is_ckpt:
@@ -458,159 +446,31 @@ def train_split(
       last_good_step = step
   ckpt.wait_until_finished()
   train_seconds = time.time() - t_start
+  writer.close()
 
-  # --- Final evaluation on the selected checkpoint.
-  final_state, selected = state, "last"
+  # --- The selected checkpoint.
+  final_state, selected, selected_step = state, "last", total_steps
   if val_set is not None and ckpt.best_step() is not None:
+    selected_step = ckpt.best_step()
     _, flat = ckpt.restore_best(state_utils.abstract_flat_state(state))
-    final_state, selected = (
-      state_utils.unflatten_state(state, flat),
-      f"best (step {ckpt.best_step()})",
-    )
+    final_state = state_utils.unflatten_state(state, flat)
+    selected = f"best (step {selected_step})"
   ckpt.close()
-  eval_params = final_state["ema"] if "ema" in final_state else final_state["params"]
-  summary = {
-    "workdir": workdir,
+  variables = eval_variables(final_state)
+  info = {
+    "model": config.model.name
+    + (f"/{config.model.variant}" if config.model.get("variant") else ""),
     "steps": total_steps,
     # Seconds of this process's training: steps resumed_at_step+1 .. steps (0 steps when a
     # finished run is re-evaluated, e.g. a CV re-run whose folds are done).
     "train_seconds": round(train_seconds, 1),
     "resumed_at_step": start_step,
     "selected_checkpoint": selected,
-    "reports": {},
+    "selected_step": int(selected_step),
   }
-  threshold = None
-  trained_on = train_set.name
-  evaluations = [("val", val_set), ("test", data.get("test"))] + list(external.items())
-  for split_name, collection in evaluations:
-    if collection is None or len(collection) == 0:
-      continue
-    preds = predict_collection(predict, eval_params, final_state["rest"], collection, config, mesh)
-    if split_name == "val":
-      threshold = float(metrics.youden_threshold(preds["y_malignant"], preds["p_malignant"]))
-    if jax.process_index() != 0:
-      continue  # Every process ran the (collective) prediction; one writes the files.
-    reader = None
-    if all(r.meta.get("birads") not in (None, "") for r in collection.records):
-      # BI-RADS >= 4 (biopsy recommended) as the reader's call, e.g. BUS-BRA's radiologists.
-      reader = {"birads": [r.meta["birads"] for r in collection.records], "threshold": 4}
-    result = report.write_report(
-      os.path.join(workdir, "reports"),
-      name=split_name,
-      provenance=_provenance(config, collection, split_name, trained_on, total_steps),
-      y=preds["y_malignant"],
-      p=preds["p_malignant"],
-      patient_ids=preds["patient_ids"],
-      ids=preds["ids"],
-      threshold=threshold,
-      reader=reader,
-      bootstrap=config.report.bootstrap_resamples,
-    )
-    summary["reports"][split_name] = {
-      "auc": result["auc"]["value"],
-      "auc_ci": result["auc"]["bootstrap_ci"],
-      "source": collection.name,
-      "images": len(collection),
-    }
-    ci = result["auc"]["bootstrap_ci"]
-    logging.info(
-      "%s: AUC %.3f [%.3f, %.3f] on %s (%d images%s), checkpoint %s -> %s",
-      split_name,
-      result["auc"]["value"],
-      ci["lo"],
-      ci["hi"],
-      collection.name,
-      len(collection),
-      ", SYNTHETIC" if collection.synthetic else "",
-      selected,
-      os.path.join(workdir, "reports", split_name, "report.json"),
-    )
-    np.savez(
-      os.path.join(workdir, "reports", f"{split_name}_predictions.npz"),
-      p_malignant=preds["p_malignant"],
-      y_malignant=preds["y_malignant"],
-      patient_ids=np.asarray(preds["patient_ids"], dtype=str),
-      ids=np.asarray(preds["ids"], dtype=str),
-    )
-  writer.close()
-  if jax.process_index() == 0:
-    report.write_json(os.path.join(workdir, "summary.json"), summary)
-  return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry point: one split, or k-fold cross-validation
-# ----------------------------------------------------------------------------------------------
+  return protocol.Trained(predict=lambda c: predict_on(variables, c), info=info)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates as `config` says; checkpoints, metrics and reports go under `workdir`."""
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  external = load_external(config)
-  if not config.split.get("cross_validate"):
-    return train_split(config, workdir, load_splits(config, fold=None), external)
-
-  k = int(config.split.k)
-  summaries, pooled = [], []
-  for fold in range(k):
-    fold_dir = os.path.join(workdir, f"fold{fold}")
-    summaries.append(train_split(config, fold_dir, load_splits(config, fold=fold), external))
-    pooled.append(np.load(os.path.join(fold_dir, "reports", "test_predictions.npz")))
-  return _aggregate_folds(config, workdir, summaries, pooled)
-
-
-def _aggregate_folds(config, workdir, summaries, pooled) -> dict[str, Any]:
-  """Out-of-fold report: every image predicted once by the model that did not see it."""
-  y = np.concatenate([p["y_malignant"] for p in pooled])
-  p = np.concatenate([p["p_malignant"] for p in pooled])
-  patients = np.concatenate([p["patient_ids"] for p in pooled])
-  ids = np.concatenate([p["ids"] for p in pooled])
-  source = sources.from_config(config.data)
-  provenance = _provenance(
-    config,
-    source,
-    f"{config.split.k}-fold CV, out-of-fold test predictions",
-    trained_on=f"{source.name} (each fold's training part)",
-    step=summaries[0]["steps"],
-  )
-  pooled_report = report.write_report(
-    os.path.join(workdir, "reports"),
-    name="cv_out_of_fold",
-    provenance=provenance,
-    y=y,
-    p=p,
-    patient_ids=patients,
-    ids=ids,
-    bootstrap=config.report.bootstrap_resamples,
-  )
-  fold_aucs = [s["reports"]["test"]["auc"] for s in summaries]
-  summary = {
-    "folds": summaries,
-    "fold_test_auc": fold_aucs,
-    "fold_test_auc_mean": float(np.mean(fold_aucs)),
-    "fold_test_auc_sd": float(np.std(fold_aucs)),
-    "out_of_fold": {
-      "auc": pooled_report["auc"]["value"],
-      "auc_ci": pooled_report["auc"]["bootstrap_ci"],
-    },
-  }
-  for name in summaries[0]["reports"]:
-    if name not in ("val", "test"):
-      aucs = [s["reports"][name]["auc"] for s in summaries]
-      summary[f"{name}_auc_per_fold"] = aucs
-      summary[f"{name}_auc_mean"] = float(np.mean(aucs))
-  report.write_json(os.path.join(workdir, "summary.json"), summary)
-  ci = summary["out_of_fold"]["auc_ci"]
-  logging.info(
-    "%d-fold CV: out-of-fold AUC %.3f [%.3f, %.3f]; fold test AUCs %s -> %s",
-    config.split.k,
-    summary["out_of_fold"]["auc"],
-    ci["lo"],
-    ci["hi"],
-    ", ".join(f"{a:.3f}" for a in fold_aucs),
-    os.path.join(workdir, "reports", "cv_out_of_fold", "report.json"),
-  )
-  return summary
+  return protocol.train_and_evaluate(config, workdir, train_split)

@@ -1,0 +1,271 @@
+"""The evaluation protocol every regime shares: one split, k-fold CV, external sources.
+
+A regime module provides ``train_split(config, workdir, data) -> Trained``: train on
+``data["train"]``, select on ``data["val"]``, and hand back a predictor of the selected model.
+Its ``train_and_evaluate(config, workdir)`` is then one line::
+
+  return protocol.train_and_evaluate(config, workdir, train_split)
+
+and this module does the rest, the same way for every regime:
+
+* data: loads ``config.data`` once, finds near-duplicates once (``config.split.near_duplicates``),
+  makes the split(s) and annotates every record with its bootstrap cluster (patient joined with
+  near-duplicate group) and, for evaluated parts, whether a copy of it is in train;
+* external sets (``config.external.NAME``): loaded and annotated once, never trained on;
+* evaluation: the threshold is chosen on val (Youden), then val, test and every external set get
+  a report (AUC with clustered CI, the leak-free AUC where copies straddle the split, operating
+  points, calibration, the reader's point where BI-RADS is known);
+* k-fold CV (``config.split.cross_validate``): every fold in ``workdir/foldK``, then one pooled
+  out-of-fold report from the folds' in-memory predictions (no process reads another's files);
+* files: process 0 writes reports, predictions and summary.json; every process runs the
+  (collective) predictions.
+
+A finished run re-run with a new ``config.external`` entry restores, skips training (the regime's
+`train_split` resumes at its last step) and reports on the new source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from busjax.data import records, sources, splits
+from busjax.evaluators import classification, metrics, report
+
+
+@dataclasses.dataclass
+class Trained:
+  """What a regime's `train_split` returns.
+
+  Attributes:
+    predict: collection -> (n, C) class probabilities of the selected model.
+    info: facts for summary.json: ``steps``, ``train_seconds``, ``resumed_at_step``,
+      ``selected_checkpoint``, ``selected_step``, ``model`` (a name for reports), and anything
+      regime-specific (e.g. how many synthetic images trained the model).
+  """
+
+  predict: classification.Predictor
+  info: dict[str, Any]
+
+
+TrainSplit = Callable[[ml_collections.ConfigDict, str, dict[str, records.Collection]], Trained]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def _pairs(collection: records.Collection, near_duplicates: bool):
+  """Near-duplicate pairs, searched once per collection (the search is ~20 s on BUSI)."""
+  if not near_duplicates:
+    return None
+  pairs = splits.near_duplicate_pairs(collection)
+  logging.info(
+    "%s: %d near-duplicate pairs (grouped in splits and CIs).", collection.name, len(pairs)
+  )
+  return pairs
+
+
+def load_data(config: ml_collections.ConfigDict):
+  """(collection, near-duplicate pairs or None) of ``config.data``."""
+  collection = sources.from_config(config.data)
+  logging.info("Data: %s", json.dumps(collection.describe()))
+  return collection, _pairs(collection, bool(config.split.get("near_duplicates", True)))
+
+
+def load_external(config: ml_collections.ConfigDict) -> dict[str, records.Collection]:
+  """External evaluation sets (another hospital / scanner), annotated with their clusters."""
+  near_duplicates = bool(config.split.get("near_duplicates", True))
+  external = {}
+  for name, data_config in (config.get("external") or {}).items():
+    collection = sources.from_config(data_config)
+    external[name] = splits.annotate_groups(
+      collection, near_duplicates=near_duplicates, pairs=_pairs(collection, near_duplicates)
+    )
+  return external
+
+
+# ----------------------------------------------------------------------------------------------
+# One split
+# ----------------------------------------------------------------------------------------------
+
+
+def _provenance(config, preds: classification.Predictions, split: str, trained_on: str, info):
+  return {
+    "source": preds.source,
+    "split": split,
+    "synthetic": bool(preds.synthetic),
+    "task": " vs ".join(_task_names(preds.class_names)),
+    "trained_on": trained_on,
+    "trainer": config.trainer,
+    "model": info.get("model") or _model_name(config),
+    "step": int(info.get("selected_step", info.get("steps", 0))),
+    "images": len(preds),
+    "config_seed": int(config.seed),
+  }
+
+
+def _task_names(class_names) -> tuple[str, str]:
+  """(negative, positive) class names of the malignant-vs-rest task."""
+  negatives = [c for i, c in enumerate(class_names) if i != records.MALIGNANT]
+  return " or ".join(negatives), class_names[records.MALIGNANT]
+
+
+def _model_name(config) -> str:
+  model = config.get("model") or {}
+  name = model.get("name", config.trainer)
+  return name + (f"/{model['variant']}" if model.get("variant") else "")
+
+
+def _log_entry(name: str, entry: dict, preds: classification.Predictions, selected: str) -> None:
+  ci = entry["auc_ci"] or {"lo": float("nan"), "hi": float("nan")}
+  leak = ""
+  if entry.get("images_with_copy_in_train"):
+    free = entry.get("auc_leak_free")
+    leak = f"; {entry['images_with_copy_in_train']} with a copy in train, leak-free AUC " + (
+      "n/a" if free is None else f"{free:.3f}"
+    )
+  logging.info(
+    "%s: AUC %s [%.3f, %.3f] on %s (%d images, %d clusters%s%s), checkpoint %s -> %s",
+    name,
+    "n/a" if entry["auc"] is None else f"{entry['auc']:.3f}",
+    ci["lo"],
+    ci["hi"],
+    preds.source,
+    len(preds),
+    entry["clusters"],
+    ", SYNTHETIC" if preds.synthetic else "",
+    leak,
+    selected,
+    entry["report"],
+  )
+
+
+def run_split(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  data: dict[str, records.Collection],
+  external: dict[str, records.Collection],
+  train_split: TrainSplit,
+) -> tuple[dict[str, Any], dict[str, classification.Predictions]]:
+  """Trains one split, reports on val/test/external; (summary, predictions by report name)."""
+  os.makedirs(workdir, exist_ok=True)
+  trained = train_split(config, workdir, data)
+  info = dict(trained.info)
+  summary = {"workdir": workdir, **info, "reports": {}}
+  threshold = None
+  evaluations = [("val", data.get("val")), ("test", data.get("test")), *external.items()]
+  all_preds = {}
+  is_writer = jax.process_index() == 0
+  for name, collection in evaluations:
+    if collection is None or len(collection) == 0:
+      continue
+    preds = classification.predictions(collection, trained.predict(collection))
+    all_preds[name] = preds
+    if name == "val":
+      threshold = float(metrics.youden_threshold(preds.y_malignant, preds.p_malignant))
+      summary["threshold"] = threshold
+    if not is_writer:
+      continue  # Every process ran the (collective) prediction; one writes the files.
+    provenance = _provenance(config, preds, name, data["train"].name, info)
+    reports_dir = os.path.join(workdir, "reports")
+    entry = classification.write_report(
+      reports_dir,
+      name,
+      preds,
+      provenance=provenance,
+      threshold=threshold,
+      bootstrap=config.report.bootstrap_resamples,
+    )
+    classification.save_predictions(os.path.join(reports_dir, f"{name}_predictions.npz"), preds)
+    summary["reports"][name] = entry
+    _log_entry(name, entry, preds, str(info.get("selected_checkpoint", "")))
+  if is_writer:
+    report.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary, all_preds
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point: one split, or k-fold cross-validation
+# ----------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, train_split: TrainSplit
+) -> dict[str, Any]:
+  """Runs `train_split` under the protocol `config` describes; reports go under `workdir`."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  collection, pairs = load_data(config)
+  external = load_external(config)
+  if not config.split.get("cross_validate"):
+    data = splits.make_splits(collection, config.split, pairs=pairs)
+    return run_split(config, workdir, data, external, train_split)[0]
+
+  k = int(config.split.k)
+  summaries, tests = [], []
+  for fold in range(k):
+    data = splits.make_splits(collection, config.split, fold=fold, pairs=pairs)
+    summary, preds = run_split(
+      config, os.path.join(workdir, f"fold{fold}"), data, external, train_split
+    )
+    summaries.append(summary)
+    tests.append(preds["test"])
+  return _aggregate_folds(config, workdir, collection, summaries, tests)
+
+
+def _aggregate_folds(config, workdir, collection, summaries, tests) -> dict[str, Any]:
+  """Out-of-fold report: every image predicted once by the model that did not see it."""
+  pooled = classification.concatenate(tests, source=collection.name)
+  split = f"{config.split.k}-fold CV, out-of-fold test predictions"
+  fold_aucs = [metrics.roc_auc(t.y_malignant, t.p_malignant) for t in tests]
+  summary = {
+    "folds": summaries,
+    "fold_test_auc": fold_aucs,
+    "fold_test_auc_mean": float(np.mean(fold_aucs)),
+    "fold_test_auc_sd": float(np.std(fold_aucs)),
+  }
+  if jax.process_index() != 0:
+    return summary
+  info = dict(summaries[0], model=summaries[0].get("model"))
+  provenance = _provenance(
+    config, pooled, split, f"{collection.name} (each fold's training part)", info
+  )
+  entry = classification.write_report(
+    os.path.join(workdir, "reports"),
+    "cv_out_of_fold",
+    pooled,
+    provenance=provenance,
+    threshold=None,
+    bootstrap=config.report.bootstrap_resamples,
+  )
+  summary["out_of_fold"] = entry
+  for name in summaries[0]["reports"]:
+    if name not in ("val", "test"):
+      aucs = [s["reports"][name]["auc"] for s in summaries]
+      summary[f"{name}_auc_per_fold"] = aucs
+      summary[f"{name}_auc_mean"] = float(np.mean(aucs))
+  report.write_json(os.path.join(workdir, "summary.json"), summary)
+  ci = entry["auc_ci"]
+  logging.info(
+    "%d-fold CV: out-of-fold AUC %.3f [%.3f, %.3f] (%d clusters); fold test AUCs %s -> %s",
+    config.split.k,
+    entry["auc"],
+    ci["lo"],
+    ci["hi"],
+    entry["clusters"],
+    ", ".join(f"{a:.3f}" for a in fold_aucs),
+    entry["report"],
+  )
+  return summary
