@@ -1,4 +1,4 @@
-"""Tests for busjax.checkpointing: round trips, latest vs best, iterator state, killed saves."""
+"""Tests for busjax.checkpointing: round trips, latest and best, iterator state, killed saves."""
 
 import json
 import os
@@ -40,6 +40,11 @@ def _values(state):
     "kernel": np.asarray(state["params"]["kernel"]),
     "bias": np.asarray(state["params"]["bias"]),
   }
+
+
+def _steps(workdir):
+  """The step directories under workdir/checkpoints (finished saves only), as ints."""
+  return sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
 
 
 def _iterator():
@@ -115,8 +120,8 @@ def test_latest_survives_when_best_is_worse_and_best_tracks_max(tmp_path):
     ckpt.save(5, _state(scale=5), metrics={"val/auc": 0.9})
     ckpt.wait_until_finished()
     assert ckpt.best_step() == 5
-  assert sorted(os.listdir(tmp_path / "checkpoints" / "latest")) == ["4", "5"]
-  assert [d for d in os.listdir(tmp_path / "checkpoints" / "best") if d.isdigit()] == ["5"]
+  # The best step is one of the latest: nothing else is kept.
+  assert _steps(tmp_path) == [4, 5]
 
 
 def test_best_min_mode_ignores_nan_and_missing_metric(tmp_path):
@@ -131,9 +136,7 @@ def test_best_min_mode_ignores_nan_and_missing_metric(tmp_path):
     assert ckpt.best_step() == 4
     assert ckpt.best_metrics() == {"loss": 1.5}
   # Metrics are stored as strict JSON next to the state.
-  with open(
-    tmp_path / "checkpoints" / "latest" / "5" / "metrics" / "metrics", encoding="utf-8"
-  ) as f:
+  with open(tmp_path / "checkpoints" / "5" / "metrics" / "metrics", encoding="utf-8") as f:
     assert json.load(f) == {"loss": 1.7}
 
 
@@ -145,7 +148,7 @@ def test_every_steps_and_force(tmp_path):
       ckpt.save(step, _state())
     ckpt.save(17, _state(), force=True)
     ckpt.save(17, _state(), force=True)  # same step again: no error, not rewritten
-    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints" / "latest")) == [10, 17]
+    assert _steps(tmp_path) == [10, 17]
 
 
 def test_iterator_state_resumes_same_elements(tmp_path):
@@ -211,7 +214,7 @@ def test_process_killed_mid_save_leaves_last_good_checkpoint(tmp_path):
     timeout=120,
   )
   assert result.returncode == 17, result.stderr[-2000:]
-  latest_dir = workdir / "checkpoints" / "latest"
+  latest_dir = workdir / "checkpoints"
   leftovers = [name for name in os.listdir(latest_dir) if ".orbax-checkpoint-tmp" in name]
   assert leftovers, f"expected a partial save of step 2, found {os.listdir(latest_dir)}"
 
@@ -237,7 +240,7 @@ def test_load_state_from_workdir_manager_dir_and_step_dir(tmp_path):
   latest = checkpointing.load_state(tmp_path / "run", abstract, which="latest")
   assert _values(latest)["bias"][0] == 2.0
   assert best["params"]["kernel"].sharding == abstract["params"]["kernel"].sharding
-  from_dir = checkpointing.load_state(tmp_path / "run" / "checkpoints" / "latest" / "1", abstract)
+  from_dir = checkpointing.load_state(tmp_path / "run" / "checkpoints" / "1", abstract)
   assert _values(from_dir)["bias"][0] == 1.0
   params_only = checkpointing.load_state(
     tmp_path / "run", {"params": abstract["params"]}, which="latest", partial=True
@@ -255,8 +258,8 @@ def test_load_state_errors_name_path_and_keys(tmp_path):
 
   with checkpointing.Checkpointer(tmp_path / "run", async_save=False) as ckpt:
     ckpt.save(1, _state())
-  # Only "latest" exists: the error says so.
-  with pytest.raises(checkpointing.CheckpointError, match=r"checkpoints exist in .*latest"):
+  # No best metric was tracked, so there is no "best": the error says to ask for "latest".
+  with pytest.raises(checkpointing.CheckpointError, match=r"no 'best' checkpoint.*which='latest'"):
     checkpointing.load_state(tmp_path / "run", abstract)
 
   wrong = jax.tree.map(lambda x: x, abstract)
@@ -266,7 +269,7 @@ def test_load_state_errors_name_path_and_keys(tmp_path):
   with pytest.raises(checkpointing.CheckpointError) as error:
     checkpointing.load_state(tmp_path / "run", wrong, which="latest")
   message = str(error.value)
-  assert str(tmp_path / "run" / "checkpoints" / "latest" / "1") in message
+  assert str(tmp_path / "run" / "checkpoints" / "1") in message
   assert "params/extra" in message  # expected, not in the checkpoint
   assert "step" in message  # in the checkpoint, not expected
   assert "params/kernel: checkpoint (8, 2) vs expected (8, 3)" in message
@@ -311,7 +314,7 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
   iterator = make_iterator()
   for _ in range(3 + pid):
     next(iterator)
-  # latest and best save the same step concurrently: their barriers must not collide.
+  # Step 4 is both the newest and the best: one save, with the barriers of one manager.
   ckpt = checkpointing.Checkpointer(workdir, best_metric="auc", async_save=True)
   ckpt.save(4, state, data_iterator=iterator, metrics={"auc": 0.5})
   expected = [next(iterator) for _ in range(3)]
@@ -357,5 +360,5 @@ def test_two_processes_save_and_restore_sharded_state_and_iterators(tmp_path):
         worker.kill()
   for pid, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
     assert worker.returncode == 0 and f"OK {pid}" in output, output[-3000:]
-  iterator_dir = tmp_path / "run" / "checkpoints" / "latest" / "4" / "data_iterator"
+  iterator_dir = tmp_path / "run" / "checkpoints" / "4" / "data_iterator"
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(iterator_dir))
