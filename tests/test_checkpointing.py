@@ -140,6 +140,74 @@ def test_best_min_mode_ignores_nan_and_missing_metric(tmp_path):
     assert json.load(f) == {"loss": 1.7}
 
 
+def test_poor_metric_on_newest_step_keeps_it_for_resume(tmp_path):
+  iterator = _iterator()
+  with checkpointing.Checkpointer(
+    tmp_path, keep_latest=1, best_metric="auc", async_save=False
+  ) as ckpt:
+    ckpt.save(1, _state(scale=1), data_iterator=iterator, metrics={"auc": 0.9})
+    next(iterator)
+    ckpt.save(2, _state(scale=2), data_iterator=iterator, metrics={"auc": 0.1})
+  expected = next(iterator)
+  assert _steps(tmp_path) == [1, 2]
+  fresh = _iterator()
+  with checkpointing.Checkpointer(tmp_path, keep_latest=1, best_metric="auc") as ckpt:
+    assert ckpt.best_step() == 1
+    step, latest = ckpt.restore_latest(checkpointing.abstract_like(_state()), data_iterator=fresh)
+  assert step == 2 and _values(latest)["bias"][0] == 2.0
+  np.testing.assert_array_equal(next(fresh), expected)
+
+
+def test_best_state_is_written_once(tmp_path):
+  with checkpointing.Checkpointer(tmp_path, best_metric="auc", async_save=False) as ckpt:
+    ckpt.save(1, _state(), metrics={"auc": 0.5})
+    ckpt.save(2, _state(), metrics={"auc": 0.9})
+    assert ckpt.best_step() == 2
+  state_dirs = sorted(os.path.relpath(p, tmp_path) for p in tmp_path.rglob("state"))
+  assert state_dirs == [
+    os.path.join("checkpoints", "1", "state"),
+    os.path.join("checkpoints", "2", "state"),
+  ]
+
+
+def _five_saves(workdir):
+  with checkpointing.Checkpointer(workdir, keep_latest=2, best_metric="auc") as ckpt:
+    for step, auc in enumerate([0.5, 0.9, 0.6, 0.7, 0.4], start=1):
+      ckpt.save(step, _state(scale=step), metrics={"auc": auc, "loss": 1.0 / step})
+    ckpt.wait_until_finished()
+    return ckpt.best_step(), ckpt.best_metrics()
+
+
+def test_keeps_best_and_latest_only_and_reopening_knows_the_best(tmp_path):
+  best_step, best_metrics = _five_saves(tmp_path)
+  assert best_step == 2 and best_metrics == {"auc": 0.9, "loss": 0.5}
+  assert _steps(tmp_path) == [2, 4, 5]
+  with checkpointing.Checkpointer(tmp_path, keep_latest=2, best_metric="auc") as ckpt:
+    assert (ckpt.best_step(), ckpt.best_metrics()) == (best_step, best_metrics)
+    assert ckpt.latest_step() == 5
+    # A tie keeps the earlier step; the tying step is saved as a latest one.
+    ckpt.save(6, _state(scale=6), metrics={"auc": 0.9})
+    ckpt.wait_until_finished()
+    assert ckpt.best_step() == 2
+    # A step before the newest is not saved, even if it improves the metric.
+    ckpt.save(3, _state(scale=3), metrics={"auc": 0.99})
+    ckpt.wait_until_finished()
+    assert ckpt.best_step() == 2 and ckpt.latest_step() == 6
+  assert _steps(tmp_path) == [2, 5, 6]
+
+
+def test_load_state_best_and_latest_from_a_workdir(tmp_path):
+  _five_saves(tmp_path / "run")
+  abstract = checkpointing.abstract_like(_state())
+  best = checkpointing.load_state(tmp_path / "run", abstract, which="best")
+  assert _values(best)["bias"][0] == 2.0
+  latest = checkpointing.load_state(tmp_path / "run", abstract, which="latest")
+  assert _values(latest)["bias"][0] == 5.0
+  # The checkpoints directory itself works too.
+  best = checkpointing.load_state(tmp_path / "run" / "checkpoints", abstract)
+  assert _values(best)["bias"][0] == 2.0
+
+
 def test_every_steps_and_force(tmp_path):
   with checkpointing.Checkpointer(
     tmp_path, every_steps=10, keep_latest=5, async_save=False
