@@ -1,13 +1,15 @@
-"""The one Orbax wrapper: "latest" and "best" checkpoints, with the Grain iterator, atomically.
+"""The one Orbax wrapper: latest and best checkpoints, with the Grain iterator, atomically.
 
 Layout under a run's workdir::
 
-  checkpoints/latest/<step>/{state, data_iterator, metrics}   the last `keep_latest` saves
-  checkpoints/best/<step>/{state, metrics}                    the one with the best metric
+  checkpoints/<step>/{state, data_iterator, metrics}   the last `keep_latest` saves + the best one
+  checkpoints/metadata/                                which metric ranks the steps (for load_state)
 
-Why two managers: an Orbax ``CheckpointManager`` given ``best_fn`` keeps checkpoints by metric,
-so it deletes the newest checkpoint when its metric is poor and a resumed run goes back in time.
-Keeping "latest" (for resume) and "best" (for evaluation) in separate managers avoids that.
+One ``CheckpointManager``, whose preservation policy keeps the newest `keep_latest` steps (for
+resume) and the best step by `best_metric` (for evaluation; ties keep the earlier step), so the
+best state is written once. Orbax's ``best_fn`` alone would not do: it deletes the newest
+checkpoint when its metric is poor, so a resumed run would go back in time; and ``BestN`` keeps
+the later step of a tie. Old workdirs (checkpoints/{latest,best}/<step>) are not read.
 
 Why the iterator: a resumed run must see the same data order as an uninterrupted one, so the
 Grain ``DatasetIterator`` state is saved in the same atomic step directory as the train state.
@@ -26,10 +28,11 @@ No pickle: arrays go through tensorstore, metrics and iterator state are JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
@@ -42,8 +45,8 @@ from etils import epath
 STATE_ITEM = "state"
 DATA_ITERATOR_ITEM = "data_iterator"
 METRICS_ITEM = "metrics"
-LATEST_DIR = "latest"
-BEST_DIR = "best"
+LATEST = "latest"
+BEST = "best"
 CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -61,27 +64,41 @@ def _item_handlers() -> dict[str, Any]:
   }
 
 
+@dataclasses.dataclass
+class _KeepStep:
+  """Preservation policy: keeps the step `step()` returns (the best so far), if any."""
+
+  step: Callable[[], int | None]
+
+  def should_preserve(self, checkpoints: Any, *, context: Any) -> list[bool]:
+    best = self.step()
+    return [info.step == best for info in checkpoints]
+
+
 def _open_manager(
   directory: epath.Path,
   *,
-  keep: int | None,
+  policy: Any = None,
+  metadata: Mapping[str, Any] | None = None,
   async_save: bool = False,
   read_only: bool = False,
 ) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-    preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+    preservation_policy=policy,
     enable_async_checkpointing=async_save,
     # Removes `<step>.orbax-checkpoint-tmp*` left by a process killed mid-save.
     cleanup_tmp_directories=not read_only,
     create=not read_only,
     read_only=read_only,
-    # "latest" and "best" may save the same step at once; in a multi-process run their
-    # barriers (keyed by step) would collide without distinct prefixes.
+    # load_state may read another run while this run's Checkpointer is open; in a multi-process
+    # run their barriers would collide without distinct prefixes.
     multiprocessing_options=ocp.options.MultiprocessingOptions(
-      barrier_sync_key_prefix=f"busjax_{directory.name}"
+      barrier_sync_key_prefix="busjax_load" if read_only else "busjax_ckpt"
     ),
   )
-  return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+  return ocp.CheckpointManager(
+    directory, options=options, metadata=metadata, item_handlers=_item_handlers()
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,14 +250,30 @@ def _place_keys(abstract_state: Any) -> Any:
   return jax.tree.map(place, abstract_state)
 
 
-def _read_metrics(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
-  step_dir = epath.Path(manager.directory) / str(step)
-  if not (step_dir / METRICS_ITEM).exists():
-    return None
-  restored = manager.restore(
-    step, args=ocp.args.Composite(**{METRICS_ITEM: ocp.args.JsonRestore()})
-  )
-  return restored[METRICS_ITEM]
+def _metric(metrics: Mapping[str, Any] | None, name: str | None) -> float | None:
+  """`metrics[name]` if it is a finite number, else None."""
+  value = (metrics or {}).get(name)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  return value if ok else None
+
+
+def _improves(value: float | None, best: float | None, mode: str) -> bool:
+  if value is None:
+    return False
+  # Ties keep the earlier checkpoint.
+  return best is None or (value > best if mode == "max" else value < best)
+
+
+def _best_on_disk(
+  manager: ocp.CheckpointManager, name: str | None, mode: str
+) -> tuple[int | None, dict[str, Any] | None]:
+  """(step, metrics) of the best step in `manager` by metric `name`, or (None, None)."""
+  best_step, best_metrics = None, None
+  for step in manager.all_steps():  # Increasing, so ties keep the earlier step.
+    metrics = manager.metrics(step)
+    if _improves(_metric(metrics, name), _metric(best_metrics, name), mode):
+      best_step, best_metrics = step, metrics
+  return best_step, best_metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +309,7 @@ class Checkpointer:
     async_save: bool = True,
     every_steps: int = 1,
   ):
-    """Opens (creating if needed) ``workdir/checkpoints/{latest,best}``.
+    """Opens (creating if needed) ``workdir/checkpoints``.
 
     Args:
       workdir: the run's working directory.
@@ -285,36 +318,35 @@ class Checkpointer:
       best_mode: "max" (e.g. AUC) or "min" (e.g. loss).
       async_save: write in a background thread; `save` returns once arrays are on the host,
         so the caller may donate or overwrite them.
-      every_steps: `save` writes "latest" only on multiples of this (or when forced, or when
-        Orbax detects a preemption); "best" is considered on every call that has the metric.
+      every_steps: `save` writes only on multiples of this (or when forced, or when Orbax
+        detects a preemption), or when the step improves `best_metric`.
     """
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     if keep_latest < 1:
       raise ValueError(f"keep_latest must be >= 1, got {keep_latest}")
+    if every_steps < 1:
+      raise ValueError(f"every_steps must be >= 1, got {every_steps}")
     self.directory = _absolute(workdir) / CHECKPOINTS_DIR
     self.best_metric = best_metric
     self.best_mode = best_mode
-    if every_steps < 1:
-      raise ValueError(f"every_steps must be >= 1, got {every_steps}")
     self._every_steps = every_steps
-    self._latest = _open_manager(
-      self.directory / LATEST_DIR, keep=keep_latest, async_save=async_save
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+      [ocp.checkpoint_managers.LatestN(n=keep_latest), _KeepStep(lambda: self._best_step)]
     )
-    self._best = None
-    self._best_step = None
-    self._best_metrics = None
-    if best_metric is not None:
-      self._best = _open_manager(self.directory / BEST_DIR, keep=1, async_save=async_save)
-      self._best_step = self._best.latest_step()
-      if self._best_step is not None:
-        self._best_metrics = _read_metrics(self._best, self._best_step)
+    # The metadata (written by the first Checkpointer only) tells load_state how to rank steps.
+    metadata = {"best_metric": best_metric, "best_mode": best_mode}
+    self._manager = _open_manager(
+      self.directory, policy=policy, metadata=metadata, async_save=async_save
+    )
+    # The best step survives a restart: it is found again from the metrics saved with each step.
+    self._best_step, self._best_metrics = _best_on_disk(self._manager, best_metric, best_mode)
 
   # -- queries ---------------------------------------------------------------------------------
 
   def latest_step(self) -> int | None:
-    """The newest saved (or being saved) step under checkpoints/latest, or None."""
-    return self._latest.latest_step()
+    """The newest saved (or being saved) step, or None."""
+    return self._manager.latest_step()
 
   def best_step(self) -> int | None:
     """The step of the best checkpoint, or None (none yet, or no best_metric)."""
@@ -323,21 +355,6 @@ class Checkpointer:
   def best_metrics(self) -> dict[str, Any] | None:
     """The metrics saved with the best checkpoint (strict JSON values), or None."""
     return None if self._best_metrics is None else dict(self._best_metrics)
-
-  def _best_value(self) -> float | None:
-    if self._best_metrics is None:
-      return None
-    value = self._best_metrics.get(self.best_metric)
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-  def _improves(self, value: Any) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-      return False
-    best = self._best_value()
-    if best is None:
-      return True
-    # Ties keep the earlier checkpoint.
-    return value > best if self.best_mode == "max" else value < best
 
   # -- save ------------------------------------------------------------------------------------
 
@@ -350,63 +367,48 @@ class Checkpointer:
     metrics: Mapping[str, Any] | None = None,
     force: bool = False,
   ) -> None:
-    """Saves "latest" (on `every_steps` multiples, or if `force`) and "best" if it improves.
+    """Saves on `every_steps` multiples, if `force`, or if the step improves `best_metric`.
 
     Args:
       step: the training step the state belongs to (the number of updates applied).
       state: pytree of arrays to save.
       data_iterator: a Grain ``DatasetIterator`` (or DataLoader iterator) whose state is saved
-        with "latest", so that `restore_latest` resumes the same data order.
+        with the step, so that `restore_latest` resumes the same data order.
       metrics: scalars (python/numpy/jax) saved as JSON; `best_metric` is looked up here.
-      force: save "latest" even off the `every_steps` grid (end of training).
+      force: save even off the `every_steps` grid (end of training).
     """
     step = int(step)
     metrics_json = to_json_value(dict(metrics or {}), name="metrics")
+    improves = _improves(
+      _metric(metrics_json, self.best_metric),
+      _metric(self._best_metrics, self.best_metric),
+      self.best_mode,
+    )
     # The grid is decided here rather than by Orbax's interval policy, which also saves the
     # first step of every run whatever its number.
-    on_grid = force or step % self._every_steps == 0 or self._latest.reached_preemption(step)
-    if step in self._latest.all_steps():
+    on_grid = force or step % self._every_steps == 0 or self._manager.reached_preemption(step)
+    if not (on_grid or improves):
+      return
+    latest = self.latest_step()
+    if latest is not None and step <= latest:
+      # Orbax keeps steps in save order: an older step would count as the newest. Only a run
+      # that went back without restoring this workdir gets here with a new step; it is not
+      # saved even if it improves the metric, so the best step stays at or before the newest.
+      logging.info("Step %d is not after the newest checkpoint (%d); not saved.", step, latest)
+      return
+    if improves:
+      # Set before saving: the preservation policy reads it and deletes the previous best.
+      self._best_step, self._best_metrics = step, metrics_json
       logging.info(
-        "Checkpoint for step %d already in %s; not saved again.", step, self._latest.directory
+        "New best %s=%s at step %d.", self.best_metric, metrics_json[self.best_metric], step
       )
-    elif on_grid:
-      items = {
-        STATE_ITEM: ocp.args.PyTreeSave(state),
-        METRICS_ITEM: ocp.args.JsonSave(metrics_json),
-      }
-      if data_iterator is not None:
-        items[DATA_ITERATOR_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
-      self._latest.save(step, args=ocp.args.Composite(**items), force=True)
-
-    if self._best is None or self.best_metric not in metrics_json:
-      return
-    if not self._improves(metrics_json[self.best_metric]):
-      return
-    if self._best_step is not None and step <= self._best_step:
-      # Only after resuming from before the best step; the best manager keeps the newest step,
-      # so saving an older one would delete the better one.
-      logging.warning(
-        "Step %d improves %s but is not after best step %d; not saved as best.",
-        step,
-        self.best_metric,
-        self._best_step,
-      )
-      return
-    self._best.save(
-      step,
-      args=ocp.args.Composite(
-        **{
-          STATE_ITEM: ocp.args.PyTreeSave(state),
-          METRICS_ITEM: ocp.args.JsonSave(metrics_json),
-        }
-      ),
-      force=True,
-    )
-    self._best_step = step
-    self._best_metrics = metrics_json
-    logging.info(
-      "New best %s=%s at step %d.", self.best_metric, metrics_json[self.best_metric], step
-    )
+    items = {
+      STATE_ITEM: ocp.args.PyTreeSave(state),
+      METRICS_ITEM: ocp.args.JsonSave(metrics_json),
+    }
+    if data_iterator is not None:
+      items[DATA_ITERATOR_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   # -- restore ---------------------------------------------------------------------------------
 
@@ -430,27 +432,23 @@ class Checkpointer:
     step = self.latest_step()
     if step is None:
       return None
-    state = _restore_state(self._latest, step, abstract_state, data_iterator=data_iterator)
+    state = _restore_state(self._manager, step, abstract_state, data_iterator=data_iterator)
     return step, state
 
   def restore_best(self, abstract_state: Any) -> tuple[int, Any] | None:
     """Restores the best checkpoint; None if there is none (or no best_metric was given)."""
     self.wait_until_finished()
-    if self._best is None or self._best_step is None:
+    if self._best_step is None:
       return None
-    return self._best_step, _restore_state(self._best, self._best_step, abstract_state)
+    return self._best_step, _restore_state(self._manager, self._best_step, abstract_state)
 
   def wait_until_finished(self) -> None:
     """Blocks until asynchronous saves have been committed."""
-    self._latest.wait_until_finished()
-    if self._best is not None:
-      self._best.wait_until_finished()
+    self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and releases the managers."""
-    self._latest.close()
-    if self._best is not None:
-      self._best.close()
+    """Waits for pending saves and releases the manager."""
+    self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -473,21 +471,16 @@ def _has_steps(path: epath.Path) -> bool:
 
 
 def _resolve(path: epath.Path, which: str) -> tuple[epath.Path, int | None]:
-  """Finds (manager directory, step or None for its newest) for a workdir, manager or step dir."""
+  """Finds (manager directory, step or None) for a workdir, its checkpoints dir or a step dir."""
+  # Former two-manager workdirs (checkpoints/{latest,best}/<step>) are not supported.
   if _is_step_dir(path):
     return path.parent, int(path.name)
-  candidates = [path / CHECKPOINTS_DIR / which, path / which, path]
+  candidates = [path / CHECKPOINTS_DIR, path]
   for candidate in candidates:
     if _has_steps(candidate):
       return candidate, None
   looked = ", ".join(str(c) for c in candidates)
-  found = [
-    str(c)
-    for c in (path / CHECKPOINTS_DIR / LATEST_DIR, path / CHECKPOINTS_DIR / BEST_DIR)
-    if _has_steps(c)
-  ]
-  hint = f"; checkpoints exist in {', '.join(found)} (pass which= accordingly)" if found else ""
-  raise CheckpointError(f"{path}: no '{which}' checkpoint found (looked in {looked}){hint}")
+  raise CheckpointError(f"{path}: no '{which}' checkpoint found (looked in {looked})")
 
 
 def _absolute(path: str | os.PathLike[str]) -> epath.Path:
@@ -506,11 +499,12 @@ def load_state(
   """Loads the state of another run's checkpoint (for config.init_from).
 
   Args:
-    path_or_workdir: a run's workdir, its ``checkpoints/<which>`` directory, or one step
-      directory (``.../checkpoints/best/1200``).
+    path_or_workdir: a run's workdir, its ``checkpoints`` directory, or one step directory
+      (``.../checkpoints/1200``).
     abstract_state: the tree to restore into (``jax.ShapeDtypeStruct`` with shardings, or
       arrays); the checkpoint's tree must match it (same keys, same shapes).
-    which: "best" or "latest" (ignored for a step directory).
+    which: "best" (by the metric the run's Checkpointer ranked with) or "latest" (ignored for a
+      step directory).
     partial: restore only the keys of `abstract_state` (e.g. ``{"params": ...}`` out of a full
       train state); keys missing from the checkpoint are still an error.
 
@@ -520,18 +514,25 @@ def load_state(
   Raises:
     CheckpointError: naming the path, when there is no checkpoint or the tree does not match.
   """
-  if which not in (BEST_DIR, LATEST_DIR):
+  if which not in (BEST, LATEST):
     raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
   path = _absolute(path_or_workdir)
   if not path.exists():
     raise CheckpointError(f"{path}: does not exist")
   manager_dir, step = _resolve(path, which)
-  manager = _open_manager(manager_dir, keep=None, read_only=True)
+  manager = _open_manager(manager_dir, read_only=True)
   try:
-    if step is None:
+    if step is None and which == LATEST:
       step = manager.latest_step()
-    if step is None:
-      raise CheckpointError(f"{manager_dir}: no complete checkpoint")
+    elif step is None:
+      ranking = manager.metadata().custom_metadata or {}
+      name, mode = ranking.get("best_metric"), ranking.get("best_mode", "max")
+      step, _ = _best_on_disk(manager, name, mode)
+      if step is None:
+        raise CheckpointError(
+          f"{manager_dir}: no 'best' checkpoint (no step has a finite best metric, {name!r}); "
+          f"checkpoints exist (pass which='latest' for the newest)"
+        )
     return _restore_state(manager, step, abstract_state, partial=partial)
   finally:
     manager.close()

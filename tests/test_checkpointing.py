@@ -1,4 +1,4 @@
-"""Tests for busjax.checkpointing: round trips, latest vs best, iterator state, killed saves."""
+"""Tests for busjax.checkpointing: round trips, latest and best, iterator state, killed saves."""
 
 import json
 import os
@@ -40,6 +40,11 @@ def _values(state):
     "kernel": np.asarray(state["params"]["kernel"]),
     "bias": np.asarray(state["params"]["bias"]),
   }
+
+
+def _steps(workdir):
+  """The step directories under workdir/checkpoints (finished saves only), as ints."""
+  return sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
 
 
 def _iterator():
@@ -115,8 +120,8 @@ def test_latest_survives_when_best_is_worse_and_best_tracks_max(tmp_path):
     ckpt.save(5, _state(scale=5), metrics={"val/auc": 0.9})
     ckpt.wait_until_finished()
     assert ckpt.best_step() == 5
-  assert sorted(os.listdir(tmp_path / "checkpoints" / "latest")) == ["4", "5"]
-  assert [d for d in os.listdir(tmp_path / "checkpoints" / "best") if d.isdigit()] == ["5"]
+  # The best step is one of the latest: nothing else is kept.
+  assert _steps(tmp_path) == [4, 5]
 
 
 def test_best_min_mode_ignores_nan_and_missing_metric(tmp_path):
@@ -131,10 +136,76 @@ def test_best_min_mode_ignores_nan_and_missing_metric(tmp_path):
     assert ckpt.best_step() == 4
     assert ckpt.best_metrics() == {"loss": 1.5}
   # Metrics are stored as strict JSON next to the state.
-  with open(
-    tmp_path / "checkpoints" / "latest" / "5" / "metrics" / "metrics", encoding="utf-8"
-  ) as f:
+  with open(tmp_path / "checkpoints" / "5" / "metrics" / "metrics", encoding="utf-8") as f:
     assert json.load(f) == {"loss": 1.7}
+
+
+def test_poor_metric_on_newest_step_keeps_it_for_resume(tmp_path):
+  iterator = _iterator()
+  with checkpointing.Checkpointer(
+    tmp_path, keep_latest=1, best_metric="auc", async_save=False
+  ) as ckpt:
+    ckpt.save(1, _state(scale=1), data_iterator=iterator, metrics={"auc": 0.9})
+    next(iterator)
+    ckpt.save(2, _state(scale=2), data_iterator=iterator, metrics={"auc": 0.1})
+  expected = next(iterator)
+  assert _steps(tmp_path) == [1, 2]
+  fresh = _iterator()
+  with checkpointing.Checkpointer(tmp_path, keep_latest=1, best_metric="auc") as ckpt:
+    assert ckpt.best_step() == 1
+    step, latest = ckpt.restore_latest(checkpointing.abstract_like(_state()), data_iterator=fresh)
+  assert step == 2 and _values(latest)["bias"][0] == 2.0
+  np.testing.assert_array_equal(next(fresh), expected)
+
+
+def test_best_state_is_written_once(tmp_path):
+  with checkpointing.Checkpointer(tmp_path, best_metric="auc", async_save=False) as ckpt:
+    ckpt.save(1, _state(), metrics={"auc": 0.5})
+    ckpt.save(2, _state(), metrics={"auc": 0.9})
+    assert ckpt.best_step() == 2
+  state_dirs = sorted(os.path.relpath(p, tmp_path) for p in tmp_path.rglob("state"))
+  assert state_dirs == [
+    os.path.join("checkpoints", "1", "state"),
+    os.path.join("checkpoints", "2", "state"),
+  ]
+
+
+def _five_saves(workdir):
+  with checkpointing.Checkpointer(workdir, keep_latest=2, best_metric="auc") as ckpt:
+    for step, auc in enumerate([0.5, 0.9, 0.6, 0.7, 0.4], start=1):
+      ckpt.save(step, _state(scale=step), metrics={"auc": auc, "loss": 1.0 / step})
+    ckpt.wait_until_finished()
+    return ckpt.best_step(), ckpt.best_metrics()
+
+
+def test_keeps_best_and_latest_only_and_reopening_knows_the_best(tmp_path):
+  best_step, best_metrics = _five_saves(tmp_path)
+  assert best_step == 2 and best_metrics == {"auc": 0.9, "loss": 0.5}
+  assert _steps(tmp_path) == [2, 4, 5]
+  with checkpointing.Checkpointer(tmp_path, keep_latest=2, best_metric="auc") as ckpt:
+    assert (ckpt.best_step(), ckpt.best_metrics()) == (best_step, best_metrics)
+    assert ckpt.latest_step() == 5
+    # A tie keeps the earlier step; the tying step is saved as a latest one.
+    ckpt.save(6, _state(scale=6), metrics={"auc": 0.9})
+    ckpt.wait_until_finished()
+    assert ckpt.best_step() == 2
+    # A step before the newest is not saved, even if it improves the metric.
+    ckpt.save(3, _state(scale=3), metrics={"auc": 0.99})
+    ckpt.wait_until_finished()
+    assert ckpt.best_step() == 2 and ckpt.latest_step() == 6
+  assert _steps(tmp_path) == [2, 5, 6]
+
+
+def test_load_state_best_and_latest_from_a_workdir(tmp_path):
+  _five_saves(tmp_path / "run")
+  abstract = checkpointing.abstract_like(_state())
+  best = checkpointing.load_state(tmp_path / "run", abstract, which="best")
+  assert _values(best)["bias"][0] == 2.0
+  latest = checkpointing.load_state(tmp_path / "run", abstract, which="latest")
+  assert _values(latest)["bias"][0] == 5.0
+  # The checkpoints directory itself works too.
+  best = checkpointing.load_state(tmp_path / "run" / "checkpoints", abstract)
+  assert _values(best)["bias"][0] == 2.0
 
 
 def test_every_steps_and_force(tmp_path):
@@ -145,7 +216,7 @@ def test_every_steps_and_force(tmp_path):
       ckpt.save(step, _state())
     ckpt.save(17, _state(), force=True)
     ckpt.save(17, _state(), force=True)  # same step again: no error, not rewritten
-    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints" / "latest")) == [10, 17]
+    assert _steps(tmp_path) == [10, 17]
 
 
 def test_iterator_state_resumes_same_elements(tmp_path):
@@ -211,7 +282,7 @@ def test_process_killed_mid_save_leaves_last_good_checkpoint(tmp_path):
     timeout=120,
   )
   assert result.returncode == 17, result.stderr[-2000:]
-  latest_dir = workdir / "checkpoints" / "latest"
+  latest_dir = workdir / "checkpoints"
   leftovers = [name for name in os.listdir(latest_dir) if ".orbax-checkpoint-tmp" in name]
   assert leftovers, f"expected a partial save of step 2, found {os.listdir(latest_dir)}"
 
@@ -237,7 +308,7 @@ def test_load_state_from_workdir_manager_dir_and_step_dir(tmp_path):
   latest = checkpointing.load_state(tmp_path / "run", abstract, which="latest")
   assert _values(latest)["bias"][0] == 2.0
   assert best["params"]["kernel"].sharding == abstract["params"]["kernel"].sharding
-  from_dir = checkpointing.load_state(tmp_path / "run" / "checkpoints" / "latest" / "1", abstract)
+  from_dir = checkpointing.load_state(tmp_path / "run" / "checkpoints" / "1", abstract)
   assert _values(from_dir)["bias"][0] == 1.0
   params_only = checkpointing.load_state(
     tmp_path / "run", {"params": abstract["params"]}, which="latest", partial=True
@@ -255,8 +326,8 @@ def test_load_state_errors_name_path_and_keys(tmp_path):
 
   with checkpointing.Checkpointer(tmp_path / "run", async_save=False) as ckpt:
     ckpt.save(1, _state())
-  # Only "latest" exists: the error says so.
-  with pytest.raises(checkpointing.CheckpointError, match=r"checkpoints exist in .*latest"):
+  # No best metric was tracked, so there is no "best": the error says to ask for "latest".
+  with pytest.raises(checkpointing.CheckpointError, match=r"no 'best' checkpoint.*which='latest'"):
     checkpointing.load_state(tmp_path / "run", abstract)
 
   wrong = jax.tree.map(lambda x: x, abstract)
@@ -266,7 +337,7 @@ def test_load_state_errors_name_path_and_keys(tmp_path):
   with pytest.raises(checkpointing.CheckpointError) as error:
     checkpointing.load_state(tmp_path / "run", wrong, which="latest")
   message = str(error.value)
-  assert str(tmp_path / "run" / "checkpoints" / "latest" / "1") in message
+  assert str(tmp_path / "run" / "checkpoints" / "1") in message
   assert "params/extra" in message  # expected, not in the checkpoint
   assert "step" in message  # in the checkpoint, not expected
   assert "params/kernel: checkpoint (8, 2) vs expected (8, 3)" in message
@@ -311,7 +382,7 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
   iterator = make_iterator()
   for _ in range(3 + pid):
     next(iterator)
-  # latest and best save the same step concurrently: their barriers must not collide.
+  # Step 4 is both the newest and the best: one save, with the barriers of one manager.
   ckpt = checkpointing.Checkpointer(workdir, best_metric="auc", async_save=True)
   ckpt.save(4, state, data_iterator=iterator, metrics={"auc": 0.5})
   expected = [next(iterator) for _ in range(3)]
@@ -357,5 +428,5 @@ def test_two_processes_save_and_restore_sharded_state_and_iterators(tmp_path):
         worker.kill()
   for pid, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
     assert worker.returncode == 0 and f"OK {pid}" in output, output[-3000:]
-  iterator_dir = tmp_path / "run" / "checkpoints" / "latest" / "4" / "data_iterator"
+  iterator_dir = tmp_path / "run" / "checkpoints" / "4" / "data_iterator"
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(iterator_dir))
