@@ -92,6 +92,31 @@ def test_busi_three_classes_keeps_normal_as_2(tmp_path):
   assert all(records.load_mask(r).sum() == 0 for r in normal)
 
 
+@pytest.mark.parametrize(
+  "classes, per_class, labels",
+  [
+    ("binary", {"benign": 3, "malignant": 2}, {"benign": 0, "malignant": 1}),
+    (
+      "three",
+      {"benign": 3, "malignant": 2, "normal": 2},
+      {"benign": 0, "malignant": 1, "normal": 2},
+    ),
+    (
+      "malignant_vs_rest",
+      {"benign or normal": 5, "malignant": 2},
+      {"benign": 0, "malignant": 1, "normal": 0},
+    ),
+  ],
+)
+def test_busi_tasks_counts_and_labels(tmp_path, classes, per_class, labels):
+  collection = sources.busi(make_busi(tmp_path / "busi"), classes=classes)
+  assert collection.describe()["per_class"] == per_class
+  assert {r.id.split("/")[0]: r.label for r in collection.records} == labels
+  if classes == "malignant_vs_rest":
+    assert collection.class_names == sources.MALIGNANT_VS_REST_CLASSES
+    assert all(r.meta["original_class"] == r.id.split("/")[0] for r in collection.records)
+
+
 def test_busi_converts_rgba_16bit_palette_images(tmp_path):
   root = make_busi(tmp_path / "busi")
   folder = os.path.join(root, "benign")
@@ -486,6 +511,63 @@ def test_from_config_dispatch_and_class_restriction(tmp_path):
     sources.from_config(_data_config(source="dicom", root=root))
 
 
+def test_from_config_malignant_vs_rest_wherever_there_are_normal_images(tmp_path, monkeypatch):
+  three = make_manifest(
+    tmp_path, ["img/0.png,0", "img/1.png,1", "img/2.png,normal", "img/3.png,2"], header="path,label"
+  )
+  collection = sources.from_config(
+    _data_config(source="csv", root=three, classes="malignant_vs_rest")
+  )
+  assert collection.class_names == ("benign or normal", "malignant")
+  assert collection.labels.tolist() == [0, 1, 0, 0]
+  assert [r.meta["original_class"] for r in collection.records] == [
+    "benign",
+    "malignant",
+    "normal",
+    "normal",
+  ]
+  binary = tmp_path / "binary.csv"
+  binary.write_text("path,label\nimg/0.png,0\nimg/1.png,1\n")
+  with pytest.raises(records.DataError, match="malignant_vs_rest.*no normal images"):
+    sources.from_config(_data_config(source="csv", root=str(binary), classes="malignant_vs_rest"))
+  with pytest.raises(records.DataError, match="no normal images"):
+    sources.from_config(
+      _data_config(source="busbra", root=make_busbra(tmp_path / "bra"), classes="malignant_vs_rest")
+    )
+  # A built three-class TFDS dataset is served the same way (its reader is tested in test_tfds).
+  monkeypatch.setattr(sources, "tfds_source", lambda *a: sources.csv_manifest(three))
+  tfds = sources.from_config(
+    _data_config(source="tfds", tfds_name="busi/three", classes="malignant_vs_rest")
+  )
+  assert tfds.labels.tolist() == [0, 1, 0, 0]
+
+
+def test_breastmnist_is_natively_malignant_vs_rest(tmp_path, caplog):
+  npz = make_breastmnist(tmp_path / "breastmnist.npz")
+  native = sources.from_config(
+    _data_config(source="breastmnist", root=npz, classes="malignant_vs_rest")
+  )
+  assert native.class_names == ("benign or normal", "malignant") and len(native) == 11
+  assert [r.meta["original_class"] for r in native.records[:2]] == ["malignant", "benign or normal"]
+  with caplog.at_level(logging.WARNING):
+    binary = sources.from_config(_data_config(source="breastmnist", root=npz))
+  assert binary.labels.tolist() == native.labels.tolist()  # as before: nothing to drop
+  assert binary.class_names == native.class_names and "'benign or normal'" in caplog.text
+
+
+def test_config_validation_accepts_every_task_and_lists_them():
+  from busjax import configlib
+
+  config = configlib.base_config()
+  config.data.classes = "malignant_vs_rest"
+  configlib.validate(config)
+  config.data.classes = "benign_vs_rest"
+  with pytest.raises(
+    configlib.ConfigError, match=r"data\.classes=.*'binary', 'three', 'malignant_vs_rest'"
+  ):
+    configlib.validate(config)
+
+
 def test_from_config_phantom_passes_arguments(monkeypatch):
   calls = []
   fake = types.ModuleType("busjax.data.phantom")
@@ -544,3 +626,9 @@ def test_from_config_real_phantom_classes():
   collection = sources.from_config(config)
   assert collection.synthetic and collection.class_names == records.BINARY_CLASSES
   assert collection.describe()["per_class"] == {"benign": 3, "malignant": 2}
+  config.classes = "malignant_vs_rest"
+  collection = sources.from_config(config)
+  assert collection.synthetic and collection.class_names == ("benign or normal", "malignant")
+  assert collection.describe()["per_class"] == {"benign or normal": 5, "malignant": 2}
+  normal = [r for r in collection.records if r.meta["original_class"] == "normal"]
+  assert len(normal) == 2 and all(r.label == 0 for r in normal)

@@ -14,6 +14,11 @@ images) always raise at once.
 
 Labels follow busjax's convention everywhere: malignant = 1. BreastMNIST's inverted labels
 (0 = malignant) are flipped here and nowhere else.
+
+Tasks (``classes``): "binary" is BUSI's benign vs malignant (normal images dropped); "three" keeps
+normal as class 2; "malignant_vs_rest" is MedMNIST's BreastMNIST task, every image, benign and
+normal together as class 0 ("benign or normal"), each record's ``meta["original_class"]`` saying
+which it was.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 BREASTMNIST_SPLITS = ("train", "val", "test")
 _MASK_NAME = re.compile(r"^(?P<base>.+)_mask(?:_(?P<n>\d+))?$")
 _LABEL_NAMES = {name: i for i, name in enumerate(records.THREE_CLASSES)}
+CLASSES = ("binary", "three", "malignant_vs_rest")
+# Named for what class 0 holds, so that reports do not call normal images "benign".
+MALIGNANT_VS_REST_CLASSES = ("benign or normal", "malignant")
 _MAX_LOGGED_PROBLEMS = 5  # In the skip warning.
 _MAX_RAISED_PROBLEMS = 20  # In the error: enough to fix a batch, short enough to read.
 
@@ -319,7 +327,8 @@ def busi(
 
   Args:
     root: the ``Dataset_BUSI_with_GT`` folder.
-    classes: "binary" (benign 0, malignant 1; normal dropped) or "three" (normal = 2).
+    classes: "binary" (benign 0, malignant 1; normal dropped), "three" (normal = 2) or
+      "malignant_vs_rest" (benign and normal 0, malignant 1; MedMNIST's task).
     split_file: optional ``busi_breastmnist_split.tsv``; adds meta["split"] and
       meta["medmnist_index"] and checks its (inverted, 0 = malignant) labels against the folders.
     on_error: "raise" or "skip" bad images (one counted warning).
@@ -327,7 +336,10 @@ def busi(
   Returns:
     The collection, ordered by class then natural file order.
   """
+  # malignant_vs_rest reads all three folders (an empty normal/ still fails) and merges after.
   class_names = _class_names(classes)
+  if classes == "malignant_vs_rest":
+    class_names = records.THREE_CLASSES
   _require_dir(root, "BUSI")
   split_table = _read_busi_split_file(split_file) if split_file is not None else None
   problems = _Problems(on_error, f"BUSI folder {root}")
@@ -359,7 +371,7 @@ def busi(
         len(candidates),
         split_file,
       )
-  return _finish(
+  collection = _finish(
     "busi",
     candidates,
     class_names=class_names,
@@ -367,6 +379,7 @@ def busi(
     problems=problems,
     class_hint=lambda c: os.path.join(root, c),
   )
+  return _malignant_vs_rest(collection) if classes == "malignant_vs_rest" else collection
 
 
 def _busi_split_meta(record_id, label, meta, split_table, split_file):
@@ -385,11 +398,27 @@ def _busi_split_meta(record_id, label, meta, split_table, split_file):
 
 
 def _class_names(classes: str) -> tuple[str, ...]:
-  if classes == "binary":
-    return records.BINARY_CLASSES
-  if classes == "three":
-    return records.THREE_CLASSES
-  raise ValueError(f"classes must be 'binary' or 'three', got {classes!r}")
+  names = {
+    "binary": records.BINARY_CLASSES,
+    "three": records.THREE_CLASSES,
+    "malignant_vs_rest": MALIGNANT_VS_REST_CLASSES,
+  }
+  if classes not in names:
+    raise ValueError(f"classes must be one of {CLASSES}, got {classes!r}")
+  return names[classes]
+
+
+def _malignant_vs_rest(collection: records.Collection) -> records.Collection:
+  """A three-class collection as MedMNIST's task: malignant 1, benign and normal 0, all kept."""
+  relabelled = tuple(
+    dataclasses.replace(
+      r,
+      label=int(r.label == records.MALIGNANT),
+      meta=dict(r.meta, original_class=collection.class_names[r.label]),
+    )
+    for r in collection.records
+  )
+  return dataclasses.replace(collection, records=relabelled, class_names=MALIGNANT_VS_REST_CLASSES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,7 +519,8 @@ def breastmnist(path: str, *, on_error: str = "raise") -> records.Collection:
   """MedMNIST ``breastmnist.npz`` / ``breastmnist_{64,128,224}.npz`` as in-memory records.
 
   MedMNIST labels are inverted (0 = malignant, 1 = benign or normal); they come out
-  malignant = 1, so class 0 here means "benign or normal". meta["split"] is the MedMNIST split.
+  malignant = 1, with class 0 named "benign or normal": the npz is natively the
+  "malignant_vs_rest" task. meta["split"] is the MedMNIST split.
   """
   _require_file(path, "BreastMNIST .npz")
   try:
@@ -519,17 +549,18 @@ def breastmnist(path: str, *, on_error: str = "raise") -> records.Collection:
         problems.add(f"{split}_labels[{i}] = {medmnist_label} is not 0 or 1")
         continue
       record_id = f"{split}/{i}"
+      label = int(medmnist_label == 0)
+      # original_class as BUSI's malignant_vs_rest has it, as finely as the npz knows.
+      meta = {
+        "split": split,
+        "medmnist_index": i,
+        "original_class": MALIGNANT_VS_REST_CLASSES[label],
+      }
       kept.append(
-        records.Record(
-          id=record_id,
-          label=int(medmnist_label == 0),
-          patient_id=record_id,
-          image=image,
-          meta={"split": split, "medmnist_index": i},
-        )
+        records.Record(id=record_id, label=label, patient_id=record_id, image=image, meta=meta)
       )
   problems.finish(total)
-  return _in_memory_collection("breastmnist", kept, records.BINARY_CLASSES, path)
+  return _in_memory_collection("breastmnist", kept, MALIGNANT_VS_REST_CLASSES, path)
 
 
 def _in_memory_collection(
@@ -697,17 +728,30 @@ def _breastmnist_file(root: str, image_size: int | None) -> str:
   raise records.DataError(f"{root}: no breastmnist_{image_size}.npz or breastmnist.npz here")
 
 
-def _restrict_classes(collection: records.Collection, classes: str) -> records.Collection:
-  """Drops normal when a three-class source feeds a binary task; refuses the reverse."""
+def _serve_classes(collection: records.Collection, classes: str) -> records.Collection:
+  """A three-class source serves every task (normal dropped or merged); others only their own."""
   want = _class_names(classes)
-  if collection.class_names == want:
+  have = collection.class_names
+  if have == want:
     return collection
-  if want == records.BINARY_CLASSES and collection.class_names == records.THREE_CLASSES:
+  if have == records.THREE_CLASSES and classes == "binary":
     keep = [i for i, r in enumerate(collection.records) if r.label != 2]
     return dataclasses.replace(collection.subset(keep), class_names=want)
+  if have == records.THREE_CLASSES and classes == "malignant_vs_rest":
+    return _malignant_vs_rest(collection)
+  if have == MALIGNANT_VS_REST_CLASSES and classes == "binary":
+    # BreastMNIST: its npz cannot tell normal from benign, so nothing can be dropped. Serving
+    # it as before keeps old configs running; the class names say what class 0 really holds.
+    logging.warning(
+      "%s: class 0 is 'benign or normal' (normal images cannot be told apart and dropped), so "
+      "classes='binary' gets MedMNIST's task; set classes='malignant_vs_rest' to say so",
+      collection.name,
+    )
+    return collection
+  reason = " (it has no normal images)" if classes == "malignant_vs_rest" else ""
   raise records.DataError(
-    f"{collection.root}: source {collection.name!r} has classes "
-    f"{collection.class_names}, cannot serve classes={classes!r}"
+    f"{collection.root}: source {collection.name!r} has classes {have}, "
+    f"cannot serve classes={classes!r}{reason}"
   )
 
 
@@ -723,9 +767,10 @@ def from_config(data_config: Any) -> records.Collection:
     phantom_kwargs = data_config.get("phantom") or {}
     if hasattr(phantom_kwargs, "to_dict"):  # ConfigDict: plain nested dicts for the generator.
       phantom_kwargs = phantom_kwargs.to_dict()
-    return phantom.make_collection(
-      **dict(phantom_kwargs), image_size=data_config.image_size, include_normal=(classes == "three")
+    collection = phantom.make_collection(
+      **dict(phantom_kwargs), image_size=data_config.image_size, include_normal=classes != "binary"
     )
+    return _malignant_vs_rest(collection) if classes == "malignant_vs_rest" else collection
   if source != "tfds" and not root:
     raise records.DataError(f"config.data.root is empty for source {source!r}")
   if source == "busi":
@@ -747,4 +792,4 @@ def from_config(data_config: Any) -> records.Collection:
     )
   else:
     raise ValueError(f"unknown config.data.source {source!r}")
-  return _restrict_classes(collection, classes)
+  return _serve_classes(collection, classes)
