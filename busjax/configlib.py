@@ -208,10 +208,12 @@ def _check(condition: bool, message: str) -> None:
 
 
 def _validate_data(prefix: str, d: ml_collections.ConfigDict) -> None:
+  from busjax.data import sources  # The loaders own the list of tasks they can serve.
+
   _check(d.source in SOURCES, f"{prefix}.source={d.source!r}: expected one of {SOURCES}")
   _check(
-    d.get("classes", "binary") in ("binary", "three"),
-    f"{prefix}.classes={d.get('classes')!r}: expected 'binary' or 'three'",
+    d.get("classes", "binary") in sources.CLASSES,
+    f"{prefix}.classes={d.get('classes')!r}: expected one of {sources.CLASSES}",
   )
   _check(
     isinstance(d.image_size, int) and 16 <= d.image_size <= 1024,

@@ -2,6 +2,7 @@
 
 Parses flags, initialises multi-process JAX when asked, logs the devices and dispatches to
 `busjax.trainers.<config.trainer>.train_and_evaluate(config, workdir)`. Logic lives in the trainers.
+A bad flag, config value, data file or checkpoint ends as one line on stderr and exit code 2.
 """
 
 import importlib
@@ -13,7 +14,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from busjax import configlib
+from busjax import checkpointing, configlib
+from busjax.data import records
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -68,7 +70,14 @@ def main(argv):
     print(f"busjax: bad config: {e}", file=sys.stderr)
     return 2
   trainer = importlib.import_module(f"busjax.trainers.{config.trainer}")
-  trainer.train_and_evaluate(config, FLAGS.workdir)
+  try:
+    trainer.train_and_evaluate(config, FLAGS.workdir)
+  except records.DataError as e:  # The user's files: their names are the message, not a stack.
+    print(f"busjax: bad data: {e}", file=sys.stderr)
+    return 2
+  except checkpointing.CheckpointError as e:
+    print(f"busjax: bad checkpoint: {e}", file=sys.stderr)
+    return 2
   return 0
 
 

@@ -6,7 +6,9 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from busjax import configlib
 
@@ -71,6 +73,39 @@ def test_missing_real_data_root_names_the_flag():
   config.data.root = "/no/such/folder"
   with pytest.raises(configlib.ConfigError, match="/no/such/folder"):
     configlib.validate(config)
+
+
+def test_bad_data_is_one_clear_line_naming_the_file(tmp_path):
+  """A truncated image in the user's CSV manifest: exit code 2 and the file's name, no stack."""
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+  data = (tmp_path / "2.png").read_bytes()
+  (tmp_path / "2.png").write_bytes(data[: len(data) // 2])
+  manifest = tmp_path / "manifest.csv"
+  manifest.write_text("path,label\n0.png,benign\n1.png,malignant\n2.png,benign\n3.png,malignant\n")
+  result = _run(
+    "--config=configs/supervised.py:smoke",
+    f"--workdir={tmp_path / 'run'}",
+    "--config.data.source=csv",
+    f"--config.data.root={manifest}",
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f"busjax: bad data: 1 bad file in CSV manifest {manifest}: " in result.stderr
+  assert f"{tmp_path / '2.png'}: corrupt or truncated image" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_bad_checkpoint_is_one_clear_line(tmp_path):
+  (tmp_path / "not_a_run").mkdir()
+  result = _run(
+    "--config=configs/supervised.py:smoke",
+    f"--workdir={tmp_path / 'run'}",
+    f"--config.init_from={tmp_path / 'not_a_run'}",
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f"busjax: bad checkpoint: {tmp_path / 'not_a_run'}: no 'best' checkpoint" in result.stderr
+  assert "Traceback" not in result.stderr
 
 
 def test_smoke_run_from_the_command_line_reports_and_stays_quiet(tmp_path):

@@ -6,6 +6,7 @@ covered by the generated data, so the suite passes without it.
 
 import logging
 import os
+import re
 import sys
 import types
 
@@ -91,6 +92,31 @@ def test_busi_three_classes_keeps_normal_as_2(tmp_path):
   assert all(records.load_mask(r).sum() == 0 for r in normal)
 
 
+@pytest.mark.parametrize(
+  "classes, per_class, labels",
+  [
+    ("binary", {"benign": 3, "malignant": 2}, {"benign": 0, "malignant": 1}),
+    (
+      "three",
+      {"benign": 3, "malignant": 2, "normal": 2},
+      {"benign": 0, "malignant": 1, "normal": 2},
+    ),
+    (
+      "malignant_vs_rest",
+      {"benign or normal": 5, "malignant": 2},
+      {"benign": 0, "malignant": 1, "normal": 0},
+    ),
+  ],
+)
+def test_busi_tasks_counts_and_labels(tmp_path, classes, per_class, labels):
+  collection = sources.busi(make_busi(tmp_path / "busi"), classes=classes)
+  assert collection.describe()["per_class"] == per_class
+  assert {r.id.split("/")[0]: r.label for r in collection.records} == labels
+  if classes == "malignant_vs_rest":
+    assert collection.class_names == sources.MALIGNANT_VS_REST_CLASSES
+    assert all(r.meta["original_class"] == r.id.split("/")[0] for r in collection.records)
+
+
 def test_busi_converts_rgba_16bit_palette_images(tmp_path):
   root = make_busi(tmp_path / "busi")
   folder = os.path.join(root, "benign")
@@ -154,6 +180,28 @@ def test_busi_orphan_mask_is_reported(tmp_path):
   with pytest.raises(records.DataError, match=r"mask without an image benign \(3\)"):
     sources.busi(root)
   assert len(sources.busi(root, on_error="skip")) == 4
+
+
+def test_busi_lists_images_orphan_masks_and_split_rows_together(tmp_path):
+  root = make_busi(tmp_path / "busi")
+  _truncate(os.path.join(root, "benign", "benign (1).png"))
+  os.remove(os.path.join(root, "normal", "normal (2).png"))
+  tsv = _write_split_file(
+    tmp_path / "split.tsv",
+    [
+      ("malignant/malignant (1).png", "train", "x", 0),
+      ("malignant/malignant (2).png", "val", 1, 0),
+    ],
+  )
+  with pytest.raises(records.DataError) as raised:
+    sources.busi(root, classes="three", split_file=tsv)
+  message = str(raised.value)
+  assert message.startswith(f"3 bad files in BUSI folder {root}: ")
+  assert re.search(r"benign \(1\)\.png: corrupt or truncated", message)
+  assert "mask without an image normal (2).png" in message
+  assert "split.tsv line 2: medmnist_index and breastmnist_label must be integers" in message
+  collection = sources.busi(root, classes="three", split_file=tsv, on_error="skip")
+  assert collection.describe()["per_class"] == {"benign": 2, "malignant": 1, "normal": 1}
 
 
 def _write_split_file(path, rows):
@@ -242,6 +290,30 @@ def test_busbra_errors_name_csv_line_or_file(tmp_path):
   os.rename(os.path.join(root2, "Images"), os.path.join(root2, "Imgs"))
   with pytest.raises(records.DataError, match="BUS-BRA Images folder not found"):
     sources.busbra(root2)
+
+
+def test_busbra_csv_and_fold_problems_are_listed_together(tmp_path):
+  root = make_busbra(
+    tmp_path / "bra", pathologies=("benign", "malignant", "unsure", "benign", "malignant", "benign")
+  )
+  folds = os.path.join(root, "5-fold-cv.csv")
+  with open(folds) as f:
+    text = f.read()
+  with open(folds, "w") as f:
+    f.write(text.replace("bus_0002-r,benign,2,", "bus_0002-r,benign,two,"))
+  os.remove(os.path.join(root, "Masks", "mask_0001-l.png"))
+  with pytest.raises(records.DataError) as raised:
+    sources.busbra(root)
+  message = str(raised.value)
+  assert message.startswith(f"3 bad files in BUS-BRA folder {root}: ")
+  assert "mask_0001-l.png: mask file not found" in message
+  assert "line 4: unknown Pathology 'unsure'" in message
+  assert "5-fold-cv.csv line 5: kFold 'two' is not an integer" in message
+  assert [r.id for r in sources.busbra(root, on_error="skip").records] == [
+    "bus_0001-r",
+    "bus_0003-l",
+    "bus_0003-r",
+  ]
 
 
 def test_busbra_metadata_size_mismatch_warns_but_keeps(tmp_path, caplog):
@@ -356,6 +428,48 @@ def test_csv_manifest_bad_rows_name_line(tmp_path, bad_row, message):
   assert len(sources.csv_manifest(path, on_error="skip")) == 2
 
 
+def test_csv_manifest_every_problem_in_one_error_or_skipped_and_counted(tmp_path, caplog):
+  path = make_manifest(
+    tmp_path,
+    ["img/0.png,0", "img/1.png,1", "img/2.png,maybe", "img/3.png,0", "img/4.png,1"],
+    header="path,label",
+  )
+  _save(tmp_path / "img" / "4.png", _gray(4))
+  _truncate(tmp_path / "img" / "0.png")
+  _truncate(tmp_path / "img" / "1.png")
+  with pytest.raises(records.DataError) as raised:
+    sources.csv_manifest(path)
+  message = str(raised.value)
+  assert message.startswith(f"3 bad files in CSV manifest {path}: ")
+  for needle in (
+    r"0\.png: corrupt or truncated",
+    r"1\.png: corrupt or truncated",
+    "line 4: unknown label 'maybe'",
+  ):
+    assert re.search(needle, message), needle
+  assert "\n" not in message and message.endswith("(e.g. --config.data.on_error=skip)")
+  with caplog.at_level(logging.WARNING):
+    collection = sources.csv_manifest(path, on_error="skip")
+  assert [r.id for r in collection.records] == ["img/3.png", "img/4.png"]
+  assert "skipped 3 of 5 images" in caplog.text and "line 4: unknown label" in caplog.text
+
+
+def test_many_problems_list_the_first_twenty_and_count_the_rest(tmp_path):
+  rows = ["img/0.png,0", "img/1.png,1"] + [f"img/missing{i}.png,0" for i in range(25)]
+  path = make_manifest(tmp_path, rows, header="path,label")
+  with pytest.raises(records.DataError, match=r"^25 bad files in .*; \.\.\. and 5 more — fix"):
+    sources.csv_manifest(path)
+
+
+def test_csv_row_with_extra_fields_is_one_of_the_listed_problems(tmp_path):
+  path = make_manifest(
+    tmp_path, ["img/0.png,0,oops", "img/1.png,1", "img/2.png,9", "img/3.png,0"], header="path,label"
+  )
+  with pytest.raises(records.DataError, match=r"^2 bad files .*line 2: more fields .*line 4: unk"):
+    sources.csv_manifest(path)
+  assert len(sources.csv_manifest(path, on_error="skip")) == 2
+
+
 def test_csv_manifest_missing_column(tmp_path):
   path = make_manifest(tmp_path, ["img/0.png"], header="path")
   with pytest.raises(records.DataError, match=r"missing column\(s\) \['label'\]"):
@@ -395,6 +509,63 @@ def test_from_config_dispatch_and_class_restriction(tmp_path):
     sources.from_config(_data_config(source="breastmnist", root=npz, classes="three"))
   with pytest.raises(ValueError, match="unknown config.data.source"):
     sources.from_config(_data_config(source="dicom", root=root))
+
+
+def test_from_config_malignant_vs_rest_wherever_there_are_normal_images(tmp_path, monkeypatch):
+  three = make_manifest(
+    tmp_path, ["img/0.png,0", "img/1.png,1", "img/2.png,normal", "img/3.png,2"], header="path,label"
+  )
+  collection = sources.from_config(
+    _data_config(source="csv", root=three, classes="malignant_vs_rest")
+  )
+  assert collection.class_names == ("benign or normal", "malignant")
+  assert collection.labels.tolist() == [0, 1, 0, 0]
+  assert [r.meta["original_class"] for r in collection.records] == [
+    "benign",
+    "malignant",
+    "normal",
+    "normal",
+  ]
+  binary = tmp_path / "binary.csv"
+  binary.write_text("path,label\nimg/0.png,0\nimg/1.png,1\n")
+  with pytest.raises(records.DataError, match="malignant_vs_rest.*no normal images"):
+    sources.from_config(_data_config(source="csv", root=str(binary), classes="malignant_vs_rest"))
+  with pytest.raises(records.DataError, match="no normal images"):
+    sources.from_config(
+      _data_config(source="busbra", root=make_busbra(tmp_path / "bra"), classes="malignant_vs_rest")
+    )
+  # A built three-class TFDS dataset is served the same way (its reader is tested in test_tfds).
+  monkeypatch.setattr(sources, "tfds_source", lambda *a: sources.csv_manifest(three))
+  tfds = sources.from_config(
+    _data_config(source="tfds", tfds_name="busi/three", classes="malignant_vs_rest")
+  )
+  assert tfds.labels.tolist() == [0, 1, 0, 0]
+
+
+def test_breastmnist_is_natively_malignant_vs_rest(tmp_path, caplog):
+  npz = make_breastmnist(tmp_path / "breastmnist.npz")
+  native = sources.from_config(
+    _data_config(source="breastmnist", root=npz, classes="malignant_vs_rest")
+  )
+  assert native.class_names == ("benign or normal", "malignant") and len(native) == 11
+  assert [r.meta["original_class"] for r in native.records[:2]] == ["malignant", "benign or normal"]
+  with caplog.at_level(logging.WARNING):
+    binary = sources.from_config(_data_config(source="breastmnist", root=npz))
+  assert binary.labels.tolist() == native.labels.tolist()  # as before: nothing to drop
+  assert binary.class_names == native.class_names and "'benign or normal'" in caplog.text
+
+
+def test_config_validation_accepts_every_task_and_lists_them():
+  from busjax import configlib
+
+  config = configlib.base_config()
+  config.data.classes = "malignant_vs_rest"
+  configlib.validate(config)
+  config.data.classes = "benign_vs_rest"
+  with pytest.raises(
+    configlib.ConfigError, match=r"data\.classes=.*'binary', 'three', 'malignant_vs_rest'"
+  ):
+    configlib.validate(config)
 
 
 def test_from_config_phantom_passes_arguments(monkeypatch):
@@ -455,3 +626,9 @@ def test_from_config_real_phantom_classes():
   collection = sources.from_config(config)
   assert collection.synthetic and collection.class_names == records.BINARY_CLASSES
   assert collection.describe()["per_class"] == {"benign": 3, "malignant": 2}
+  config.classes = "malignant_vs_rest"
+  collection = sources.from_config(config)
+  assert collection.synthetic and collection.class_names == ("benign or normal", "malignant")
+  assert collection.describe()["per_class"] == {"benign or normal": 5, "malignant": 2}
+  normal = [r for r in collection.records if r.meta["original_class"] == "normal"]
+  assert len(normal) == 2 and all(r.label == 0 for r in normal)

@@ -6,12 +6,19 @@ one from ``config.data``.
 
 Every image (and its masks) is fully decoded once at load, in a thread pool, so that a truncated
 file, an unreadable mode or a mask of the wrong size is reported here as a `records.DataError`
-naming the file, not as a crash an hour into training. With ``on_error="skip"`` such records are
-dropped and one warning counts them. Structural problems (a missing folder or CSV, a class left
-with no images) always raise.
+naming the file, not as a crash an hour into training. Every record is checked before anything
+raises: with ``on_error="raise"`` one `records.DataError` lists every bad file and CSV row (a
+user fixes them in one pass, not one per run); with ``on_error="skip"`` such records are dropped
+and one warning counts them. Structural problems (a missing folder or CSV, a class left with no
+images) always raise at once.
 
 Labels follow busjax's convention everywhere: malignant = 1. BreastMNIST's inverted labels
 (0 = malignant) are flipped here and nowhere else.
+
+Tasks (``classes``): "binary" is BUSI's benign vs malignant (normal images dropped); "three" keeps
+normal as class 2; "malignant_vs_rest" is MedMNIST's BreastMNIST task, every image, benign and
+normal together as class 0 ("benign or normal"), each record's ``meta["original_class"]`` saying
+which it was.
 """
 
 from __future__ import annotations
@@ -34,7 +41,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 BREASTMNIST_SPLITS = ("train", "val", "test")
 _MASK_NAME = re.compile(r"^(?P<base>.+)_mask(?:_(?P<n>\d+))?$")
 _LABEL_NAMES = {name: i for i, name in enumerate(records.THREE_CLASSES)}
-_MAX_LISTED_PROBLEMS = 5
+CLASSES = ("binary", "three", "malignant_vs_rest")
+# Named for what class 0 holds, so that reports do not call normal images "benign".
+MALIGNANT_VS_REST_CLASSES = ("benign or normal", "malignant")
+_MAX_LOGGED_PROBLEMS = 5  # In the skip warning.
+_MAX_RAISED_PROBLEMS = 20  # In the error: enough to fix a batch, short enough to read.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,32 +65,46 @@ class _Candidate:
 
 
 class _Problems:
-  """Collects per-record problems: raises on the first with on_error='raise', else counts."""
+  """Collects per-record problems; `finish` raises them all as one error or logs a count."""
 
-  def __init__(self, source: str, on_error: str):
+  def __init__(self, on_error: str, where: str, unit: str = "file"):
+    """where: e.g. "CSV manifest /x/m.csv"; unit: what a problem is counted as, for the error."""
     if on_error not in ("raise", "skip"):
       raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    self.source = source
     self.on_error = on_error
+    self.where = where
+    self.unit = unit
     self.messages: list[str] = []
     self.skipped_images = 0
 
   def add(self, message: str, *, is_image: bool = True) -> None:
-    """Raises, or records the problem (is_image=False for stray files that are not records)."""
-    if self.on_error == "raise":
-      raise records.DataError(message)
+    """Records one problem (is_image=False for stray files that are not records)."""
     self.messages.append(message)
     self.skipped_images += int(is_image)
 
-  def summarise(self, total: int) -> None:
-    """Logs one counted warning for everything skipped."""
+  def finish(self, total: int) -> None:
+    """Raises one DataError naming every problem (on_error='raise'), else logs one warning."""
     if not self.messages:
       return
-    listed = "; ".join(self.messages[:_MAX_LISTED_PROBLEMS])
-    more = len(self.messages) - _MAX_LISTED_PROBLEMS
+    if self.on_error == "raise":
+      raise records.DataError(self.error_message())
+    listed = "; ".join(self.messages[:_MAX_LOGGED_PROBLEMS])
+    more = len(self.messages) - _MAX_LOGGED_PROBLEMS
     suffix = f"; ... and {more} more" if more > 0 else ""
     logging.warning(
-      "%s: skipped %d of %d images: %s%s", self.source, self.skipped_images, total, listed, suffix
+      "%s: skipped %d of %d images: %s%s", self.where, self.skipped_images, total, listed, suffix
+    )
+
+  def error_message(self) -> str:
+    # One line, so that it reads whole after "busjax: bad data:" and in a grep of a log.
+    n = len(self.messages)
+    listed = "; ".join(self.messages[:_MAX_RAISED_PROBLEMS])
+    more = n - _MAX_RAISED_PROBLEMS
+    suffix = f"; ... and {more} more" if more > 0 else ""
+    them = "it" if n == 1 else "them"
+    return (
+      f"{n} bad {self.unit}{'' if n == 1 else 's'} in {self.where}: {listed}{suffix}"
+      f" — fix {them} or skip {them} with on_error='skip' (e.g. --config.data.on_error=skip)"
     )
 
 
@@ -154,29 +179,29 @@ def _finish(
   *,
   class_names: tuple[str, ...],
   root: str | None,
-  on_error: str,
-  problems: _Problems | None = None,
+  problems: _Problems,
   class_hint: Callable[[str], str] | None = None,
 ) -> records.Collection:
-  """Checks all candidates in a thread pool and builds the collection."""
-  problems = problems or _Problems(name, on_error)
+  """Checks all candidates in a thread pool, then raises every problem at once or builds."""
+  # Rows already dropped (e.g. a CSV row with extra fields) never became candidates.
+  total = len(candidates) + problems.skipped_images
   _mark_duplicates(candidates)
   with concurrent.futures.ThreadPoolExecutor(_num_threads()) as pool:
     checked = list(pool.map(_check, candidates))
   kept = []
-  for record, problem in checked:  # In listing order, so the first error raised is deterministic.
+  for record, problem in checked:  # In listing order, so the error lists them deterministically.
     if problem is not None:
       problems.add(problem)
     else:
       kept.append(record)
-  problems.summarise(len(candidates))
+  problems.finish(total)
   notes = [r.meta["size_note"] for r in kept if "size_note" in r.meta]
   if notes:
     logging.warning(
       "%s: %d images differ in size from their metadata (kept, the mask matches the image): %s",
       name,
       len(notes),
-      "; ".join(notes[:_MAX_LISTED_PROBLEMS]),
+      "; ".join(notes[:_MAX_LOGGED_PROBLEMS]),
     )
   counts = np.bincount([r.label for r in kept], minlength=len(class_names))
   for label, class_name in enumerate(class_names):
@@ -208,8 +233,12 @@ def _require_file(path: str, what: str) -> None:
 
 def _read_csv(
   path: str, required: Iterable[str], delimiter: str = ","
-) -> list[tuple[int, dict[str, str]]]:
-  """Rows of a CSV/TSV as (line number, row), checking the header has the required columns."""
+) -> list[tuple[int, dict[str, str], str | None]]:
+  """Rows of a CSV/TSV as (line number, row, problem), checking the header's required columns.
+
+  A row with more fields than the header comes back with its problem (None for good rows), so
+  that the caller files it under its record like any other per-record problem.
+  """
   _require_file(path, "CSV")
   try:
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -221,9 +250,11 @@ def _read_csv(
         raise records.DataError(f"{path}: missing column(s) {missing} (header is {header})")
       rows = []
       for row in reader:
-        if None in row:
-          raise records.DataError(f"{path} line {reader.line_num}: more fields than the header")
-        rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items()}))
+        problem = None
+        if None in row:  # DictReader files the surplus fields under the key None.
+          problem = f"{path} line {reader.line_num}: more fields than the header"
+        fields = {k: (v or "").strip() for k, v in row.items() if k is not None}
+        rows.append((reader.line_num, fields, problem))
   except UnicodeDecodeError as e:
     raise records.DataError(f"{path}: not a UTF-8 text file ({e})") from e
   except csv.Error as e:
@@ -254,30 +285,34 @@ def _busi_listing(folder: str) -> tuple[dict[str, str], dict[str, list[tuple[int
   return images, masks
 
 
-def _read_busi_split_file(path: str) -> dict[str, tuple[int, str, int, int]]:
-  """busi_name -> (line, medmnist_split, medmnist_index, breastmnist_label)."""
+def _read_busi_split_file(path: str) -> dict[str, tuple[int, str, int, int] | str]:
+  """busi_name -> (line, medmnist_split, medmnist_index, breastmnist_label), or the row's problem.
+
+  A bad row becomes its image's problem (reported with every other one, or skipping the image),
+  since an image without its split would fail later, in splits.py, one at a time.
+  """
   rows = _read_csv(path, ("busi_name", "medmnist_split", "medmnist_index"), delimiter="\t")
   label_column = next((c for c in rows[0][1] if c.startswith("breastmnist_label")), None)
   if label_column is None:
     raise records.DataError(f"{path}: missing column 'breastmnist_label'")
-  table = {}
-  for line, row in rows:
+  table: dict[str, tuple[int, str, int, int] | str] = {}
+  for line, row, problem in rows:
     split, name = row["medmnist_split"], row["busi_name"]
-    if split not in BREASTMNIST_SPLITS:
-      raise records.DataError(
-        f"{path} line {line}: medmnist_split {split!r} is not one of {BREASTMNIST_SPLITS}"
-      )
+    where = f"{path} line {line}"
+    if problem or name in table:
+      table[name] = problem or f"{where}: {name!r} listed twice"
+      continue
     try:
       index, label = int(row["medmnist_index"]), int(row[label_column])
     except ValueError as e:
-      raise records.DataError(
-        f"{path} line {line}: medmnist_index and breastmnist_label must be integers ({e})"
-      ) from e
-    if label not in (0, 1):
-      raise records.DataError(f"{path} line {line}: breastmnist_label {label} is not 0 or 1")
-    if name in table:
-      raise records.DataError(f"{path} line {line}: {name!r} listed twice")
-    table[name] = (line, split, index, label)
+      table[name] = f"{where}: medmnist_index and breastmnist_label must be integers ({e})"
+      continue
+    if split not in BREASTMNIST_SPLITS:
+      table[name] = f"{where}: medmnist_split {split!r} is not one of {BREASTMNIST_SPLITS}"
+    elif label not in (0, 1):
+      table[name] = f"{where}: breastmnist_label {label} is not 0 or 1"
+    else:
+      table[name] = (line, split, index, label)
   return table
 
 
@@ -292,7 +327,8 @@ def busi(
 
   Args:
     root: the ``Dataset_BUSI_with_GT`` folder.
-    classes: "binary" (benign 0, malignant 1; normal dropped) or "three" (normal = 2).
+    classes: "binary" (benign 0, malignant 1; normal dropped), "three" (normal = 2) or
+      "malignant_vs_rest" (benign and normal 0, malignant 1; MedMNIST's task).
     split_file: optional ``busi_breastmnist_split.tsv``; adds meta["split"] and
       meta["medmnist_index"] and checks its (inverted, 0 = malignant) labels against the folders.
     on_error: "raise" or "skip" bad images (one counted warning).
@@ -300,10 +336,13 @@ def busi(
   Returns:
     The collection, ordered by class then natural file order.
   """
+  # malignant_vs_rest reads all three folders (an empty normal/ still fails) and merges after.
   class_names = _class_names(classes)
+  if classes == "malignant_vs_rest":
+    class_names = records.THREE_CLASSES
   _require_dir(root, "BUSI")
   split_table = _read_busi_split_file(split_file) if split_file is not None else None
-  problems = _Problems("busi", on_error)
+  problems = _Problems(on_error, f"BUSI folder {root}")
   candidates = []
   for label, class_name in enumerate(class_names):
     folder = os.path.join(root, class_name)
@@ -332,22 +371,23 @@ def busi(
         len(candidates),
         split_file,
       )
-  return _finish(
+  collection = _finish(
     "busi",
     candidates,
     class_names=class_names,
     root=root,
-    on_error=on_error,
     problems=problems,
     class_hint=lambda c: os.path.join(root, c),
   )
+  return _malignant_vs_rest(collection) if classes == "malignant_vs_rest" else collection
 
 
 def _busi_split_meta(record_id, label, meta, split_table, split_file):
   """Adds the BreastMNIST split to meta; returns (meta, problem or None)."""
-  if record_id not in split_table:
-    return meta, None
-  line, split, index, bm_label = split_table[record_id]
+  entry = split_table.get(record_id)
+  if entry is None or isinstance(entry, str):  # Unlisted, or its row's problem.
+    return meta, entry
+  line, split, index, bm_label = entry
   # BreastMNIST: 0 = malignant, 1 = benign or normal.
   if (bm_label == 0) != (label == records.MALIGNANT):
     return meta, (
@@ -358,11 +398,27 @@ def _busi_split_meta(record_id, label, meta, split_table, split_file):
 
 
 def _class_names(classes: str) -> tuple[str, ...]:
-  if classes == "binary":
-    return records.BINARY_CLASSES
-  if classes == "three":
-    return records.THREE_CLASSES
-  raise ValueError(f"classes must be 'binary' or 'three', got {classes!r}")
+  names = {
+    "binary": records.BINARY_CLASSES,
+    "three": records.THREE_CLASSES,
+    "malignant_vs_rest": MALIGNANT_VS_REST_CLASSES,
+  }
+  if classes not in names:
+    raise ValueError(f"classes must be one of {CLASSES}, got {classes!r}")
+  return names[classes]
+
+
+def _malignant_vs_rest(collection: records.Collection) -> records.Collection:
+  """A three-class collection as MedMNIST's task: malignant 1, benign and normal 0, all kept."""
+  relabelled = tuple(
+    dataclasses.replace(
+      r,
+      label=int(r.label == records.MALIGNANT),
+      meta=dict(r.meta, original_class=collection.class_names[r.label]),
+    )
+    for r in collection.records
+  )
+  return dataclasses.replace(collection, records=relabelled, class_names=MALIGNANT_VS_REST_CLASSES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,19 +426,17 @@ def _class_names(classes: str) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_busbra_folds(path: str) -> dict[str, int]:
-  """ID -> official fold (the ``kFold`` column), or {} when the file is absent."""
+def _read_busbra_folds(path: str) -> dict[str, int | str]:
+  """ID -> official fold (the ``kFold`` column) or the row's problem; {} when the file is absent."""
   if not os.path.isfile(path):
     logging.warning("busbra: %s not found; no official folds in meta", path)
     return {}
-  folds = {}
-  for line, row in _read_csv(path, ("ID", "kFold")):
+  folds: dict[str, int | str] = {}
+  for line, row, problem in _read_csv(path, ("ID", "kFold")):
     try:
-      folds[row["ID"]] = int(row["kFold"])
-    except ValueError as e:
-      raise records.DataError(
-        f"{path} line {line}: kFold {row['kFold']!r} is not an integer"
-      ) from e
+      folds[row["ID"]] = problem or int(row["kFold"])
+    except ValueError:
+      folds[row["ID"]] = f"{path} line {line}: kFold {row['kFold']!r} is not an integer"
   return folds
 
 
@@ -403,8 +457,9 @@ def busbra(root: str, *, on_error: str = "raise") -> records.Collection:
   rows = _read_csv(data_csv, ("ID", "Case", "Pathology", "BIRADS", "Device"))
   fold5 = _read_busbra_folds(os.path.join(root, "5-fold-cv.csv"))
   fold10 = _read_busbra_folds(os.path.join(root, "10-fold-cv.csv"))
+  problems = _Problems(on_error, f"BUS-BRA folder {root}")
   candidates = []
-  for line, row in rows:
+  for line, row, problem in rows:
     image_id = row["ID"]
     where = f"{data_csv} line {line}"
     image = os.path.join(root, "Images", f"{image_id}.png")
@@ -414,10 +469,10 @@ def busbra(root: str, *, on_error: str = "raise") -> records.Collection:
       "histology": row.get("Histology", ""),
       "side": row.get("Side", ""),
     }
-    problem, label, expected = None, 0, None
+    label, expected = 0, None
     pathology = row["Pathology"].lower()
     if pathology not in records.BINARY_CLASSES:
-      problem = f"{where}: unknown Pathology {row['Pathology']!r} for {image_id}"
+      problem = problem or f"{where}: unknown Pathology {row['Pathology']!r} for {image_id}"
     else:
       label = records.BINARY_CLASSES.index(pathology)
     try:
@@ -429,8 +484,11 @@ def busbra(root: str, *, on_error: str = "raise") -> records.Collection:
     if not os.path.isfile(mask):
       problem = problem or f"{mask}: mask file not found (listed at {where})"
     for key, folds in (("fold5", fold5), ("fold10", fold10)):
-      if image_id in folds:
-        meta[key] = folds[image_id]
+      fold = folds.get(image_id)
+      if isinstance(fold, str):  # The folds file's row for this image is bad.
+        problem = problem or fold
+      elif fold is not None:
+        meta[key] = fold
     record = records.Record(
       id=image_id, label=label, patient_id=row["Case"], image=image, meta=meta
     )
@@ -447,7 +505,7 @@ def busbra(root: str, *, on_error: str = "raise") -> records.Collection:
     candidates,
     class_names=records.BINARY_CLASSES,
     root=root,
-    on_error=on_error,
+    problems=problems,
     class_hint=lambda c: f"{data_csv} (Pathology {c})",
   )
 
@@ -461,7 +519,8 @@ def breastmnist(path: str, *, on_error: str = "raise") -> records.Collection:
   """MedMNIST ``breastmnist.npz`` / ``breastmnist_{64,128,224}.npz`` as in-memory records.
 
   MedMNIST labels are inverted (0 = malignant, 1 = benign or normal); they come out
-  malignant = 1, so class 0 here means "benign or normal". meta["split"] is the MedMNIST split.
+  malignant = 1, with class 0 named "benign or normal": the npz is natively the
+  "malignant_vs_rest" task. meta["split"] is the MedMNIST split.
   """
   _require_file(path, "BreastMNIST .npz")
   try:
@@ -469,7 +528,7 @@ def breastmnist(path: str, *, on_error: str = "raise") -> records.Collection:
       arrays = {k: npz[k] for k in npz.files}
   except (ValueError, OSError, EOFError) as e:
     raise records.DataError(f"{path}: not a readable numeric .npz ({e})") from e
-  problems = _Problems("breastmnist", on_error)
+  problems = _Problems(on_error, f"BreastMNIST file {path}", unit="image")
   kept, total = [], 0
   for split in BREASTMNIST_SPLITS:
     for key in (f"{split}_images", f"{split}_labels"):
@@ -487,20 +546,21 @@ def breastmnist(path: str, *, on_error: str = "raise") -> records.Collection:
     total += len(images)
     for i, (image, medmnist_label) in enumerate(zip(images, labels, strict=True)):
       if medmnist_label not in (0, 1):
-        problems.add(f"{path}: {split}_labels[{i}] = {medmnist_label} is not 0 or 1")
+        problems.add(f"{split}_labels[{i}] = {medmnist_label} is not 0 or 1")
         continue
       record_id = f"{split}/{i}"
+      label = int(medmnist_label == 0)
+      # original_class as BUSI's malignant_vs_rest has it, as finely as the npz knows.
+      meta = {
+        "split": split,
+        "medmnist_index": i,
+        "original_class": MALIGNANT_VS_REST_CLASSES[label],
+      }
       kept.append(
-        records.Record(
-          id=record_id,
-          label=int(medmnist_label == 0),
-          patient_id=record_id,
-          image=image,
-          meta={"split": split, "medmnist_index": i},
-        )
+        records.Record(id=record_id, label=label, patient_id=record_id, image=image, meta=meta)
       )
-  problems.summarise(total)
-  return _in_memory_collection("breastmnist", kept, records.BINARY_CLASSES, path)
+  problems.finish(total)
+  return _in_memory_collection("breastmnist", kept, MALIGNANT_VS_REST_CLASSES, path)
 
 
 def _in_memory_collection(
@@ -537,15 +597,17 @@ def csv_manifest(path: str, *, on_error: str = "raise") -> records.Collection:
   """
   rows = _read_csv(path, ("path", "label"))
   base = os.path.dirname(os.path.abspath(path))
+  problems = _Problems(on_error, f"CSV manifest {path}")
   candidates = []
-  for line, row in rows:
+  for line, row, problem in rows:
     where = f"{path} line {line}"
     label = _parse_label(row["label"])
-    problem = None
     if not row["path"]:
-      problem = f"{where}: empty path"
+      problem = problem or f"{where}: empty path"
     elif label is None:
-      problem = f"{where}: unknown label {row['label']!r} (use 0/1/2 or benign/malignant/normal)"
+      problem = problem or (
+        f"{where}: unknown label {row['label']!r} (use 0/1/2 or benign/malignant/normal)"
+      )
     image = os.path.join(base, row["path"])
     if not problem and not os.path.isfile(image):
       problem = f"{where}: image file {image} not found"
@@ -571,7 +633,7 @@ def csv_manifest(path: str, *, on_error: str = "raise") -> records.Collection:
     candidates,
     class_names=class_names,
     root=base,
-    on_error=on_error,
+    problems=problems,
     class_hint=lambda c: f"{path} (label {c})",
   )
 
@@ -666,17 +728,30 @@ def _breastmnist_file(root: str, image_size: int | None) -> str:
   raise records.DataError(f"{root}: no breastmnist_{image_size}.npz or breastmnist.npz here")
 
 
-def _restrict_classes(collection: records.Collection, classes: str) -> records.Collection:
-  """Drops normal when a three-class source feeds a binary task; refuses the reverse."""
+def _serve_classes(collection: records.Collection, classes: str) -> records.Collection:
+  """A three-class source serves every task (normal dropped or merged); others only their own."""
   want = _class_names(classes)
-  if collection.class_names == want:
+  have = collection.class_names
+  if have == want:
     return collection
-  if want == records.BINARY_CLASSES and collection.class_names == records.THREE_CLASSES:
+  if have == records.THREE_CLASSES and classes == "binary":
     keep = [i for i, r in enumerate(collection.records) if r.label != 2]
     return dataclasses.replace(collection.subset(keep), class_names=want)
+  if have == records.THREE_CLASSES and classes == "malignant_vs_rest":
+    return _malignant_vs_rest(collection)
+  if have == MALIGNANT_VS_REST_CLASSES and classes == "binary":
+    # BreastMNIST: its npz cannot tell normal from benign, so nothing can be dropped. Serving
+    # it as before keeps old configs running; the class names say what class 0 really holds.
+    logging.warning(
+      "%s: class 0 is 'benign or normal' (normal images cannot be told apart and dropped), so "
+      "classes='binary' gets MedMNIST's task; set classes='malignant_vs_rest' to say so",
+      collection.name,
+    )
+    return collection
+  reason = " (it has no normal images)" if classes == "malignant_vs_rest" else ""
   raise records.DataError(
-    f"{collection.root}: source {collection.name!r} has classes "
-    f"{collection.class_names}, cannot serve classes={classes!r}"
+    f"{collection.root}: source {collection.name!r} has classes {have}, "
+    f"cannot serve classes={classes!r}{reason}"
   )
 
 
@@ -692,9 +767,10 @@ def from_config(data_config: Any) -> records.Collection:
     phantom_kwargs = data_config.get("phantom") or {}
     if hasattr(phantom_kwargs, "to_dict"):  # ConfigDict: plain nested dicts for the generator.
       phantom_kwargs = phantom_kwargs.to_dict()
-    return phantom.make_collection(
-      **dict(phantom_kwargs), image_size=data_config.image_size, include_normal=(classes == "three")
+    collection = phantom.make_collection(
+      **dict(phantom_kwargs), image_size=data_config.image_size, include_normal=classes != "binary"
     )
+    return _malignant_vs_rest(collection) if classes == "malignant_vs_rest" else collection
   if source != "tfds" and not root:
     raise records.DataError(f"config.data.root is empty for source {source!r}")
   if source == "busi":
@@ -716,4 +792,4 @@ def from_config(data_config: Any) -> records.Collection:
     )
   else:
     raise ValueError(f"unknown config.data.source {source!r}")
-  return _restrict_classes(collection, classes)
+  return _serve_classes(collection, classes)
