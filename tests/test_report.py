@@ -256,3 +256,41 @@ def test_busbra_reader_point_on_real_data():
   # One senior reader, BI-RADS >= 4: very sensitive, moderately specific.
   assert point["n"] == len(rows) and point["sensitivity"] > 0.9 and 0.6 < point["specificity"] < 0.9
   assert point["sensitivity_ci"].method == "bootstrap-clustered"
+
+
+def test_clusters_join_copies_and_the_leak_free_auc_leaves_them_out(tmp_path):
+  y, p, _, _ = _predictions(n_patients=60, images_per_patient=1)
+  patients = np.asarray([f"P{i}" for i in range(60)])
+  # Copies of one scan: pairs (2k, 2k+1) for the first 20 images share a cluster.
+  clusters = np.asarray([f"g{i // 2}" if i < 20 else f"g{i}" for i in range(60)])
+  copy_in_train = np.zeros(60, bool)
+  copy_in_train[:6] = True
+  p_leaky = p.copy()
+  p_leaky[:6] = y[:6]  # A memorised copy is scored perfectly.
+  data = report.write_report(
+    str(tmp_path),
+    name="test",
+    provenance=dict(SYNTHETIC),
+    y=y,
+    p=p_leaky,
+    patient_ids=patients,
+    clusters=clusters,
+    cluster_definition="patient joined with near-duplicate group",
+    copy_in_train=copy_in_train,
+    bootstrap=200,
+  )
+  assert data["bootstrap"]["clustered"] and data["bootstrap"]["clusters"] == 50
+  assert data["bootstrap"]["cluster_definition"] == "patient joined with near-duplicate group"
+  assert data["counts"]["patients"] == 60
+  leak = data["leakage"]
+  assert leak["images_with_copy_in_train"] == 6 and leak["leak_free_images"] == 54
+  assert leak["auc_leak_free"] == pytest.approx(metrics.roc_auc(y[6:], p_leaky[6:]))
+  assert leak["auc_leak_free"] != pytest.approx(data["auc"]["value"])
+  lo, hi = leak["auc_leak_free_bootstrap_ci"]["lo"], leak["auc_leak_free_bootstrap_ci"]["hi"]
+  assert lo < leak["auc_leak_free"] < hi
+  with open(tmp_path / "test" / "predictions.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert rows[1]["cluster"] == "g0" and rows[0]["copy_in_train"] == "1"
+  # Without clusters every image is its own resampling unit.
+  independent = report.evaluate(y, p_leaky, patient_ids=patients, bootstrap=200)
+  assert independent["bootstrap"]["clusters"] == 60

@@ -218,3 +218,41 @@ def test_busi_known_copy_is_found():
   pairs = splits.near_duplicate_pairs(_collection(images))
   # 233/299: one scan at two sizes. 49/68 and 62/188: distinct cysts that score high globally.
   assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
+
+
+def test_split_records_carry_their_cluster_and_whether_a_copy_is_in_train():
+  collection = _many(12)
+  meta = [{"split": "train"}] * 8 + [{"split": "val"}] * 4
+  collection = _collection([r.image for r in collection.records], meta=meta)
+  config = {"kind": "predefined", "near_duplicates": True}
+  parts = splits.make_splits(collection, config, pairs=[(0, 9, 0.9), (1, 2, 0.9)])
+  cluster = {r.id: r.meta["cluster"] for p in parts.values() for r in p.records}
+  assert cluster["img0"] == cluster["img9"] and cluster["img1"] == cluster["img2"]
+  assert len(set(cluster.values())) == 10  # 12 images, 2 pairs joined.
+  copies = {r.id: r.meta["copy_in_train"] for r in parts["val"].records}
+  assert copies == {"img8": False, "img9": True, "img10": False, "img11": False}
+  assert all("copy_in_train" not in r.meta for r in parts["train"].records)
+  # Grouped k-fold never leaves a copy across the boundary.
+  folds = splits.make_splits(collection, {"kind": "kfold", "k": 3, "fold": 0}, pairs=[(0, 9, 0.9)])
+  assert not any(r.meta["copy_in_train"] for r in folds["test"].records)
+  # An external set gets clusters only.
+  external = splits.annotate_groups(collection, near_duplicates=True, pairs=[(3, 4, 0.9)])
+  assert external.records[3].meta["cluster"] == external.records[4].meta["cluster"]
+  assert "copy_in_train" not in external.records[3].meta
+
+
+def test_folds_spread_each_original_class_evenly_when_labels_merge_classes():
+  # malignant_vs_rest: benign and normal share label 0; each should spread over the folds.
+  n = 60
+  labels = [1] * 20 + [0] * 40
+  original = ["malignant"] * 20 + ["benign"] * 20 + ["normal"] * 20
+  base = _many(n)
+  collection = _collection(
+    [r.image for r in base.records], labels, meta=[{"original_class": o} for o in original]
+  )
+  for fold in range(4):
+    test = splits.make_splits(
+      collection, {"kind": "kfold", "k": 4, "fold": fold, "near_duplicates": False}
+    )["test"]
+    kinds = [r.meta["original_class"] for r in test.records]
+    assert kinds.count("normal") == kinds.count("benign") == kinds.count("malignant") == 5

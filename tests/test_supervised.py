@@ -87,6 +87,7 @@ def _one_step(config, n_devices, batch):
 
 def test_same_step_on_one_and_four_devices():
   config = _smoke_config()
+  config.optim.warmup_steps = 0  # Warm-up starts at lr 0: the first step would not move.
   rng = np.random.default_rng(0)
   batch = {
     "image": rng.integers(0, 255, (8, 32, 32, 1), dtype=np.uint8),
@@ -96,8 +97,24 @@ def test_same_step_on_one_and_four_devices():
   loss4, params4 = _one_step(config, 4, batch)
   assert np.isfinite(loss1)
   np.testing.assert_allclose(loss1, loss4, rtol=1e-5, atol=1e-6)
-  for name in params1:
-    np.testing.assert_allclose(params1[name], params4[name], rtol=1e-4, atol=1e-5, err_msg=name)
+  assert_same_updates(params1, params4, lr=config.optim.lr)
+
+
+def assert_same_updates(a, b, *, lr):
+  """Parameters after the same steps on different device layouts agree.
+
+  Adam divides each gradient by its own magnitude, so an entry whose gradient is ~0 can move by
+  up to +-lr on either layout (summation order flips its sign). Everything else must agree to
+  float precision: at most 0.1% of the entries may differ, and none by more than 2 lr.
+  """
+  assert a.keys() == b.keys()
+  total = off = 0
+  for name in a:
+    diff = np.abs(np.asarray(a[name], np.float64) - np.asarray(b[name], np.float64))
+    assert diff.max() <= 2 * lr, (name, diff.max())
+    total += diff.size
+    off += int((diff > 1e-5 + 1e-4 * np.abs(np.asarray(b[name]))).sum())
+  assert off <= max(1, total // 1000), f"{off} of {total} parameters differ"
 
 
 def test_kill_and_resume_gives_identical_parameters(tmp_path, monkeypatch):
@@ -302,8 +319,8 @@ def test_ema_batchnorm_statistics_are_re_estimated_for_the_averaged_weights():
   pixels = [(np.asarray(b, np.float64) / 255.0 - 0.5) / 0.25 for b in batches]
   stats = refreshed["bn"]
   # Equal-weight average of each batch's statistics (precise BatchNorm), not a momentum blend.
-  np.testing.assert_allclose(stats["mean"].value, [np.mean([x.mean() for x in pixels])], rtol=1e-5)
-  np.testing.assert_allclose(stats["var"].value, [np.mean([x.var() for x in pixels])], rtol=1e-4)
+  np.testing.assert_allclose(stats["mean"][...], [np.mean([x.mean() for x in pixels])], rtol=1e-5)
+  np.testing.assert_allclose(stats["var"][...], [np.mean([x.var() for x in pixels])], rtol=1e-4)
   # The evaluated variables are the EMA weights with these statistics.
   state["ema_rest"] = refreshed
   params, rest = supervised.eval_variables(state)

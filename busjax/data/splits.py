@@ -489,6 +489,17 @@ def _named(
   return parts
 
 
+def _strata(collection: records.Collection) -> np.ndarray:
+  """What folds are stratified on: the label, or the finer original class where records keep one
+  (under classes='malignant_vs_rest' normal and benign share label 0 but should each spread
+  evenly over the folds)."""
+  original = [r.meta.get("original_class") for r in collection.records]
+  if any(o is None for o in original):
+    return collection.labels
+  keys = [f"{label}/{o}" for label, o in zip(collection.labels.tolist(), original, strict=True)]
+  return np.unique(keys, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
 def make_splits(
   collection: records.Collection,
   split_config,
@@ -521,7 +532,7 @@ def make_splits(
   seed = int(cfg.get("seed", 0))
   val_fraction = float(cfg.get("val_fraction", 0.0) or 0.0)
   fold = int(cfg.get("fold", 0) if fold is None else fold)
-  labels = collection.labels
+  labels = _strata(collection)
   # Groups over the whole collection, every kind: k-fold keeps them whole, and on a predefined
   # split they tell which evaluated images have a copy in train (BUSI's BreastMNIST split has 38
   # such pairs).

@@ -166,7 +166,7 @@ def concatenate(parts: list[Predictions], source: str) -> Predictions:
 
 
 def _cluster_definition(preds: Predictions) -> str:
-  """"patient" when the clusters partition the images exactly as patients do."""
+  """ "patient" when the clusters partition the images exactly as patients do."""
   joint = len(set(zip(preds.clusters.tolist(), preds.patient_ids.tolist(), strict=True)))
   if joint == len(set(preds.clusters.tolist())) == len(set(preds.patient_ids.tolist())):
     return "patient"
@@ -187,7 +187,9 @@ def write_report(
   The reader's point is added when every image has a BI-RADS (BI-RADS >= 4, biopsy recommended,
   is the reader's "malignant" call, e.g. BUS-BRA's radiologists).
   """
-  reader = None if preds.birads is None else {"birads": preds.birads, "threshold": 4}
+  reader = None
+  if preds.birads is not None and 0 < preds.y_malignant.sum() < len(preds):
+    reader = {"birads": preds.birads, "threshold": 4}
   result = report.write_report(
     out_dir,
     name=name,

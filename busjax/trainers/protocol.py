@@ -171,7 +171,7 @@ def run_split(
       continue
     preds = classification.predictions(collection, trained.predict(collection))
     all_preds[name] = preds
-    if name == "val":
+    if name == "val" and 0 < preds.y_malignant.sum() < len(preds):
       threshold = float(metrics.youden_threshold(preds.y_malignant, preds.p_malignant))
       summary["threshold"] = threshold
     if not is_writer:
