@@ -396,66 +396,66 @@ def train_split(
     )
 
   # --- Restore.
-  ckpt = checkpointing.Checkpointer(
+  # Closed on every exit: Orbax cleans up in a background thread that must finish first.
+  with checkpointing.Checkpointer(
     workdir, best_metric="val_auc" if val_set is not None else None, best_mode="max", every_steps=1
-  )
-  state, origin = state_utils.restore_or_init(ckpt, config, state, data_iterator=train_iter)
-  if origin == "init_from" and "ema" in state:
-    state["ema"], state["ema_rest"] = state["params"], state["rest"]
-  state = sharding.replicate(state, mesh)
-  start_step = int(jax.device_get(state["step"]))
+  ) as ckpt:
+    state, origin = state_utils.restore_or_init(ckpt, config, state, data_iterator=train_iter)
+    if origin == "init_from" and "ema" in state:
+      state["ema"], state["ema_rest"] = state["params"], state["rest"]
+    state = sharding.replicate(state, mesh)
+    start_step = int(jax.device_get(state["step"]))
 
-  # --- Loop.
-  rng = jax.random.key(config.seed)
-  progress = writers.ProgressLogger(
-    total_steps, every=config.train.log_every, batch_size=batch_size, start_step=start_step
-  )
-  eval_every = config.train.get("eval_every") or total_steps
-  ckpt_every = config.train.get("checkpoint_every") or eval_every
-  last_good_step = start_step if origin == "workdir" else None
-  t_start = time.time()
-  for step in range(start_step + 1, total_steps + 1):
-    batch = next(train_iter)
-    batch = sharding.host_to_global({"image": batch["image"], "label": batch["label"]}, mesh)
-    state, step_metrics = train_step(state, batch, jax.random.fold_in(rng, step))
-    is_eval = step % eval_every == 0 or step == total_steps
-    is_ckpt = is_eval or step % ckpt_every == 0
-    if step % config.train.log_every == 0 or is_ckpt or step == start_step + 1:
-      host_metrics = jax.device_get(step_metrics)
-      if not state_utils.all_finite(host_metrics):
-        ckpt.wait_until_finished()
-      state_utils.check_finite(host_metrics, step, last_good_step, workdir)
-      writer.write_scalars(step, host_metrics, split="train")
-      progress(step, host_metrics)
-    ckpt_metrics = None
-    if is_eval and bn_batches:
-      state["ema_rest"] = refresh_bn(state["ema"], state["rest"], bn_batches)
-    if is_eval and val_set is not None:
-      val = classification.predictions(val_set, predict_on(eval_variables(state), val_set))
-      ckpt_metrics = {"val_auc": metrics.roc_auc(val.y_malignant, val.p_malignant)}
-      writer.write_scalars(step, ckpt_metrics, split="val")
-      logging.info("step %d: val AUC %.4f", step, ckpt_metrics["val_auc"])
-    if is_ckpt:
-      ckpt.save(
-        step,
-        state_utils.flatten_state(state),
-        data_iterator=train_iter,
-        metrics=ckpt_metrics,
-        force=step == total_steps,
-      )
-      last_good_step = step
-  ckpt.wait_until_finished()
-  train_seconds = time.time() - t_start
-  writer.close()
+    # --- Loop.
+    rng = jax.random.key(config.seed)
+    progress = writers.ProgressLogger(
+      total_steps, every=config.train.log_every, batch_size=batch_size, start_step=start_step
+    )
+    eval_every = config.train.get("eval_every") or total_steps
+    ckpt_every = config.train.get("checkpoint_every") or eval_every
+    last_good_step = start_step if origin == "workdir" else None
+    t_start = time.time()
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(train_iter)
+      batch = sharding.host_to_global({"image": batch["image"], "label": batch["label"]}, mesh)
+      state, step_metrics = train_step(state, batch, jax.random.fold_in(rng, step))
+      is_eval = step % eval_every == 0 or step == total_steps
+      is_ckpt = is_eval or step % ckpt_every == 0
+      if step % config.train.log_every == 0 or is_ckpt or step == start_step + 1:
+        host_metrics = jax.device_get(step_metrics)
+        if not state_utils.all_finite(host_metrics):
+          ckpt.wait_until_finished()
+        state_utils.check_finite(host_metrics, step, last_good_step, workdir)
+        writer.write_scalars(step, host_metrics, split="train")
+        progress(step, host_metrics)
+      ckpt_metrics = None
+      if is_eval and bn_batches:
+        state["ema_rest"] = refresh_bn(state["ema"], state["rest"], bn_batches)
+      if is_eval and val_set is not None:
+        val = classification.predictions(val_set, predict_on(eval_variables(state), val_set))
+        ckpt_metrics = {"val_auc": metrics.roc_auc(val.y_malignant, val.p_malignant)}
+        writer.write_scalars(step, ckpt_metrics, split="val")
+        logging.info("step %d: val AUC %.4f", step, ckpt_metrics["val_auc"])
+      if is_ckpt:
+        ckpt.save(
+          step,
+          state_utils.flatten_state(state),
+          data_iterator=train_iter,
+          metrics=ckpt_metrics,
+          force=step == total_steps,
+        )
+        last_good_step = step
+    ckpt.wait_until_finished()
+    train_seconds = time.time() - t_start
+    writer.close()
 
-  # --- The selected checkpoint.
-  final_state, selected, selected_step = state, "last", total_steps
-  if val_set is not None and ckpt.best_step() is not None:
-    selected_step = ckpt.best_step()
-    _, flat = ckpt.restore_best(state_utils.abstract_flat_state(state))
-    final_state = state_utils.unflatten_state(state, flat)
-    selected = f"best (step {selected_step})"
-  ckpt.close()
+    # --- The selected checkpoint.
+    final_state, selected, selected_step = state, "last", total_steps
+    if val_set is not None and ckpt.best_step() is not None:
+      selected_step = ckpt.best_step()
+      _, flat = ckpt.restore_best(state_utils.abstract_flat_state(state))
+      final_state = state_utils.unflatten_state(state, flat)
+      selected = f"best (step {selected_step})"
   variables = eval_variables(final_state)
   info = {
     "model": config.model.name
