@@ -75,6 +75,28 @@ class _KeepStep:
     return [info.step == best for info in checkpoints]
 
 
+# Orbax writes a step to `<step>.orbax-checkpoint-tmp-<time>` and renames it when complete.
+_UNFINISHED_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def _remove_unfinished_saves(directory: epath.Path) -> None:
+  """Deletes step folders a process killed mid-save left half-written (process 0 only).
+
+  Orbax can do this itself (``cleanup_tmp_directories``), but in a background thread that
+  ``CheckpointManager.close()`` does not join (orbax-checkpoint 0.12): a run that stopped right
+  after opening its manager (a bad ``init_from``) printed that thread's traceback at exit.
+  """
+  if jax.process_index() != 0 or not directory.exists():
+    return
+  for path in directory.iterdir():
+    if _UNFINISHED_SUFFIX in path.name:
+      logging.info("Removing an unfinished checkpoint save: %s", path)
+      if path.is_dir():
+        path.rmtree()
+      else:
+        path.unlink()
+
+
 def _open_manager(
   directory: epath.Path,
   *,
@@ -86,8 +108,7 @@ def _open_manager(
   options = ocp.CheckpointManagerOptions(
     preservation_policy=policy,
     enable_async_checkpointing=async_save,
-    # Removes `<step>.orbax-checkpoint-tmp*` left by a process killed mid-save.
-    cleanup_tmp_directories=not read_only,
+    cleanup_tmp_directories=False,  # Done synchronously by `_remove_unfinished_saves`.
     create=not read_only,
     read_only=read_only,
     # load_state may read another run while this run's Checkpointer is open; in a multi-process
@@ -96,6 +117,8 @@ def _open_manager(
       barrier_sync_key_prefix="busjax_load" if read_only else "busjax_ckpt"
     ),
   )
+  if not read_only:
+    _remove_unfinished_saves(directory)
   return ocp.CheckpointManager(
     directory, options=options, metadata=metadata, item_handlers=_item_handlers()
   )
