@@ -9,8 +9,12 @@ Options: `width` scales every stage's channels; `small_stem` swaps the stem for 
 without max pool (for 32-96 px inputs); `stride_in_1x1` and `conv_bias` reproduce the
 Caffe-style Keras ``ResNet50`` (stride on the first 1x1, biased convs) for weight import.
 
+`attention` ("none", "se", "eca", "cbam", "channel_spatial"; see `busjax.models.attention`) refines
+the last stage's map before pooling: "channel_spatial" is the channel + spatial attention
+classifier of GAN rebalancing (Zhao et al. 2026).
+
 Feature maps (NHWC) by name: "stem" (after the max pool), "stage1".."stage4", "features"
-(= "stage4", the map before global pooling).
+(the map before global pooling: "stage4" after the attention block, if any).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from busjax.models import attention as attention_lib
 from busjax.models import common, layers
 
 # variant -> (block kind, blocks per stage)
@@ -110,6 +115,8 @@ class ResNet(nnx.Module):
     padding: str = "symmetric",
     stride_in_1x1: bool = False,
     conv_bias: bool = False,
+    attention: str = "none",
+    attention_reduction: int = 16,
     rngs: nnx.Rngs,
   ):
     if variant not in VARIANTS:
@@ -144,6 +151,9 @@ class ResNet(nnx.Module):
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
     self.num_features = in_features
+    self.attention = attention_lib.create_attention(
+      attention, in_features, rngs, reduction=attention_reduction, dtype=self.dtype
+    )
     self.stage_names = ("stage1", "stage2", "stage3", "features")
     self.head = common.Head(in_features, num_classes, dropout=dropout, dtype=self.dtype, rngs=rngs)
 
@@ -157,7 +167,7 @@ class ResNet(nnx.Module):
       for block in stage:
         x = block(x)
       feature_maps[f"stage{index + 1}"] = x
-    feature_maps["features"] = x
+    feature_maps["features"] = self.attention(x)
     return feature_maps
 
   def __call__(self, x: jax.Array, *, return_features: bool = False):
@@ -169,7 +179,8 @@ class ResNet(nnx.Module):
 
 def create(model_config: Any, *, num_classes: int, rngs: nnx.Rngs) -> ResNet:
   """Builds a ResNet from ``config.model`` (fields: variant, width, in_channels, dropout,
-  dtype, small_stem, bn_epsilon, padding, stride_in_1x1, conv_bias)."""
+  dtype, small_stem, bn_epsilon, padding, stride_in_1x1, conv_bias, attention,
+  attention_reduction)."""
   get = lambda field, default: common.config_get(model_config, field, default)
   return ResNet(
     get("variant", "resnet50"),
@@ -183,5 +194,7 @@ def create(model_config: Any, *, num_classes: int, rngs: nnx.Rngs) -> ResNet:
     padding=get("padding", "symmetric"),
     stride_in_1x1=get("stride_in_1x1", False),
     conv_bias=get("conv_bias", False),
+    attention=get("attention", "none"),
+    attention_reduction=get("attention_reduction", 16),
     rngs=rngs,
   )

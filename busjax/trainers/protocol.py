@@ -50,10 +50,13 @@ class Trained:
     info: facts for summary.json: ``steps``, ``train_seconds``, ``resumed_at_step``,
       ``selected_checkpoint``, ``selected_step``, ``model`` (a name for reports), and anything
       regime-specific (e.g. how many synthetic images trained the model).
+    features: collection -> (n, d) embeddings of the selected model (its pooled last feature
+      map), for sample-quality measures and explanations; None when the regime has none.
   """
 
   predict: classification.Predictor
   info: dict[str, Any]
+  features: classification.Predictor | None = None
 
 
 TrainSplit = Callable[[ml_collections.ConfigDict, str, dict[str, records.Collection]], Trained]
@@ -105,7 +108,9 @@ def _provenance(config, preds: classification.Predictions, split: str, trained_o
     "split": split,
     "synthetic": bool(preds.synthetic),
     "task": " vs ".join(_task_names(preds.class_names)),
-    "trained_on": trained_on,
+    # A regime that adds synthetic images says so here (and in the figures' footer).
+    "trained_on": info.get("trained_on", trained_on),
+    "synthetic_train_images": int(info.get("synthetic_train_images", 0)),
     "trainer": config.trainer,
     "model": info.get("model") or _model_name(config),
     "step": int(info.get("selected_step", info.get("steps", 0))),

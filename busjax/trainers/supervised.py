@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -286,13 +287,18 @@ def make_bn_refresh(defs: ModelDefs, config: ml_collections.ConfigDict):
   return refresh
 
 
-def make_apply(defs: ModelDefs, config: ml_collections.ConfigDict):
-  """`((params, rest), batch) -> class probabilities`, evaluation mode."""
+def make_apply(defs: ModelDefs, config: ml_collections.ConfigDict, *, features: bool = False):
+  """`((params, rest), batch) -> class probabilities`, evaluation mode; with `features`, the
+  model's last feature map average-pooled instead, (N, channels) float32."""
 
   def apply(variables, batch):
     params, rest = variables
     model = nnx.merge(defs.eval, params, rest)
-    logits = model(_preprocess(batch["image"], config.model))
+    images = _preprocess(batch["image"], config.model)
+    if features:
+      _, feature_maps = model(images, return_features=True)
+      return jnp.mean(feature_maps["features"].astype(jnp.float32), axis=(1, 2))
+    logits = model(images)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
   return apply
@@ -317,9 +323,24 @@ def _num_steps(config, num_train: int) -> int:
 
 
 def train_split(
-  config: ml_collections.ConfigDict, workdir: str, data: dict[str, records.Collection]
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  data: dict[str, records.Collection],
+  *,
+  train_batches: Callable[[int], Iterator[dict[str, np.ndarray]]] | None = None,
+  num_examples: int | None = None,
 ) -> protocol.Trained:
-  """Trains on data["train"], selects the checkpoint by AUC on data["val"]; the predictor."""
+  """Trains on data["train"], selects the checkpoint by AUC on data["val"]; the predictor.
+
+  Args:
+    config: the run's config.
+    workdir: checkpoints, metrics and the train log go here.
+    data: "train" and optionally "val" collections.
+    train_batches: ``seed -> iterator`` of training batches (a Grain iterator, so that its
+      state is checkpointed); default: `pipeline.train_dataset` over data["train"]. Other
+      regimes pass e.g. a mixture of real and synthetic records.
+    num_examples: the epoch length ``train.epochs`` counts in; default len(data["train"]).
+  """
   os.makedirs(workdir, exist_ok=True)
   train_set, val_set = data["train"], data.get("val")
   if val_set is not None and len(set(val_set.labels.tolist())) < 2:
@@ -339,7 +360,7 @@ def train_split(
       f"config.input.batch_size={batch_size} must be divisible by the {mesh.devices.size} "
       "devices of the mesh"
     )
-  total_steps = _num_steps(config, len(train_set))
+  total_steps = _num_steps(config, num_examples or len(train_set))
   writer = writers.MetricWriter(workdir)
   writer.write_hparams(config.to_dict())
   logging.info(
@@ -352,7 +373,7 @@ def train_split(
   )
 
   # --- Data.
-  def train_batches(seed):
+  def default_train_batches(seed):
     return iter(
       pipeline.train_dataset(
         train_set,
@@ -364,6 +385,7 @@ def train_split(
       )
     )
 
+  train_batches = train_batches or default_train_batches
   train_iter = train_batches(config.seed)
 
   # --- Model, optimiser, state, jitted functions.
@@ -374,6 +396,7 @@ def train_split(
   weights = class_weights(train_set.labels, num_classes, config.train.get("class_weights"))
   train_step = sharding.jit_train_step(make_train_step(defs, tx, config, weights), mesh, state)
   predict = sharding.jit_predict(make_apply(defs, config), mesh)
+  embed = sharding.jit_predict(make_apply(defs, config, features=True), mesh)
   refresh_bn = make_bn_refresh(defs, config)
   bn_batches = []
   if "ema" in state and config.train.get("ema_bn_batches", 8):
@@ -385,9 +408,9 @@ def train_split(
     ]
     del bn_iter
 
-  def predict_on(variables, collection):
+  def predict_on(variables, collection, fn=predict):
     return classification.predict_collection(
-      predict,
+      fn,
       variables,
       collection,
       mesh=mesh,
@@ -468,7 +491,11 @@ def train_split(
     "selected_checkpoint": selected,
     "selected_step": int(selected_step),
   }
-  return protocol.Trained(predict=lambda c: predict_on(variables, c), info=info)
+  return protocol.Trained(
+    predict=lambda c: predict_on(variables, c),
+    info=info,
+    features=lambda c: predict_on(variables, c, embed),
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
