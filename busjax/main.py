@@ -35,6 +35,12 @@ flags.DEFINE_bool(
   False,
   "Also show INFO lines from JAX, Orbax and other libraries (hundreds per checkpoint save).",
 )
+flags.DEFINE_string(
+  "compilation_cache",
+  "",
+  "JAX persistent compilation cache folder (default WORKDIR/jax_cache; 'none' = off): a resumed "
+  "run, and a regime that trains the same classifier several times, skip recompiling.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 _BUSJAX_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -55,6 +61,10 @@ def main(argv):
     logging.get_absl_handler().addFilter(_BusjaxInfoOnly())
   if FLAGS.coordinator or FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  if FLAGS.compilation_cache != "none":
+    cache = FLAGS.compilation_cache or os.path.join(FLAGS.workdir, "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   logging.info(
     "JAX %s, process %d/%d, %d local / %d global devices: %s",
     jax.__version__,

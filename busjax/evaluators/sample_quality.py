@@ -19,6 +19,7 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -198,10 +199,13 @@ def frechet_distance(real: Any, fake: Any, *, eps: float = 1e-6) -> float:
   mu_real, mu_fake = real.mean(axis=0), fake.mean(axis=0)
   cov_real = np.atleast_2d(np.cov(real, rowvar=False))
   cov_fake = np.atleast_2d(np.cov(fake, rowvar=False))
-  covmean = scipy.linalg.sqrtm(cov_real @ cov_fake)
-  if not np.all(np.isfinite(covmean)):
-    offset = eps * np.eye(cov_real.shape[0])
-    covmean = scipy.linalg.sqrtm((cov_real + offset) @ (cov_fake + offset))
+  with warnings.catch_warnings():
+    # Singular covariances (fewer samples than dimensions) are expected; `summary` flags them.
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    covmean = scipy.linalg.sqrtm(cov_real @ cov_fake)
+    if not np.all(np.isfinite(covmean)):
+      offset = eps * np.eye(cov_real.shape[0])
+      covmean = scipy.linalg.sqrtm((cov_real + offset) @ (cov_fake + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0.0, atol=1e-3):
       raise ValueError(
@@ -474,6 +478,14 @@ def memorisation_mask(
 # ----------------------------------------------------------------------------------------------
 
 
+def _frechet_or_none(real: np.ndarray, fake: np.ndarray) -> float | None:
+  """The Fréchet distance, or None where the covariances are too ill-conditioned for one."""
+  try:
+    return frechet_distance(real, fake)
+  except ValueError:
+    return None
+
+
 def summary(
   real: Any,
   fake: Any,
@@ -508,7 +520,8 @@ def summary(
     ``{"feature_space", "feature_dim", "n_real", "n_fake", "n_train", "kid", "frechet_distance",
     "frechet_rank_deficient", "precision_recall", "memorisation"}``; ``memorisation`` is None
     without ``train`` and otherwise holds `Memorisation.to_dict` plus the guard's ``quantile``,
-    ``threshold`` and ``n_dropped``.
+    ``threshold`` and ``n_dropped``. ``frechet_distance`` is None where the covariances are too
+    ill-conditioned for a real square root.
   """
   if not isinstance(feature_space, str) or not feature_space.strip():
     raise ValueError(f"feature_space must name the features used, got {feature_space!r}")
@@ -527,7 +540,7 @@ def summary(
     "n_fake": int(fake.shape[0]),
     "n_train": None if train is None else int(train.shape[0]),
     "kid": kid(real, fake, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed).to_dict(),
-    "frechet_distance": frechet_distance(real, fake),
+    "frechet_distance": _frechet_or_none(real, fake),
     # With no more samples than dimensions a covariance is singular and the distance unreliable.
     "frechet_rank_deficient": bool(min(real.shape[0], fake.shape[0]) <= d),
     "precision_recall": precision_recall(real, fake, k=k, batch_size=batch_size),

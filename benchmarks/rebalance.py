@@ -1,0 +1,287 @@
+"""Does GAN rebalancing help? Every arm of configs/gan_rebalance.py on one split, several seeds.
+
+Arms (one config argument each, same classifier, split, protocol and seeds):
+  none             real images, plain loss
+  class_weights    real images, class-weighted loss
+  oversample       real images, minority drawn until classes balance
+  gan              single-discriminator GAN rebalancing (objective=gan)
+  d2gan            dual-discriminator GAN rebalancing (the method)
+  d2gan_nodiffaug  D2GAN without DiffAugment
+
+For each run: AUC with a clustered bootstrap CI, and balanced accuracy / sensitivity /
+specificity at the threshold chosen on validation, on BUSI's test part (BreastMNIST split) and on
+BUS-BRA-dev without retraining. Each arm is compared with `--reference` on the same images and
+seed: the AUC difference with a *paired, clustered* bootstrap CI (the same resampled clusters
+for both arms, so near-duplicates count once) and DeLong's paired p-value (which assumes
+independent images, so it is optimistic on BUSI). Per arm, the mean and standard deviation over
+seeds. JSON is saved after every run (``--output``); a re-run skips runs already in it.
+
+  python -m benchmarks.rebalance --busi_root=../shared/data/Dataset_BUSI_with_GT \\
+      --split_file=../shared/data/busi_breastmnist_split.tsv \\
+      --busbra_root=../shared/data/BUS-BRA-dev --seeds=0,1,2 --workdir=/tmp/rebalance \\
+      --output=/tmp/rebalance.json
+
+Without --busi_root it runs on the embedded phantom data (rows marked SYNTHETIC).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from busjax import configlib
+from busjax.evaluators import metrics
+from busjax.trainers import gan_rebalance
+from configs import gan_rebalance as gan_config
+
+ARMS = {
+  "none": "method=none",
+  "class_weights": "method=class_weights",
+  "oversample": "method=oversample",
+  "gan": "objective=gan",
+  "d2gan": "",
+  "d2gan_nodiffaug": "nodiffaug",
+}
+
+_BUSI = flags.DEFINE_string("busi_root", None, "Dataset_BUSI_with_GT folder; none: phantoms.")
+_SPLIT = flags.DEFINE_string("split_file", None, "busi_breastmnist_split.tsv.")
+_BUSBRA = flags.DEFINE_string("busbra_root", None, "BUS-BRA folder; optional external set.")
+_ARMS = flags.DEFINE_list("arms", list(ARMS), f"Arms to run, of {list(ARMS)}.")
+_REFERENCE = flags.DEFINE_string("reference", "oversample", "The arm every other is compared to.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (same split).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Classifier and GAN side (0: the config's).")
+_EPOCHS = flags.DEFINE_integer("epochs", 0, "Classifier epochs (0: the config's).")
+_GAN_STEPS = flags.DEFINE_integer("gan_steps_per_round", 0, "GAN steps per round (0: config's).")
+_CONFIG_ARGS = flags.DEFINE_string("config_args", "", "Extra config arguments, e.g. gpu.")
+_OVERRIDES = flags.DEFINE_multi_string("set", [], "Extra overrides `a.b=value` (Python literal).")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Paired bootstrap resamples.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/busjax_rebalance", "Where runs go.")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON results (also the resume record).")
+_RENDER = flags.DEFINE_list("render", [], "Only print the tables of these --output files.")
+
+
+def _config(arm: str, seed: int):
+  args = [a for a in (ARMS[arm], _CONFIG_ARGS.value) if a]
+  if _BUSI.value:
+    args.append("busi")
+    if _BUSBRA.value:
+      args.append("busbra")
+  config = gan_config.get_config(",".join(args))
+  if _BUSI.value:
+    config.data.root = _BUSI.value
+    config.data.split_file = _SPLIT.value
+    if _BUSBRA.value:
+      config.external.busbra.root = _BUSBRA.value
+  if _IMAGE_SIZE.value:
+    config.data.image_size = _IMAGE_SIZE.value
+    for name in config.external.keys():
+      config.external[name].image_size = _IMAGE_SIZE.value
+  if _EPOCHS.value:
+    config.train.epochs = _EPOCHS.value
+  if _GAN_STEPS.value:
+    config.gan.steps_per_round = _GAN_STEPS.value
+  for override in _OVERRIDES.value:
+    key, _, value = override.partition("=")
+    *parents, leaf = key.split(".")
+    target = config
+    for p in parents:
+      target = target[p]
+    target[leaf] = ast.literal_eval(value)
+  config.seed = seed
+  configlib.validate(config)
+  return config
+
+
+def _load_predictions(run_dir: str, name: str) -> dict[str, np.ndarray] | None:
+  path = os.path.join(run_dir, "reports", f"{name}_predictions.npz")
+  if not os.path.exists(path):
+    return None
+  with np.load(path, allow_pickle=False) as f:
+    return {k: f[k] for k in ("ids", "y_malignant", "p_malignant", "clusters")}
+
+
+def _set_metrics(preds: dict[str, np.ndarray], threshold: float | None) -> dict:
+  y, p = preds["y_malignant"], preds["p_malignant"]
+  ci = metrics.bootstrap_ci(metrics.roc_auc, y, p, clusters=preds["clusters"], n=_BOOTSTRAP.value)
+  out = {"images": int(len(y)), "auc": metrics.roc_auc(y, p), "auc_ci": [ci.lo, ci.hi]}
+  if threshold is not None:
+    at = metrics.threshold_metrics(y, p, threshold)
+    out.update({k: at[k] for k in ("balanced_accuracy", "sensitivity", "specificity")})
+  return out
+
+
+def _run(arm: str, seed: int) -> dict:
+  config = _config(arm, seed)
+  run_dir = os.path.join(_WORKDIR.value, f"{arm}__seed{seed}")
+  start = time.time()
+  summary = gan_rebalance.train_and_evaluate(config, run_dir)
+  row = {
+    "arm": arm,
+    "seed": seed,
+    "workdir": run_dir,
+    "data": config.data.source,
+    "synthetic_data": config.data.source == "phantom",
+    "image_size": config.data.image_size,
+    "wall_seconds": round(time.time() - start, 1),
+    "threshold": summary.get("threshold"),
+    "synthetic_train_images": summary.get("synthetic_train_images", 0),
+    "rounds": summary.get("rounds"),
+    "sets": {},
+  }
+  for name in ("test", "busbra"):
+    preds = _load_predictions(run_dir, name)
+    if preds is not None:
+      row["sets"][name] = _set_metrics(preds, summary.get("threshold"))
+  return row
+
+
+def _compare(rows: list[dict]) -> list[dict]:
+  """Each arm vs the reference, per seed and set: paired clustered bootstrap of the AUC
+  difference, and DeLong's paired test."""
+  by_key = {(r["arm"], r["seed"]): r for r in rows}
+  out = []
+  for r in rows:
+    ref = by_key.get((_REFERENCE.value, r["seed"]))
+    if r["arm"] == _REFERENCE.value or ref is None:
+      continue
+    for name in r["sets"]:
+      a = _load_predictions(r["workdir"], name)
+      b = _load_predictions(ref["workdir"], name)
+      if a is None or b is None or not np.array_equal(a["ids"], b["ids"]):
+        continue
+      y = a["y_malignant"]
+      scores = np.stack([a["p_malignant"], b["p_malignant"]], axis=1)
+      diff = lambda y_, s: metrics.roc_auc(y_, s[:, 0]) - metrics.roc_auc(y_, s[:, 1])
+      ci = metrics.bootstrap_ci(diff, y, scores, clusters=a["clusters"], n=_BOOTSTRAP.value)
+      test = metrics.delong_test(y, scores[:, 0], scores[:, 1])
+      out.append(
+        {
+          "arm": r["arm"],
+          "reference": _REFERENCE.value,
+          "seed": r["seed"],
+          "set": name,
+          "auc_diff": test["diff"],
+          "auc_diff_ci_clustered": [ci.lo, ci.hi],
+          "delong_p": test["p_value"],
+        }
+      )
+  return out
+
+
+def _aggregate(rows: list[dict]) -> list[dict]:
+  """Mean and standard deviation over seeds, per arm and set."""
+  out = []
+  for arm in dict.fromkeys(r["arm"] for r in rows):
+    arm_rows = [r for r in rows if r["arm"] == arm]
+    for name in ("test", "busbra"):
+      sets = [r["sets"][name] for r in arm_rows if name in r["sets"]]
+      if not sets:
+        continue
+      entry = {"arm": arm, "set": name, "seeds": len(sets)}
+      for key in ("auc", "balanced_accuracy", "sensitivity", "specificity"):
+        values = np.array([s[key] for s in sets if s.get(key) is not None], float)
+        entry[key] = [float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0]
+      entry["synthetic_train_images"] = float(
+        np.mean([r["synthetic_train_images"] for r in arm_rows])
+      )
+      entry["minutes"] = float(np.mean([r["wall_seconds"] for r in arm_rows]) / 60)
+      out.append(entry)
+  return out
+
+
+def _markdown(result: dict) -> str:
+  synthetic = any(r.get("synthetic_data") for r in result["rows"])
+  names = {"test": "BUSI test" if not synthetic else "phantom test", "busbra": "BUS-BRA-dev"}
+  lines = []
+  if synthetic:
+    lines.append("**SYNTHETIC phantom data: not a clinical result.**\n")
+  lines += [
+    "| arm | set | seeds | AUC mean ± sd | balanced acc. @ val threshold | sensitivity | "
+    "specificity | synthetic images | minutes |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  pm = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}"
+  for e in result["aggregate"]:
+    lines.append(
+      f"| {e['arm']} | {names.get(e['set'], e['set'])} | {e['seeds']} | {pm(e['auc'])} | "
+      f"{pm(e['balanced_accuracy'])} | {pm(e['sensitivity'])} | {pm(e['specificity'])} | "
+      f"{e['synthetic_train_images']:.0f} | {e['minutes']:.1f} |"
+    )
+  if result["comparisons"]:
+    lines += [
+      "",
+      f"| arm − {result['reference']} | set | seed | ΔAUC | 95% CI (paired, clustered) | "
+      "DeLong p (unclustered) |",
+      "|---|---|---|---|---|---|",
+    ]
+    for c in result["comparisons"]:
+      lo, hi = c["auc_diff_ci_clustered"]
+      lines.append(
+        f"| {c['arm']} | {names.get(c['set'], c['set'])} | {c['seed']} | {c['auc_diff']:+.3f} | "
+        f"[{lo:+.3f}, {hi:+.3f}] | {c['delong_p']:.3f} |"
+      )
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if _RENDER.value:
+    for path in _RENDER.value:
+      with open(path) as f:
+        print(_markdown(json.load(f)))
+    return
+  unknown = set(_ARMS.value) - set(ARMS) | ({_REFERENCE.value} - set(ARMS))
+  if unknown:
+    raise app.UsageError(f"unknown arms {sorted(unknown)}; expected {list(ARMS)}")
+  if _BUSI.value and not _SPLIT.value:
+    raise app.UsageError("--busi_root needs --split_file (the BreastMNIST split)")
+  logging.set_verbosity(logging.WARNING)
+  jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  rows = []
+  if _OUTPUT.value and os.path.exists(_OUTPUT.value):
+    with open(_OUTPUT.value) as f:
+      rows = json.load(f)["rows"]
+
+  def result():
+    return {
+      "benchmark": "rebalance",
+      "data": {"busi": _BUSI.value, "split_file": _SPLIT.value, "busbra": _BUSBRA.value},
+      "machine": {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()]},
+      "reference": _REFERENCE.value,
+      "rows": rows,
+      "aggregate": _aggregate(rows),
+      "comparisons": _compare(rows),
+    }
+
+  def save():  # After every run: a later crash or kill must not cost the finished ones.
+    if _OUTPUT.value:
+      tmp = _OUTPUT.value + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(result(), f, indent=2)
+      os.replace(tmp, _OUTPUT.value)
+
+  done = {(r["arm"], r["seed"]) for r in rows}
+  # Seed-major: every arm of seed 0 first, so a stopped run still compares arms like for like.
+  for seed in (int(s) for s in _SEEDS.value):
+    for arm in _ARMS.value:
+      if (arm, seed) in done:
+        continue
+      rows.append(_run(arm, seed))
+      save()
+      print(f"{arm} seed {seed}: {json.dumps(rows[-1]['sets'])}", flush=True)
+  final = result()
+  print(_markdown(final))
+  print(json.dumps(final, indent=2))
+  save()
+
+
+if __name__ == "__main__":
+  app.run(main)
