@@ -30,6 +30,7 @@ import time
 import jax
 from absl import app, flags, logging
 
+from benchmarks import common
 from busjax import configlib
 
 _BUSI = flags.DEFINE_string("busi_root", None, "Dataset_BUSI_with_GT folder (required to train).")
@@ -92,15 +93,7 @@ def _load_config(spec: str, protocol: str):
     config.train.epochs = _EPOCHS.value
   if protocol == "cv5":
     config.split.k = 5
-  for override in _OVERRIDES.value:
-    key, _, value = override.partition("=")
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    import ast
-
-    target[leaf] = ast.literal_eval(value)
+  common.apply_overrides(config, _OVERRIDES.value)
   return config
 
 
@@ -265,11 +258,7 @@ def main(argv):
     }
 
   def save():  # After every run: a later crash or kill must not cost the finished ones.
-    if _OUTPUT.value:
-      tmp = _OUTPUT.value + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump(result(), f, indent=2)
-      os.replace(tmp, _OUTPUT.value)
+    common.write_json_atomic(_OUTPUT.value, result())
 
   for protocol in _PROTOCOLS.value:
     if protocol not in PROTOCOL_ARGS:

@@ -26,7 +26,6 @@ Without --busi_root it runs on the embedded phantom data (rows marked SYNTHETIC)
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import platform
@@ -36,6 +35,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from benchmarks import common
 from busjax import configlib
 from busjax.evaluators import metrics
 from busjax.trainers import gan_rebalance
@@ -87,13 +87,7 @@ def _config(arm: str, seed: int):
     config.train.epochs = _EPOCHS.value
   if _GAN_STEPS.value:
     config.gan.steps_per_round = _GAN_STEPS.value
-  for override in _OVERRIDES.value:
-    key, _, value = override.partition("=")
-    *parents, leaf = key.split(".")
-    target = config
-    for p in parents:
-      target = target[p]
-    target[leaf] = ast.literal_eval(value)
+  common.apply_overrides(config, _OVERRIDES.value)
   config.seed = seed
   configlib.validate(config)
   return config
@@ -262,11 +256,7 @@ def main(argv):
     }
 
   def save():  # After every run: a later crash or kill must not cost the finished ones.
-    if _OUTPUT.value:
-      tmp = _OUTPUT.value + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump(result(), f, indent=2)
-      os.replace(tmp, _OUTPUT.value)
+    common.write_json_atomic(_OUTPUT.value, result())
 
   done = {(r["arm"], r["seed"]) for r in rows}
   # Seed-major: every arm of seed 0 first, so a stopped run still compares arms like for like.

@@ -202,6 +202,17 @@ def parse_arg(arg: str | None) -> set[str]:
   return {a.strip() for a in (arg or "").split(",") if a.strip()}
 
 
+def choice(args: set[str], key: str, allowed: tuple[str, ...], default: str, *, where: str) -> str:
+  """The value of a `key=value` config argument (`configs/x.py:key=value`), one of `allowed`.
+
+  Raises ValueError naming `where` (the config file) if it is given twice or is not allowed.
+  """
+  values = [a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")]
+  if len(values) > 1 or (values and values[0] not in allowed):
+    raise ValueError(f"{where}: {key}= takes one of {allowed}, got {values}")
+  return values[0] if values else default
+
+
 def _check(condition: bool, message: str) -> None:
   if not condition:
     raise ConfigError(message)

@@ -39,13 +39,6 @@ ATTENTIONS = ("none", "se", "eca", "cbam", "channel_spatial")
 FUSIONS = ("concat", "add", "attention_weighted")
 
 
-def _choice(args: set[str], key: str, allowed: tuple[str, ...], default: str) -> str:
-  values = [a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")]
-  if len(values) > 1 or (values and values[0] not in allowed):
-    raise ValueError(f"configs/fusion.py: {key}= takes one of {allowed}, got {values}")
-  return values[0] if values else default
-
-
 def get_config(arg=None):
   args = configlib.parse_arg(arg)
   known = {"smoke", "busi", "cv", "busbra", "pretrained", "mobilenet", "densenet"}
@@ -71,8 +64,8 @@ def get_config(arg=None):
       backbones=backbones,
       width=1.0,
       projection_channels=256,
-      fusion=_choice(args, "fusion", FUSIONS, "concat"),
-      attention=_choice(args, "attention", ATTENTIONS, "cbam"),
+      fusion=configlib.choice(args, "fusion", FUSIONS, "concat", where="configs/fusion.py"),
+      attention=configlib.choice(args, "attention", ATTENTIONS, "cbam", where="configs/fusion.py"),
       attention_reduction=16,
       dropout=0.2,
       in_channels=1,

@@ -35,13 +35,6 @@ METHODS = ("gan", "none", "class_weights", "oversample")
 OBJECTIVES = ("d2gan", "gan")
 
 
-def _choice(args: set[str], key: str, allowed: tuple[str, ...], default: str) -> str:
-  values = [a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")]
-  if len(values) > 1 or (values and values[0] not in allowed):
-    raise ValueError(f"configs/gan_rebalance.py: {key}= takes one of {allowed}, got {values}")
-  return values[0] if values else default
-
-
 def get_config(arg=None):
   args = configlib.parse_arg(arg)
   known = {"smoke", "gpu", "nodiffaug", *configlib.PROTOCOL_ARGS}
@@ -66,7 +59,7 @@ def get_config(arg=None):
 
   c.rebalance = ml_collections.ConfigDict(
     dict(
-      method=_choice(args, "method", METHODS, "gan"),
+      method=configlib.choice(args, "method", METHODS, "gan", where="configs/gan_rebalance.py"),
       rounds=2,
       candidates=2.0,  # Candidates drawn per image needed, per draw.
       max_draws=4,  # Draws per round before giving up on the rest (logged).
@@ -78,7 +71,9 @@ def get_config(arg=None):
   )
   c.gan = ml_collections.ConfigDict(
     dict(
-      objective=_choice(args, "objective", OBJECTIVES, "d2gan"),
+      objective=configlib.choice(
+        args, "objective", OBJECTIVES, "d2gan", where="configs/gan_rebalance.py"
+      ),
       image_size=0,  # 0: the classifier's (data.image_size); 4 * 2**k.
       latent_dim=128,
       embed_dim=64,

@@ -4,14 +4,15 @@ synthetic training images) and kill-mid-round-then-resume = uninterrupted."""
 
 import json
 
-import grain
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from crashing import Crash, CrashingDataset
 
 from busjax import configlib, sharding
 from busjax.data import pipeline, records
+from busjax.evaluators import sample_quality
 from busjax.trainers import gan_rebalance, supervised
 from configs import gan_rebalance as gan_config
 
@@ -95,7 +96,7 @@ def test_filter_keeps_only_candidates_that_pass_every_stage():
   # real-to-real radius (1.0), beyond the memorisation threshold (0.2).
   features = np.array([[2.5, 2.5], [1.5, 1.5], [3.5, 0.5], [40.0, 40.0], [2.0, 3.0], [0.5, 4.5]])
   features[4] += 1e-6
-  masks = gan_rebalance.filter_candidates(
+  masks = sample_quality.filter_candidates(
     d_scores=np.array([5.0, 0.1, 4.0, 6.0, 7.0, 8.0]),
     p_minority=np.array([0.9, 0.9, 0.2, 0.9, 0.9, 0.8]),
     features=features,
@@ -219,42 +220,13 @@ def test_smoke_run_then_kill_mid_round_and_resume_ends_identical(tmp_path, monke
   uninterrupted = gan_rebalance.train_and_evaluate(config, str(tmp_path / "a"))
   _check_run(tmp_path / "a", config, uninterrupted)
 
-  class Crash(Exception):
-    pass
-
-  class CrashingIterator(grain.DatasetIterator):
-    """The GAN's real data iterator, dying on its 6th batch (round 2, after the step-3 and
-    step-4 checkpoints), like a killed process."""
-
-    def __init__(self, parent):
-      super().__init__(parent)
-      self.count = 0
-
-    def __next__(self):
-      self.count += 1
-      if self.count > 5:
-        raise Crash()
-      return next(self._parent)
-
-    def get_state(self):
-      return self._parent.get_state()
-
-    def set_state(self, state):
-      self._parent.set_state(state)
-
   real_train_dataset = pipeline.train_dataset
-
-  class CrashingDataset:
-    def __init__(self, ds):
-      self.ds = ds
-
-    def __iter__(self):
-      return CrashingIterator(iter(self.ds))
 
   def gan_crashes(collection, *, image_size, **kwargs):
     dataset = real_train_dataset(collection, image_size=image_size, **kwargs)
     is_gan = image_size == gan_rebalance.gan_image_size(config)
-    return CrashingDataset(dataset) if is_gan else dataset
+    # The GAN's stream dies on its 6th batch: round 2, after the step-3 and step-4 checkpoints.
+    return CrashingDataset(dataset, after=5) if is_gan else dataset
 
   monkeypatch.setattr(pipeline, "train_dataset", gan_crashes)
   with pytest.raises(Crash):

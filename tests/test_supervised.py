@@ -4,11 +4,11 @@ import csv
 import json
 import os
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from crashing import Crash, CrashingDataset
 from flax import nnx
 
 from busjax import checkpointing, configlib, sharding
@@ -128,42 +128,13 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path, monkeypatch):
   # Simulate a crash on the 4th batch (after the checkpoints at steps 2 and 3, before the one at 4).
   real_train_dataset = pipeline.train_dataset
 
-  class Crash(Exception):
-    pass
-
-  class CrashingIterator(grain.DatasetIterator):
-    """The real iterator (state and all) that dies on its 4th batch, like a killed process."""
-
-    def __init__(self, parent):
-      super().__init__(parent)
-      self.count = 0
-
-    def __next__(self):
-      self.count += 1
-      if self.count > 3:
-        raise Crash()
-      return next(self._parent)
-
-    def get_state(self):
-      return self._parent.get_state()
-
-    def set_state(self, state):
-      self._parent.set_state(state)
-
-  class CrashingDataset:
-    def __init__(self, ds):
-      self.ds = ds
-
-    def __iter__(self):
-      return CrashingIterator(iter(self.ds))
-
   created = []
 
   def crashing_dataset(*args, **kwargs):
     # The first dataset is the training stream; later ones (EMA BatchNorm batches) stay real.
     created.append(kwargs.get("seed"))
     dataset = real_train_dataset(*args, **kwargs)
-    return CrashingDataset(dataset) if len(created) == 1 else dataset
+    return CrashingDataset(dataset, after=3) if len(created) == 1 else dataset
 
   monkeypatch.setattr(pipeline, "train_dataset", crashing_dataset)
   with pytest.raises(Crash):

@@ -5,7 +5,8 @@ does not care where they came from. Inception-v3 weights cannot be downloaded he
 come from the trained classifier or an SSL encoder: the numbers are therefore **not** comparable
 with published FID/KID values, nor between two feature spaces (or two checkpoints of one encoder).
 That is why `summary` requires the caller to name the feature space, and why the Fréchet distance
-is not called FID anywhere in this module.
+is not called FID anywhere in this module. `filter_candidates` (which generated images GAN
+rebalancing keeps) and `save_grid` (a sample grid marked SYNTHETIC) live here too.
 
 Conventions:
 
@@ -19,6 +20,7 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any
 
@@ -471,6 +473,95 @@ def memorisation_mask(
   """
   result = memorisation(train, fake, reference=reference, batch_size=batch_size)
   return result.keep_mask(quantile)
+
+
+# ----------------------------------------------------------------------------------------------
+# A quality filter for generated samples (GAN rebalancing)
+# ----------------------------------------------------------------------------------------------
+
+
+def filter_candidates(
+  *,
+  d_scores: np.ndarray,
+  p_minority: np.ndarray,
+  features: np.ndarray,
+  minority_features: np.ndarray,
+  train_features: np.ndarray,
+  reference_features: np.ndarray | None,
+  rebalance_config,
+) -> dict[str, np.ndarray]:
+  """Keep masks over candidates, stage by stage; ``"keep"`` is their conjunction.
+
+  Args:
+    d_scores: D1's output per candidate (higher = more real).
+    p_minority: the previous classifier's probability of the minority class.
+    features: the candidates' pooled classifier features.
+    minority_features: real minority training images' features (the distance filter).
+    train_features: every training image's features (the memorisation guard).
+    reference_features: held-out real images' features, the guard's baseline distances
+      (None: leave-one-out distances within train).
+    rebalance_config: ``config.rebalance``.
+  """
+  r = rebalance_config
+  masks = {
+    "discriminator": d_scores >= np.quantile(d_scores, r.d_quantile),
+    "confidence": p_minority >= r.min_confidence,
+  }
+  if len(minority_features) >= 2:
+    minority_features = np.asarray(minority_features, np.float64)
+    to_real, _ = _nearest(minority_features, minority_features, 1024, exclude_self=True)
+    radius = np.quantile(to_real, r.distance_quantile)
+    to_candidates, _ = _nearest(np.asarray(features, np.float64), minority_features, 1024)
+    masks["distance"] = to_candidates <= radius
+  else:
+    masks["distance"] = np.ones(len(features), bool)
+  masks["memorisation"] = memorisation_mask(
+    train_features, features, reference=reference_features, quantile=r.memorisation_quantile
+  )
+  keep = np.ones(len(features), bool)
+  for mask in masks.values():
+    keep &= mask
+  masks["keep"] = keep
+  return masks
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample grid
+# ----------------------------------------------------------------------------------------------
+
+
+def save_grid(
+  path: str, real: np.ndarray, fake: np.ndarray, *, title: str, per_row: int = 8
+) -> None:
+  """Real training images (top row) above kept synthetic ones, marked SYNTHETIC."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  fake_rows = max(1, min(3, math.ceil(len(fake) / per_row)))
+  rows = [("real (training)", real[:per_row])] + [
+    (f"SYNTHETIC {i + 1}", fake[i * per_row : (i + 1) * per_row]) for i in range(fake_rows)
+  ]
+  fig, axes = plt.subplots(
+    len(rows), per_row, figsize=(1.3 * per_row, 1.45 * len(rows) + 0.5), dpi=100, squeeze=False
+  )
+  for row_axes, (label, images) in zip(axes, rows, strict=True):
+    for j, ax in enumerate(row_axes):
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if j < len(images):
+        ax.imshow(images[j], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+      else:
+        ax.axis("off")
+    row_axes[0].set_ylabel(label, fontsize=7)
+  fig.suptitle(title, fontsize=8, color="firebrick")
+  fig.text(
+    0.5, 0.5, "SYNTHETIC", fontsize=40, color="firebrick", alpha=0.15, rotation=30,
+    ha="center", va="center",
+  )  # fmt: skip
+  fig.savefig(path)
+  plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -421,66 +421,7 @@ class _GanRun:
 
 
 # ----------------------------------------------------------------------------------------------
-# The quality filter
-# ----------------------------------------------------------------------------------------------
-
-
-def _nearest_distances(a: np.ndarray, b: np.ndarray, *, exclude_self: bool = False) -> np.ndarray:
-  """Euclidean distance from each row of `a` to its nearest row of `b`."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-  if exclude_self:
-    np.fill_diagonal(d2, np.inf)
-  return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
-
-
-def filter_candidates(
-  *,
-  d_scores: np.ndarray,
-  p_minority: np.ndarray,
-  features: np.ndarray,
-  minority_features: np.ndarray,
-  train_features: np.ndarray,
-  reference_features: np.ndarray | None,
-  rebalance_config,
-) -> dict[str, np.ndarray]:
-  """Keep masks over candidates, stage by stage; ``"keep"`` is their conjunction.
-
-  Args:
-    d_scores: D1's output per candidate (higher = more real).
-    p_minority: the previous classifier's probability of the minority class.
-    features: the candidates' pooled classifier features.
-    minority_features: real minority training images' features (the distance filter).
-    train_features: every training image's features (the memorisation guard).
-    reference_features: held-out real images' features, the guard's baseline distances
-      (None: leave-one-out distances within train).
-    rebalance_config: ``config.rebalance``.
-  """
-  r = rebalance_config
-  masks = {
-    "discriminator": d_scores >= np.quantile(d_scores, r.d_quantile),
-    "confidence": p_minority >= r.min_confidence,
-  }
-  if len(minority_features) >= 2:
-    radius = np.quantile(
-      _nearest_distances(minority_features, minority_features, exclude_self=True),
-      r.distance_quantile,
-    )
-    masks["distance"] = _nearest_distances(features, minority_features) <= radius
-  else:
-    masks["distance"] = np.ones(len(features), bool)
-  masks["memorisation"] = sample_quality.memorisation_mask(
-    train_features, features, reference=reference_features, quantile=r.memorisation_quantile
-  )
-  keep = np.ones(len(features), bool)
-  for mask in masks.values():
-    keep &= mask
-  masks["keep"] = keep
-  return masks
-
-
-# ----------------------------------------------------------------------------------------------
-# Synthetic records, the sample grid
+# Synthetic records
 # ----------------------------------------------------------------------------------------------
 
 
@@ -510,40 +451,6 @@ def _save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
   tmp = path + ".tmp.npz"
   np.savez_compressed(tmp, **arrays)
   os.replace(tmp, path)
-
-
-def save_sample_grid(
-  path: str, real: np.ndarray, fake: np.ndarray, *, title: str, per_row: int = 8
-) -> None:
-  """Real training images (top row) above kept synthetic ones, marked SYNTHETIC."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-
-  fake_rows = max(1, min(3, math.ceil(len(fake) / per_row)))
-  rows = [("real (training)", real[:per_row])] + [
-    (f"SYNTHETIC {i + 1}", fake[i * per_row : (i + 1) * per_row]) for i in range(fake_rows)
-  ]
-  fig, axes = plt.subplots(
-    len(rows), per_row, figsize=(1.3 * per_row, 1.45 * len(rows) + 0.5), dpi=100, squeeze=False
-  )
-  for row_axes, (label, images) in zip(axes, rows, strict=True):
-    for j, ax in enumerate(row_axes):
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if j < len(images):
-        ax.imshow(images[j], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-      else:
-        ax.axis("off")
-    row_axes[0].set_ylabel(label, fontsize=7)
-  fig.suptitle(title, fontsize=8, color="firebrick")
-  fig.text(
-    0.5, 0.5, "SYNTHETIC", fontsize=40, color="firebrick", alpha=0.15, rotation=30,
-    ha="center", va="center",
-  )  # fmt: skip
-  fig.savefig(path)
-  plt.close(fig)
 
 
 def _resized(collection: records.Collection, size: int, limit: int) -> np.ndarray:
@@ -635,7 +542,7 @@ def _draw_round(config, gan_run, classifier, train_set, val_set, minority, need,
       break
     images, scores = gan_run.sample(minority, per_draw, jax.random.fold_in(key, draw))
     candidates = synthetic_collection(images, minority, np.full(len(images), k), train_set)
-    masks = filter_candidates(
+    masks = sample_quality.filter_candidates(
       d_scores=scores,
       p_minority=classifier.predict(candidates)[:, minority],
       features=classifier.features(candidates),
@@ -772,7 +679,7 @@ def train_split(
           real = _resized(
             train_set.subset(np.flatnonzero(train_set.labels == minority)), gan_run.image_size, 8
           )
-          save_sample_grid(os.path.join(round_dir, GRID_FILE), real, images, title=title)
+          sample_quality.save_grid(os.path.join(round_dir, GRID_FILE), real, images, title=title)
           _save_npz_atomic(pool_file, images=images)
         entry["sample_quality"] = _quality_brief(quality)
       synthetic_images.append(images)
