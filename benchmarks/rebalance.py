@@ -182,6 +182,8 @@ def _aggregate(rows: list[dict]) -> list[dict]:
       for key in ("auc", "balanced_accuracy", "sensitivity", "specificity"):
         values = np.array([s[key] for s in sets if s.get(key) is not None], float)
         entry[key] = [float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0]
+      if len(sets) == 1:  # One seed: no spread, but its clustered bootstrap CI.
+        entry["auc_ci"] = sets[0]["auc_ci"]
       entry["synthetic_train_images"] = float(
         np.mean([r["synthetic_train_images"] for r in arm_rows])
       )
@@ -197,15 +199,24 @@ def _markdown(result: dict) -> str:
   if synthetic:
     lines.append("**SYNTHETIC phantom data: not a clinical result.**\n")
   lines += [
-    "| arm | set | seeds | AUC mean ± sd | balanced acc. @ val threshold | sensitivity | "
+    "| arm | set | seeds | AUC (mean ± sd over seeds; one seed: [clustered 95% CI]) | "
+    "balanced acc. @ val threshold | sensitivity | "
     "specificity | synthetic images | minutes |",
     "|---|---|---|---|---|---|---|---|---|",
   ]
-  pm = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}"
+
+  def pm(v, seeds):
+    return f"{v[0]:.3f} ± {v[1]:.3f}" if seeds > 1 else f"{v[0]:.3f}"
+
   for e in result["aggregate"]:
+    auc = pm(e["auc"], e["seeds"])
+    if "auc_ci" in e:
+      auc += f" [{e['auc_ci'][0]:.3f}, {e['auc_ci'][1]:.3f}]"
+    n = e["seeds"]
     lines.append(
-      f"| {e['arm']} | {names.get(e['set'], e['set'])} | {e['seeds']} | {pm(e['auc'])} | "
-      f"{pm(e['balanced_accuracy'])} | {pm(e['sensitivity'])} | {pm(e['specificity'])} | "
+      f"| {e['arm']} | {names.get(e['set'], e['set'])} | {n} | {auc} | "
+      f"{pm(e['balanced_accuracy'], n)} | {pm(e['sensitivity'], n)} | "
+      f"{pm(e['specificity'], n)} | "
       f"{e['synthetic_train_images']:.0f} | {e['minutes']:.1f} |"
     )
   if result["comparisons"]:
@@ -229,7 +240,9 @@ def main(argv):
   if _RENDER.value:
     for path in _RENDER.value:
       with open(path) as f:
-        print(_markdown(json.load(f)))
+        result = json.load(f)
+      result["aggregate"] = _aggregate(result["rows"])  # Today's summary of the stored runs.
+      print(_markdown(result))
     return
   unknown = set(_ARMS.value) - set(ARMS) | ({_REFERENCE.value} - set(ARMS))
   if unknown:
