@@ -248,8 +248,8 @@ def make_train_step(
     step_metrics = {
       "loss": loss,
       "accuracy": (logits.argmax(-1) == batch["label"]).mean(),
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
     }
     return new_state, step_metrics
 
