@@ -98,13 +98,19 @@ def _load_predictions(run_dir: str, name: str) -> dict[str, np.ndarray] | None:
   if not os.path.exists(path):
     return None
   with np.load(path, allow_pickle=False) as f:
-    return {k: f[k] for k in ("ids", "y_malignant", "p_malignant", "clusters")}
+    keys = ("ids", "y_malignant", "p_malignant", "clusters", "copy_in_train")
+    return {k: f[k] for k in keys if k in f}
 
 
 def _set_metrics(preds: dict[str, np.ndarray], threshold: float | None) -> dict:
   y, p = preds["y_malignant"], preds["p_malignant"]
   ci = metrics.bootstrap_ci(metrics.roc_auc, y, p, clusters=preds["clusters"], n=_BOOTSTRAP.value)
   out = {"images": int(len(y)), "auc": metrics.roc_auc(y, p), "auc_ci": [ci.lo, ci.hi]}
+  copies = preds.get("copy_in_train")
+  if copies is not None and copies.any():  # BreastMNIST's split: test images copied in train.
+    free = ~copies.astype(bool)
+    out["images_with_copy_in_train"] = int(copies.sum())
+    out["auc_leak_free"] = metrics.roc_auc(y[free], p[free])
   if threshold is not None:
     at = metrics.threshold_metrics(y, p, threshold)
     out.update({k: at[k] for k in ("balanced_accuracy", "sensitivity", "specificity")})
@@ -179,8 +185,10 @@ def _aggregate(rows: list[dict]) -> list[dict]:
       if not sets:
         continue
       entry = {"arm": arm, "set": name, "seeds": len(sets)}
-      for key in ("auc", "balanced_accuracy", "sensitivity", "specificity"):
+      for key in ("auc", "auc_leak_free", "balanced_accuracy", "sensitivity", "specificity"):
         values = np.array([s[key] for s in sets if s.get(key) is not None], float)
+        if not len(values):
+          continue
         entry[key] = [float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0]
       if len(sets) == 1:  # One seed: no spread, but its clustered bootstrap CI.
         entry["auc_ci"] = sets[0]["auc_ci"]
@@ -213,6 +221,8 @@ def _markdown(result: dict) -> str:
     if "auc_ci" in e:
       auc += f" [{e['auc_ci'][0]:.3f}, {e['auc_ci'][1]:.3f}]"
     n = e["seeds"]
+    if "auc_leak_free" in e:
+      auc += f"; without copies of train images {pm(e['auc_leak_free'], n)}"
     lines.append(
       f"| {e['arm']} | {names.get(e['set'], e['set'])} | {n} | {auc} | "
       f"{pm(e['balanced_accuracy'], n)} | {pm(e['sensitivity'], n)} | "
@@ -241,7 +251,12 @@ def main(argv):
     for path in _RENDER.value:
       with open(path) as f:
         result = json.load(f)
-      result["aggregate"] = _aggregate(result["rows"])  # Today's summary of the stored runs.
+      for row in result["rows"]:  # Today's metrics of the stored runs, where their files are.
+        for name in list(row["sets"]):
+          preds = _load_predictions(row["workdir"], name)
+          if preds is not None:
+            row["sets"][name] = _set_metrics(preds, row.get("threshold"))
+      result["aggregate"] = _aggregate(result["rows"])
       print(_markdown(result))
     return
   unknown = set(_ARMS.value) - set(ARMS) | ({_REFERENCE.value} - set(ARMS))
