@@ -569,19 +569,26 @@ def _draw_round(config, gan_run, classifier, train_set, val_set, minority, need,
   return images, counts
 
 
-def _quality(config, baseline, kept_collection, train_set, val_set, minority):
+def _baseline_real(baseline, train_set, val_set, minority):
+  """`baseline`'s features of the real minority images: (training, held-out val or None)."""
+  train_features = baseline.features(train_set.subset(np.flatnonzero(train_set.labels == minority)))
+  reference = None
+  if val_set is not None and np.sum(val_set.labels == minority) >= 4:
+    reference = baseline.features(val_set.subset(np.flatnonzero(val_set.labels == minority)))
+  return train_features, reference
+
+
+def _quality(config, baseline, baseline_real, kept_collection):
   """Sample-quality summary of the kept images against held-out real minority images, or None
   with too few images to measure (k-NN precision/recall needs at least 4 on each side).
 
   Every round is measured in the features of `baseline`, the round-0 classifier (real images
   only), so that the rounds' figures compare; no Inception weights exist offline.
+  `baseline_real` is `_baseline_real`'s (training, held-out) features, computed once per split.
   """
   if len(kept_collection) < 4:
     return None
-  train_features = baseline.features(train_set.subset(np.flatnonzero(train_set.labels == minority)))
-  reference = None
-  if val_set is not None and np.sum(val_set.labels == minority) >= 4:
-    reference = baseline.features(val_set.subset(np.flatnonzero(val_set.labels == minority)))
+  train_features, reference = baseline_real
   real = reference if reference is not None else train_features
   if len(real) < 4:
     return None
@@ -635,6 +642,7 @@ def train_split(
   ]
   gan_run = _GanRun(config, os.path.join(workdir, "gan"), train_set, mesh)
   synthetic_images, synthetic_rounds = [], []
+  baseline_real = None
   gan_key = jax.random.key(config.seed + 43)
   try:
     for k in range(1, rounds + 1):
@@ -665,7 +673,9 @@ def train_split(
           k,
         )
         kept = synthetic_collection(images, minority, np.full(len(images), k), train_set)
-        quality = _quality(config, baseline, kept, train_set, val_set, minority)
+        if baseline_real is None:  # The round-0 classifier is fixed: its features once.
+          baseline_real = _baseline_real(baseline, train_set, val_set, minority)
+        quality = _quality(config, baseline, baseline_real, kept)
         entry.update(gan_step=gan_run.step, needed=need, **draw_counts)
         if jax.process_index() == 0:
           report.write_json(
