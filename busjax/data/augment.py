@@ -24,7 +24,7 @@ import math
 
 import ml_collections
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 from scipy import ndimage
 
 try:  # Optional: a faster resampling backend (config.backend = "cv2").
@@ -80,6 +80,16 @@ def default_config(mode: str = "train") -> ml_collections.ConfigDict:
   c.suppress_marks = ml_collections.ConfigDict(
     dict(probability=0.0, threshold=245, max_area=150, max_thickness=3.0, radius=4)
   )
+  # Small elastic deformation (tissue compression under the probe): a smooth random
+  # displacement field, `alpha` output pixels at most, through `grid` x `grid` random knots.
+  # Off by default; contrastive views use it.
+  c.elastic = ml_collections.ConfigDict(dict(probability=0.0, alpha=2.0, grid=4))
+  # "ultrasound": the intensity model above (gamma/gain/contrast, TGC, speckle).
+  # "trivial": a generic TrivialAugment-style policy instead of it (one random PIL op with a
+  # random magnitude per image: Mueller & Hutter 2021), after the same geometry; the
+  # comparison policy for augmentation ablations (Tupper & Gagne 2025 found generic policies
+  # as good as ultrasound-specific ones on 14 tasks: measure, don't assume).
+  c.policy = "ultrasound"
   return c
 
 
@@ -209,6 +219,81 @@ def suppress_marks(
   return out
 
 
+def elastic_field(size: int, alpha: float, grid: int, rng: np.random.Generator) -> np.ndarray:
+  """A smooth (2, size, size) displacement field in output pixels, |d| <= alpha per axis."""
+  knots = rng.uniform(-1.0, 1.0, (2, max(2, int(grid)), max(2, int(grid)))).astype(np.float32)
+  return alpha * np.stack([_upsample(k, size, "pil") for k in knots])
+
+
+def elastic(
+  image: np.ndarray, field: np.ndarray, mask: np.ndarray | None = None
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """Resamples `image` (bilinear; `mask` nearest) at positions displaced by `field`."""
+  size_y, size_x = image.shape
+  yy, xx = np.meshgrid(np.arange(size_y), np.arange(size_x), indexing="ij")
+  coords = np.stack([yy + field[0], xx + field[1]])
+  out = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=0.0)
+  out = np.clip(out + 0.5, 0, 255).astype(np.uint8) if out.dtype != np.uint8 else out
+  if mask is None:
+    return out
+  return out, ndimage.map_coordinates(mask, coords, order=0, mode="constant", cval=0)
+
+
+# TrivialAugment (wide) on one grey image. Photometric ops: name -> op(PIL image, magnitude in
+# [0, 1], sign). Geometric ops: name -> PIL affine coefficients (output -> input) for a size, so
+# the image and its mask get the same warp; they are horizontal or small, so depth order survives
+# (no vertical flip, at most 10% vertical shift).
+_PHOTOMETRIC_OPS = {
+  "identity": lambda im, m, s: im,
+  "autocontrast": lambda im, m, s: ImageOps.autocontrast(im),
+  "equalize": lambda im, m, s: ImageOps.equalize(im),
+  "brightness": lambda im, m, s: ImageEnhance.Brightness(im).enhance(1.0 + s * 0.99 * m),
+  "contrast": lambda im, m, s: ImageEnhance.Contrast(im).enhance(1.0 + s * 0.99 * m),
+  "sharpness": lambda im, m, s: ImageEnhance.Sharpness(im).enhance(1.0 + s * 0.99 * m),
+  "posterize": lambda im, m, s: ImageOps.posterize(im, 8 - int(round(6 * m))),
+  "solarize": lambda im, m, s: ImageOps.solarize(im, 256 - int(round(256 * m))),
+}
+
+
+def _rotation(width: int, height: int, degrees: float) -> tuple[float, ...]:
+  angle = math.radians(degrees)
+  cos, sin = math.cos(angle), math.sin(angle)
+  cx, cy = width / 2, height / 2
+  # Output -> input: rotate about the centre.
+  return (cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy)
+
+
+_GEOMETRIC_OPS = {
+  "rotate": lambda w, h, m, s: _rotation(w, h, s * 30.0 * m),
+  "shear_x": lambda w, h, m, s: (1, s * 0.3 * m, -s * 0.3 * m * h / 2, 0, 1, 0),
+  "translate_x": lambda w, h, m, s: (1, 0, s * 0.3 * m * w, 0, 1, 0),
+  "translate_y": lambda w, h, m, s: (1, 0, 0, 0, 1, s * 0.1 * m * h),
+}
+TRIVIAL_OPS = tuple(sorted((*_PHOTOMETRIC_OPS, *_GEOMETRIC_OPS)))
+
+
+def trivial_augment(image: np.ndarray, rng: np.random.Generator, mask: np.ndarray | None = None):
+  """One uniformly drawn op of `TRIVIAL_OPS` at a uniform magnitude (the mask follows geometry).
+
+  Returns the uint8 image, and the mask too when one is given.
+  """
+  name = TRIVIAL_OPS[int(rng.integers(len(TRIVIAL_OPS)))]
+  magnitude = float(rng.uniform())
+  sign = 1.0 if rng.random() < 0.5 else -1.0
+  if name in _PHOTOMETRIC_OPS:
+    out = np.asarray(_PHOTOMETRIC_OPS[name](Image.fromarray(image), magnitude, sign), np.uint8)
+    return out if mask is None else (out, mask)
+  height, width = image.shape
+  coefficients = _GEOMETRIC_OPS[name](width, height, magnitude, sign)
+
+  def warp(array, resample):
+    pil = Image.fromarray(array)
+    return np.asarray(pil.transform(pil.size, Image.Transform.AFFINE, coefficients, resample))
+
+  out = warp(image, Image.Resampling.BILINEAR)
+  return out if mask is None else (out, warp(mask, Image.Resampling.NEAREST))
+
+
 def _merge_with_defaults(config) -> dict:
   """The config as a plain dict, missing knobs filled from default_config(its mode).
 
@@ -254,6 +339,10 @@ class Augmenter:
     self.config = _merge_with_defaults(config)
     if self.config["mode"] not in ("train", "none"):
       raise ValueError(f"augment mode must be 'train' or 'none', got {self.config['mode']!r}")
+    if self.config["policy"] not in ("ultrasound", "trivial"):
+      raise ValueError(
+        f"augment policy must be 'ultrasound' or 'trivial', got {self.config['policy']!r}"
+      )
     self.image_size = int(image_size)
     self.train = self.config["mode"] == "train"
     self.backend = self.config["backend"]
@@ -380,8 +469,22 @@ class Augmenter:
         mask = np.asarray(Image.fromarray(mask).resize(image.shape[::-1], Image.Resampling.NEAREST))
       height, width = image.shape
     forward = self._geometry(width, height, rng)
+    warped = _warp(image, forward, size, False, self.backend)
+    warped_mask = None if mask is None else np.array(_warp(mask, forward, size, True, self.backend))
+    c = self.config
+    if c["elastic"]["probability"] > 0 and rng.random() < c["elastic"]["probability"]:
+      field = elastic_field(size, float(c["elastic"]["alpha"]), int(c["elastic"]["grid"]), rng)
+      if warped_mask is None:
+        warped = elastic(warped, field)
+      else:
+        warped, warped_mask = elastic(warped, field, warped_mask)
+    if c["policy"] == "trivial":
+      if warped_mask is None:
+        return np.array(trivial_augment(warped, rng))
+      out, warped_mask = trivial_augment(warped, rng, warped_mask)
+      return np.array(out), np.array(warped_mask)
     pivot = float(image[::4, ::4].mean()) / 255.0  # A subsample is plenty for a mean.
-    out = self._intensity(_warp(image, forward, size, False, self.backend), pivot, rng)
-    if mask is None:
+    out = self._intensity(warped, pivot, rng)
+    if warped_mask is None:
       return out
-    return out, np.array(_warp(mask, forward, size, True, self.backend))
+    return out, warped_mask

@@ -240,15 +240,17 @@ def _finish(
   num_workers: int,
   process_index: int,
   process_count: int,
+  transform: grain.transforms.RandomMap | None = None,
 ) -> grain.IterDataset:
-  """Augment -> batch -> iterate (in-process or in worker processes)."""
+  """Augment (or `transform`) -> batch -> iterate (in-process or in worker processes)."""
   if global_batch_size % process_count:
     raise ValueError(
       f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}"
     )
   local_batch = global_batch_size // process_count
-  augmenter = augment.Augmenter(augment_config, image_size)
-  dataset = stream.random_map(_Augment(augmenter), seed=_derived_seed(seed, 7, 0))
+  if transform is None:
+    transform = _Augment(augment.Augmenter(augment_config, image_size))
+  dataset = stream.random_map(transform, seed=_derived_seed(seed, 7, 0))
   if process_count > 1:
     dataset = _ProcessRows(dataset, process_index, process_count, local_batch)
   # Batching before to_iter_dataset makes a worker's unit of work (and of pickling) a batch.
@@ -394,6 +396,104 @@ def mixture_dataset(
     num_workers=num_workers,
     process_index=process_index,
     process_count=process_count,
+  )
+
+
+class _TwoViews(grain.transforms.RandomMap):
+  """Two independently augmented views of one image: the positive pair of contrastive learning.
+
+  With `partner_probability` > 0, the second view comes, that often, from another image of the
+  same group (patient or near-duplicate cluster) when the group has one: a positive pair across
+  scans of one lesion rather than two crops of one scan.
+  """
+
+  def __init__(
+    self,
+    augmenters: tuple[augment.Augmenter, augment.Augmenter],
+    source: _RecordSource,
+    groups: np.ndarray | None,
+    partner_probability: float,
+  ):
+    self._augmenters = augmenters
+    self._source = source
+    self._partner_probability = float(partner_probability)
+    self._members = None
+    if groups is not None and self._partner_probability > 0:
+      members: dict[int, list[int]] = {}
+      for position, group in enumerate(np.asarray(groups).tolist()):
+        members.setdefault(int(group), []).append(position)
+      self._members = [members[int(g)] for g in np.asarray(groups).tolist()]
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    index = int(element["index"])
+    partner = element
+    if self._members is not None and rng.random() < self._partner_probability:
+      others = [p for p in self._members[index] if p != index]
+      if others:
+        partner = self._source[others[int(rng.integers(len(others)))]]
+    first = self._augmenters[0](element["image"], rng)
+    second = self._augmenters[1](partner["image"], rng)
+    return {
+      "view1": first[..., None],
+      "view2": second[..., None],
+      "index": np.int32(index),
+      "partner": np.int32(partner["index"]),
+      "valid": np.bool_(True),
+    }
+
+
+def contrastive_dataset(
+  collection: records.Collection,
+  *,
+  image_size: int,
+  global_batch_size: int,
+  seed: int,
+  view_configs: tuple[ml_collections.ConfigDict, ml_collections.ConfigDict],
+  groups: np.ndarray | None = None,
+  partner_probability: float = 0.0,
+  num_workers: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  cache: bool = True,
+) -> grain.IterDataset:
+  """Infinite batches of two augmented views per image, labels ignored (contrastive pretraining).
+
+  Batches hold ``view1``, ``view2`` uint8 [B, H, W, 1], ``index`` (the image's position in the
+  collection), ``partner`` (where ``view2`` came from: ``index`` unless a same-group partner was
+  drawn) and ``valid``. Same seed, same batches on any number of processes, as `train_dataset`.
+
+  Args:
+    collection: the pretraining images (their labels are never read).
+    view_configs: the augmentation of the first and of the second view
+      (`augment.default_config()`-shaped; SimCLR uses one policy for both).
+    groups: optional group id per record (`splits.group_ids`), for same-group positives.
+    partner_probability: how often ``view2`` comes from another image of the same group.
+    Others: as `train_dataset`.
+  """
+  process_index, process_count = _process_slot(process_index, process_count)
+  if len(collection) == 0:
+    raise ValueError(f"collection {collection.name!r} has no records")
+  if groups is not None and len(groups) != len(collection):
+    raise ValueError(f"groups has {len(groups)} entries for {len(collection)} records")
+  source = _RecordSource(
+    collection,
+    np.arange(len(collection)),
+    working_size=round(WORKING_SCALE * image_size),
+    with_masks=False,
+    cache=cache,
+  )
+  stream = grain.MapDataset.source(source).shuffle(seed=_derived_seed(seed, 0, 0)).repeat()
+  views = tuple(augment.Augmenter(c, image_size) for c in view_configs)
+  return _finish(
+    stream,
+    image_size=image_size,
+    global_batch_size=global_batch_size,
+    seed=seed,
+    augment_config=None,
+    num_workers=num_workers,
+    process_index=process_index,
+    process_count=process_count,
+    transform=_TwoViews(views, source, groups, partner_probability),
   )
 
 
