@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.resume = optional_path()  # Another run's workdir to continue (full state).
   c.init_from = optional_path()  # Another run's workdir to take weights from (fresh optimiser).
+  # init_from is a contrastive pretraining run (trainer "contrastive"): load its encoder
+  # (params/rest.encoder.<module> -> <module>, every module but the head), latest checkpoint.
+  c.init_from_encoder = False
   c.data = phantom_data()
   c.external = ml_collections.ConfigDict()  # name -> data config, evaluated after training.
   # val_from_train (kind "predefined" only): the given "val" part becomes the test set and a
@@ -92,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
       val_from_train=False,
       cross_validate=False,
       seed=0,
+      # Label-efficiency studies: keep this share of the train part's images (whole groups, per
+      # class; val and test stay whole); the 10% subset of a seed lies inside its 25% subset.
+      label_fraction=1.0,
+      label_fraction_seed=0,
     )
   )
   c.input = ml_collections.ConfigDict(dict(batch_size=32, eval_batch_size=64, num_workers=0))
@@ -135,6 +142,8 @@ def base_config() -> ml_collections.ConfigDict:
       # With EMA: BatchNorm statistics are re-estimated for the averaged weights on this many
       # fixed training batches before each evaluation (the live model's would not match them).
       ema_bn_batches=8,
+      # "all", or "head": a linear probe (every other module frozen, run in evaluation mode).
+      trainable="all",
     )
   )
   # Reports: percentile-bootstrap resamples behind every interval (AUC, sensitivity/specificity,
@@ -197,6 +206,39 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+MULTISCALE_FUSIONS = ("cross_attention", "concat", "single")
+
+
+def multiscale_model(args: set[str], *, where: str) -> ml_collections.ConfigDict:
+  """The self-supervised method's classifier (Li et al. 2026), shared by pretrain and fine-tune.
+
+  A ResNet-18 (width 0.5) whose last three stages are fused by cross-scale attention;
+  ``fusion=concat`` (top-down, no attention) and ``fusion=single`` (last stage only) are the
+  ablations, ``backbone=plain`` the plain ResNet-18 without the multiscale head.
+  """
+  fusion = choice(args, "fusion", MULTISCALE_FUSIONS, "cross_attention", where=where)
+  if choice(args, "backbone", ("multiscale", "plain"), "multiscale", where=where) == "plain":
+    return base_config().model
+  return ml_collections.ConfigDict(
+    dict(
+      name="multiscale",
+      backbone="resnet18",
+      width=0.5,
+      scales=3,
+      fusion=fusion,
+      fusion_width=128,
+      heads=4,
+      mlp_ratio=2,
+      in_channels=1,
+      dropout=0.0,
+      dtype="float32",
+      normalization="default",
+      pretrained=optional_path(),
+      pretrained_format=optional_path(),
+    )
+  )
+
+
 def parse_arg(arg: str | None) -> set[str]:
   """`configs/x.py:smoke,cv` -> {"smoke", "cv"}."""
   return {a.strip() for a in (arg or "").split(",") if a.strip()}
@@ -218,7 +260,8 @@ def _check(condition: bool, message: str) -> None:
     raise ConfigError(message)
 
 
-def _validate_data(prefix: str, d: ml_collections.ConfigDict) -> None:
+def validate_data(prefix: str, d: ml_collections.ConfigDict) -> None:
+  """One data section: a known source and task, an image size it can make, a root that exists."""
   from busjax.data import sources  # The loaders own the list of tasks they can serve.
 
   _check(d.source in SOURCES, f"{prefix}.source={d.source!r}: expected one of {SOURCES}")
@@ -258,9 +301,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     trainer = importlib.import_module(f"busjax.trainers.{c.trainer}")
   except ModuleNotFoundError as e:
     raise ConfigError(f"trainer={c.trainer!r}: no module busjax/trainers/{c.trainer}.py") from e
-  _validate_data("data", c.data)
+  validate_data("data", c.data)
   for name, d in c.get("external", {}).items():
-    _validate_data(f"external.{name}", d)
+    validate_data(f"external.{name}", d)
   _check(c.split.kind in SPLIT_KINDS, f"split.kind={c.split.kind!r}: expected one of {SPLIT_KINDS}")
   if c.split.kind == "kfold":
     _check(
@@ -284,6 +327,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     isinstance(resamples, int) and not isinstance(resamples, bool) and resamples >= 100,
     f"report.bootstrap_resamples={resamples!r}: expected an integer >= 100 (fewer gives "
     "unstable 95% interval ends)",
+  )
+  fraction = c.split.get("label_fraction", 1.0)
+  _check(
+    isinstance(fraction, (int, float)) and 0 < fraction <= 1,
+    f"split.label_fraction={fraction!r}: expected in (0, 1]",
+  )
+  _check(
+    not c.get("init_from_encoder") or bool(c.get("init_from")),
+    "init_from_encoder=True needs init_from: pass --config.init_from=RUN (a contrastive "
+    "pretraining run, e.g. runs/ssl_pretrain), or the config's scratch argument",
   )
   for path in ("resume", "init_from"):
     if c.get(path):

@@ -34,6 +34,12 @@ def get_config(name, arg=""):
     ("fusion", "attention=eca"),
     ("fusion", "attention=channel_spatial,fusion=attention_weighted"),
     ("fusion", "fusion=add,smoke"),
+    ("ssl_pretrain", ""),
+    ("ssl_pretrain", "smoke,views=trivial,positives=group,lars"),
+    ("ssl_pretrain", "fusion=single"),
+    ("ssl_pretrain", "backbone=plain"),
+    ("ssl_finetune", "scratch"),
+    ("ssl_finetune", "smoke,scratch,probe,labels=10,fusion=concat"),
   ],
 )
 def test_phantom_configs_validate(name, arg):

@@ -24,6 +24,7 @@ cover "one is a zoomed-out copy of the other" once both are normalised to the sa
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import scipy.fft
@@ -500,7 +501,66 @@ def _strata(collection: records.Collection) -> np.ndarray:
   return np.unique(keys, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
+def label_subset(train: records.Collection, fraction: float, seed: int) -> np.ndarray:
+  """Positions of a `fraction` of `train`'s images: whole groups (``meta["cluster"]``), per class.
+
+  Each class's groups are shuffled with `seed` and taken in that order until the class has at
+  least ``ceil(fraction * its images)`` images (one group at least), so the subsets of one seed
+  are nested: 10% lies inside 25%. A group counts for the class most of its images have.
+  """
+  if not 0 < fraction <= 1:
+    raise ValueError(f"label fraction {fraction!r} is outside (0, 1]")
+  if fraction == 1 or len(train) == 0:
+    return np.arange(len(train))
+  clusters = np.asarray([r.meta["cluster"] for r in train.records])
+  labels = train.labels
+  names, group_of = np.unique(clusters, return_inverse=True)
+  group_label = np.asarray([np.bincount(labels[group_of == g]).argmax() for g in range(len(names))])
+  rng = np.random.default_rng(seed)
+  keep = np.zeros(len(names), bool)
+  for label in np.unique(labels):
+    candidates = np.flatnonzero(group_label == label)
+    candidates = candidates[rng.permutation(len(candidates))]
+    target = math.ceil(fraction * int((labels == label).sum()))
+    sizes = np.bincount(group_of, minlength=len(names))[candidates]
+    taken = int(np.searchsorted(np.cumsum(sizes), target) + 1)
+    keep[candidates[: max(1, taken)]] = True
+  return np.flatnonzero(keep[group_of])
+
+
 def make_splits(
+  collection: records.Collection,
+  split_config,
+  *,
+  fold: int | None = None,
+  pairs: list[tuple[int, int, float]] | None = None,
+) -> dict[str, records.Collection]:
+  """Train / val / test collections for one split (then `split_config.label_fraction` of train).
+
+  With ``label_fraction`` < 1 only that share of the train part's labelled images is kept
+  (`label_subset`, seed ``label_fraction_seed``); val and test stay whole, and their
+  ``copy_in_train`` refers to the images actually kept.
+  """
+  parts = _make_splits(collection, split_config, fold=fold, pairs=pairs)
+  fraction = float(split_config.get("label_fraction", 1.0) or 1.0)
+  if fraction >= 1:
+    return parts
+  train = parts["train"]
+  kept = label_subset(train, fraction, int(split_config.get("label_fraction_seed", 0)))
+  parts["train"] = train.subset(kept, name=f"{train.name}-{fraction:.0%}labels")
+  kept_groups = {r.meta["cluster"] for r in parts["train"].records}
+  for part in ("val", "test"):
+    parts[part] = dataclasses.replace(
+      parts[part],
+      records=tuple(
+        dataclasses.replace(r, meta=dict(r.meta, copy_in_train=r.meta["cluster"] in kept_groups))
+        for r in parts[part].records
+      ),
+    )
+  return parts
+
+
+def _make_splits(
   collection: records.Collection,
   split_config,
   *,

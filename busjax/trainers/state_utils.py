@@ -44,7 +44,8 @@ def reseed_rng_streams(tree, rng: jax.Array):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+  """A key path as a dotted name: ``params.head.fc.kernel.value``."""
   parts = []
   for entry in path:
     for attr in ("key", "name", "idx"):
@@ -60,7 +61,7 @@ def flatten_state(tree) -> dict[str, Any]:
   """A flat name -> array dict of `tree` (PRNG keys as raw uint32 data)."""
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    flat[_path_name(path)] = jax.random.key_data(leaf) if _is_key(leaf) else leaf
+    flat[path_name(path)] = jax.random.key_data(leaf) if _is_key(leaf) else leaf
   return flat
 
 
@@ -69,7 +70,7 @@ def unflatten_state(template, flat: dict[str, Any]):
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(template)
   leaves = []
   for path, ref in leaves_with_path:
-    name = _path_name(path)
+    name = path_name(path)
     if name not in flat:
       raise KeyError(f"checkpoint has no entry {name!r}")
     value = flat[name]
@@ -116,7 +117,15 @@ def _renamed(flat: dict[str, Any], mapping: dict[str, str]) -> dict[str, str]:
   return out
 
 
-def restore_or_init(ckpt, config, state, *, data_iterator=None, init_from=("params.", "rest.")):
+def restore_or_init(
+  ckpt,
+  config,
+  state,
+  *,
+  data_iterator=None,
+  init_from=("params.", "rest."),
+  init_from_which: str = "best",
+):
   """The state to start from; the first that applies: workdir -> resume -> init_from -> scratch.
 
   Args:
@@ -129,6 +138,8 @@ def restore_or_init(ckpt, config, state, *, data_iterator=None, init_from=("para
     init_from: what ``config.init_from`` loads: flat-name prefixes (see `flatten_state`), or a
       mapping target prefix -> prefix in the other run's checkpoint (e.g. an SSL encoder
       ``{"params.backbone.": "params.encoder."}``). Everything else keeps its fresh value.
+    init_from_which: which checkpoint of the ``init_from`` run: "best" (a classifier, by its
+      selection metric) or "latest" (a run that ranks nothing, e.g. contrastive pretraining).
 
   Returns:
     (state, origin) with origin one of "workdir", "resume", "init_from", "scratch".
@@ -151,7 +162,9 @@ def restore_or_init(ckpt, config, state, *, data_iterator=None, init_from=("para
     if not names:
       raise ValueError(f"init_from prefixes {sorted(mapping)} match nothing in the state")
     source_abstract = {names[k]: abstract[k] for k in names}
-    loaded = checkpointing.load_state(config.init_from, source_abstract, which="best", partial=True)
+    loaded = checkpointing.load_state(
+      config.init_from, source_abstract, which=init_from_which, partial=True
+    )
     flat = {k: jnp.asarray(v) for k, v in flatten_state(state).items()}
     flat.update({k: loaded[names[k]] for k in names})
     logging.info(

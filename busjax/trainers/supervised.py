@@ -29,9 +29,13 @@ from busjax import checkpointing, configlib, sharding, writers
 from busjax.data import pipeline, records
 from busjax.evaluators import classification, metrics
 from busjax.models import common as model_common
+from busjax.models import contrastive as contrastive_model
 from busjax.trainers import protocol, state_utils
 
 TrainingError = state_utils.TrainingError
+# train.trainable: "all" (fine-tune everything) or "head" (linear probe: every other module
+# frozen, BatchNorm statistics included, the model run in evaluation mode).
+TRAINABLE = ("all", "head")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,6 +55,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   configlib.check(
     c.train.get("ema_bn_batches", 0) >= 0,
     f"train.ema_bn_batches={c.train.get('ema_bn_batches')!r}: expected >= 0",
+  )
+  configlib.check(
+    c.train.get("trainable", "all") in TRAINABLE,
+    f"train.trainable={c.train.get('trainable')!r}: expected one of {TRAINABLE}",
   )
   configlib.check(
     c.train.get("class_weights") in (None, "none", "balanced"),
@@ -209,10 +217,27 @@ def classification_loss(
   return (per_example * w).sum() / jnp.maximum(w.sum(), 1e-12)
 
 
+def head_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` on the ``head`` sub-tree, zero updates (and no optimiser state) everywhere else."""
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+      lambda path, _: "train" if state_utils.path_name(path).startswith("head.") else "frozen",
+      params,
+    )
+
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
 def make_train_step(
   defs: ModelDefs, tx, config: ml_collections.ConfigDict, loss_weights: np.ndarray
 ):
-  """The pure step `(state, batch, rng) -> (state, metrics)`; `sharding.jit_train_step` jits it."""
+  """The pure step `(state, batch, rng) -> (state, metrics)`; `sharding.jit_train_step` jits it.
+
+  With ``train.trainable="head"`` the model runs in evaluation mode (frozen BatchNorm
+  statistics, no dropout) and `tx` must be `head_only`: a linear probe.
+  """
+  graph = defs.eval if config.train.get("trainable", "all") == "head" else defs.train
   focal_gamma = float(config.train.get("focal_gamma", 0.0))
   label_smoothing = float(config.train.get("label_smoothing", 0.0))
   ema_decay = float(config.train.get("ema_decay", 0.0))
@@ -222,7 +247,7 @@ def make_train_step(
     # Dropout draws from the model's own RNG streams (in state["rest"]); reseed them from the
     # step's rng so that resumed runs and any device count see identical randomness.
     rest = state_utils.reseed_rng_streams(state["rest"], rng)
-    model = nnx.merge(defs.train, state["params"], rest)
+    model = nnx.merge(graph, state["params"], rest)
     images = _preprocess(batch["image"], config.model)
 
     def loss_fn(m):
@@ -391,6 +416,9 @@ def train_split(
   # --- Model, optimiser, state, jitted functions.
   model = create_model(config.model, num_classes, config.seed)
   tx = create_optimizer(config.optim, total_steps)
+  frozen = config.train.get("trainable", "all") == "head"
+  if frozen:
+    tx = head_only(tx)
   defs, state = create_train_state(model, tx, use_ema=bool(config.train.get("ema_decay")))
   del model
   weights = class_weights(train_set.labels, num_classes, config.train.get("class_weights"))
@@ -399,7 +427,7 @@ def train_split(
   embed = sharding.jit_predict(make_apply(defs, config, features=True), mesh)
   refresh_bn = make_bn_refresh(defs, config)
   bn_batches = []
-  if "ema" in state and config.train.get("ema_bn_batches", 8):
+  if "ema" in state and config.train.get("ema_bn_batches", 8) and not frozen:
     # Fixed augmented training batches (their own seed): the same ones at every evaluation.
     bn_iter = train_batches(config.seed + 1_000_003)
     bn_batches = [
@@ -423,9 +451,18 @@ def train_split(
   with checkpointing.Checkpointer(
     workdir, best_metric="val_auc" if val_set is not None else None, best_mode="max", every_steps=1
   ) as ckpt:
-    state, origin = state_utils.restore_or_init(ckpt, config, state, data_iterator=train_iter)
+    init_from, which = ("params.", "rest."), "best"
+    if config.get("init_from_encoder"):
+      # A contrastive pretraining run: its encoder, every module but the head, newest step.
+      init_from = contrastive_model.encoder_mapping(state_utils.flatten_state(state))
+      which = "latest"
+    state, origin = state_utils.restore_or_init(
+      ckpt, config, state, data_iterator=train_iter, init_from=init_from, init_from_which=which
+    )
     if origin == "init_from" and "ema" in state:
-      state["ema"], state["ema_rest"] = state["params"], state["rest"]
+      # Copies: the step donates its state, and one buffer must not be donated twice.
+      state["ema"] = jax.tree.map(jnp.copy, state["params"])
+      state["ema_rest"] = jax.tree.map(jnp.copy, state["rest"])
     state = sharding.replicate(state, mesh)
     start_step = int(jax.device_get(state["step"]))
 
