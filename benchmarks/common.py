@@ -1,4 +1,5 @@
-"""Pieces the quality benchmarks share: command-line config overrides and resumable JSON."""
+"""Pieces the quality benchmarks share: config overrides, resumable JSON, a run's stored
+predictions and the metrics computed from them (clustered CIs, paired AUC differences)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import json
 import os
 from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
+
+from busjax.evaluators import metrics
 
 
 def apply_overrides(config, overrides: Iterable[str]):
@@ -30,3 +35,48 @@ def write_json_atomic(path: str | None, data: Any) -> None:
   with open(tmp, "w") as f:
     json.dump(data, f, indent=2)
   os.replace(tmp, path)
+
+
+def load_predictions(run_dir: str, name: str) -> dict[str, np.ndarray] | None:
+  """The predictions a run's protocol saved for report `name` (reports/<name>_predictions.npz)."""
+  path = os.path.join(run_dir, "reports", f"{name}_predictions.npz")
+  if not os.path.exists(path):
+    return None
+  with np.load(path, allow_pickle=False) as f:
+    keys = ("ids", "y_malignant", "p_malignant", "clusters", "copy_in_train")
+    return {k: f[k] for k in keys if k in f}
+
+
+def set_metrics(preds: dict[str, np.ndarray], threshold: float | None, bootstrap: int) -> dict:
+  """AUC with a clustered bootstrap CI, the AUC without images that have a copy in train, and
+  balanced accuracy / sensitivity / specificity at `threshold` (chosen on val)."""
+  y, p = preds["y_malignant"], preds["p_malignant"]
+  ci = metrics.bootstrap_ci(metrics.roc_auc, y, p, clusters=preds["clusters"], n=bootstrap)
+  out = {"images": int(len(y)), "auc": metrics.roc_auc(y, p), "auc_ci": [ci.lo, ci.hi]}
+  copies = preds.get("copy_in_train")
+  if copies is not None and copies.any():  # BreastMNIST's split: test images copied in train.
+    free = ~copies.astype(bool)
+    out["images_with_copy_in_train"] = int(copies.sum())
+    out["auc_leak_free"] = metrics.roc_auc(y[free], p[free])
+  if threshold is not None:
+    at = metrics.threshold_metrics(y, p, threshold)
+    out.update({k: at[k] for k in ("balanced_accuracy", "sensitivity", "specificity")})
+  return out
+
+
+def paired_auc_difference(a: dict, b: dict, bootstrap: int) -> dict | None:
+  """AUC(a) - AUC(b) on the same images: paired clustered bootstrap CI (the same resampled
+  clusters for both, so near-duplicates count once) and DeLong's paired p-value (which assumes
+  independent images: optimistic where copies exist). None if the images differ."""
+  if a is None or b is None or not np.array_equal(a["ids"], b["ids"]):
+    return None
+  y = a["y_malignant"]
+  scores = np.stack([a["p_malignant"], b["p_malignant"]], axis=1)
+  diff = lambda y_, s: metrics.roc_auc(y_, s[:, 0]) - metrics.roc_auc(y_, s[:, 1])
+  ci = metrics.bootstrap_ci(diff, y, scores, clusters=a["clusters"], n=bootstrap)
+  test = metrics.delong_test(y, scores[:, 0], scores[:, 1])
+  return {
+    "auc_diff": test["diff"],
+    "auc_diff_ci_clustered": [ci.lo, ci.hi],
+    "delong_p": test["p_value"],
+  }

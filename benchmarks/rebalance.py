@@ -37,7 +37,6 @@ from absl import app, flags, logging
 
 from benchmarks import common
 from busjax import configlib
-from busjax.evaluators import metrics
 from busjax.trainers import gan_rebalance
 from configs import gan_rebalance as gan_config
 
@@ -93,30 +92,6 @@ def _config(arm: str, seed: int):
   return config
 
 
-def _load_predictions(run_dir: str, name: str) -> dict[str, np.ndarray] | None:
-  path = os.path.join(run_dir, "reports", f"{name}_predictions.npz")
-  if not os.path.exists(path):
-    return None
-  with np.load(path, allow_pickle=False) as f:
-    keys = ("ids", "y_malignant", "p_malignant", "clusters", "copy_in_train")
-    return {k: f[k] for k in keys if k in f}
-
-
-def _set_metrics(preds: dict[str, np.ndarray], threshold: float | None) -> dict:
-  y, p = preds["y_malignant"], preds["p_malignant"]
-  ci = metrics.bootstrap_ci(metrics.roc_auc, y, p, clusters=preds["clusters"], n=_BOOTSTRAP.value)
-  out = {"images": int(len(y)), "auc": metrics.roc_auc(y, p), "auc_ci": [ci.lo, ci.hi]}
-  copies = preds.get("copy_in_train")
-  if copies is not None and copies.any():  # BreastMNIST's split: test images copied in train.
-    free = ~copies.astype(bool)
-    out["images_with_copy_in_train"] = int(copies.sum())
-    out["auc_leak_free"] = metrics.roc_auc(y[free], p[free])
-  if threshold is not None:
-    at = metrics.threshold_metrics(y, p, threshold)
-    out.update({k: at[k] for k in ("balanced_accuracy", "sensitivity", "specificity")})
-  return out
-
-
 def _run(arm: str, seed: int) -> dict:
   config = _config(arm, seed)
   run_dir = os.path.join(_WORKDIR.value, f"{arm}__seed{seed}")
@@ -136,9 +111,9 @@ def _run(arm: str, seed: int) -> dict:
     "sets": {},
   }
   for name in ("test", "busbra"):
-    preds = _load_predictions(run_dir, name)
+    preds = common.load_predictions(run_dir, name)
     if preds is not None:
-      row["sets"][name] = _set_metrics(preds, summary.get("threshold"))
+      row["sets"][name] = common.set_metrics(preds, summary.get("threshold"), _BOOTSTRAP.value)
   return row
 
 
@@ -152,26 +127,15 @@ def _compare(rows: list[dict]) -> list[dict]:
     if r["arm"] == _REFERENCE.value or ref is None:
       continue
     for name in r["sets"]:
-      a = _load_predictions(r["workdir"], name)
-      b = _load_predictions(ref["workdir"], name)
-      if a is None or b is None or not np.array_equal(a["ids"], b["ids"]):
-        continue
-      y = a["y_malignant"]
-      scores = np.stack([a["p_malignant"], b["p_malignant"]], axis=1)
-      diff = lambda y_, s: metrics.roc_auc(y_, s[:, 0]) - metrics.roc_auc(y_, s[:, 1])
-      ci = metrics.bootstrap_ci(diff, y, scores, clusters=a["clusters"], n=_BOOTSTRAP.value)
-      test = metrics.delong_test(y, scores[:, 0], scores[:, 1])
-      out.append(
-        {
-          "arm": r["arm"],
-          "reference": _REFERENCE.value,
-          "seed": r["seed"],
-          "set": name,
-          "auc_diff": test["diff"],
-          "auc_diff_ci_clustered": [ci.lo, ci.hi],
-          "delong_p": test["p_value"],
-        }
+      paired = common.paired_auc_difference(
+        common.load_predictions(r["workdir"], name),
+        common.load_predictions(ref["workdir"], name),
+        _BOOTSTRAP.value,
       )
+      if paired is not None:
+        out.append(
+          {"arm": r["arm"], "reference": _REFERENCE.value, "seed": r["seed"], "set": name, **paired}
+        )
   return out
 
 
@@ -253,9 +217,9 @@ def main(argv):
         result = json.load(f)
       for row in result["rows"]:  # Today's metrics of the stored runs, where their files are.
         for name in list(row["sets"]):
-          preds = _load_predictions(row["workdir"], name)
+          preds = common.load_predictions(row["workdir"], name)
           if preds is not None:
-            row["sets"][name] = _set_metrics(preds, row.get("threshold"))
+            row["sets"][name] = common.set_metrics(preds, row.get("threshold"), _BOOTSTRAP.value)
       result["aggregate"] = _aggregate(result["rows"])
       print(_markdown(result))
     return
