@@ -49,6 +49,7 @@ def get_config(arg=None):
   c.init_from_encoder = "scratch" not in args
   c.input.batch_size = 32
   c.train.epochs = 30
+  c.train.min_steps = 300  # Few labels still get enough updates (10% of BUSI: ~200 epochs).
   c.train.ema_decay = 0.99
   c.train.eval_every = 50
   c.optim.lr = 5e-4  # Half the from-scratch rate: the encoder starts somewhere useful.

@@ -342,9 +342,12 @@ def eval_variables(state) -> tuple[Any, Any]:
 
 
 def _num_steps(config, num_train: int) -> int:
+  """train.num_steps if set, else the epochs' steps, at least train.min_steps (few-label runs:
+  10% of the labels for the same epochs would be a tenth of the updates)."""
   if config.train.get("num_steps"):
     return int(config.train.num_steps)
-  return max(1, math.ceil(config.train.epochs * num_train / config.input.batch_size))
+  steps = math.ceil(config.train.epochs * num_train / config.input.batch_size)
+  return max(1, steps, int(config.train.get("min_steps", 0)))
 
 
 def train_split(
