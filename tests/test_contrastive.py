@@ -236,7 +236,11 @@ def test_pretraining_checkpoints_and_reports_its_linear_probe(pretrained_run):
   report = json.load(open(os.path.join(workdir, "reports", "test", "report.json")))
   assert report["provenance"]["synthetic"] is True
   assert "pretrained unlabelled on phantom/train+val" in report["provenance"]["trained_on"]
-  assert checkpointing.Checkpointer(workdir).latest_step() == config.ssl.steps
+  with checkpointing.Checkpointer(workdir) as ckpt:
+    assert ckpt.latest_step() == config.ssl.steps
+  # The same command on the same workdir resumes: nothing left to train.
+  again = contrastive.pretrain(config, workdir)
+  assert again.info["resumed_at_step"] == config.ssl.steps
 
 
 @pytest.mark.slow
