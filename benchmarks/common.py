@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import platform
 from collections.abc import Iterable
 from typing import Any
 
@@ -80,3 +81,25 @@ def paired_auc_difference(a: dict, b: dict, bootstrap: int) -> dict | None:
     "auc_diff_ci_clustered": [ci.lo, ci.hi],
     "delong_p": test["p_value"],
   }
+
+
+def start(workdir: str, output: str | None) -> list[dict]:
+  """Quiet logs, a compilation cache in `workdir`, and the rows a previous run of the same
+  command already recorded in `output` (the benchmark skips them)."""
+  import jax
+  from absl import logging
+
+  logging.set_verbosity(logging.WARNING)
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  if output and os.path.exists(output):
+    with open(output) as f:
+      return json.load(f)["rows"]
+  return []
+
+
+def machine() -> dict[str, Any]:
+  """Where a benchmark ran (every JSON records it)."""
+  import jax
+
+  return {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()]}

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 
-import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from benchmarks import common
 from busjax import configlib
@@ -228,19 +226,13 @@ def main(argv):
     raise app.UsageError(f"unknown arms {sorted(unknown)}; expected {list(ARMS)}")
   if _BUSI.value and not _SPLIT.value:
     raise app.UsageError("--busi_root needs --split_file (the BreastMNIST split)")
-  logging.set_verbosity(logging.WARNING)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-  rows = []
-  if _OUTPUT.value and os.path.exists(_OUTPUT.value):
-    with open(_OUTPUT.value) as f:
-      rows = json.load(f)["rows"]
+  rows = common.start(_WORKDIR.value, _OUTPUT.value)
 
   def result():
     return {
       "benchmark": "rebalance",
       "data": {"busi": _BUSI.value, "split_file": _SPLIT.value, "busbra": _BUSBRA.value},
-      "machine": {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()]},
+      "machine": common.machine(),
       "reference": _REFERENCE.value,
       "rows": rows,
       "aggregate": _aggregate(rows),

@@ -219,24 +219,12 @@ def multiscale_model(args: set[str], *, where: str) -> ml_collections.ConfigDict
   fusion = choice(args, "fusion", MULTISCALE_FUSIONS, "cross_attention", where=where)
   if choice(args, "backbone", ("multiscale", "plain"), "multiscale", where=where) == "plain":
     return base_config().model
-  return ml_collections.ConfigDict(
-    dict(
-      name="multiscale",
-      backbone="resnet18",
-      width=0.5,
-      scales=3,
-      fusion=fusion,
-      fusion_width=128,
-      heads=4,
-      mlp_ratio=2,
-      in_channels=1,
-      dropout=0.0,
-      dtype="float32",
-      normalization="default",
-      pretrained=optional_path(),
-      pretrained_format=optional_path(),
-    )
-  )
+  model = base_config().model
+  model.update(
+    name="multiscale", backbone="resnet18", scales=3, fusion=fusion, fusion_width=128, heads=4,
+    mlp_ratio=2,
+  )  # fmt: skip
+  return model
 
 
 def parse_arg(arg: str | None) -> set[str]:

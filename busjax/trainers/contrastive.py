@@ -336,12 +336,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> Pretrained:
       state, step_metrics = train_step(state, batch, jax.random.fold_in(rng, step))
       is_ckpt = step % ckpt_every == 0 or step == total_steps
       if step % config.train.log_every == 0 or is_ckpt or step == start_step + 1:
-        host_metrics = jax.device_get(step_metrics)
-        if not state_utils.all_finite(host_metrics):
-          ckpt.wait_until_finished()
-        state_utils.check_finite(host_metrics, step, last_good_step, workdir)
-        writer.write_scalars(step, host_metrics, split="train")
-        progress(step, host_metrics)
+        state_utils.log_train_metrics(
+          step_metrics, step, ckpt=ckpt, last_good_step=last_good_step, workdir=workdir,
+          writer=writer, progress=progress,
+        )  # fmt: skip
       if is_ckpt:
         ckpt.save(
           step,

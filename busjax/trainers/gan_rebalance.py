@@ -376,12 +376,10 @@ class _GanRun:
       batch = sharding.host_to_global({"image": batch["image"], "label": batch["label"]}, self.mesh)
       self.state, step_metrics = self.step_fn(self.state, batch, jax.random.fold_in(rng, step))
       if step % g.log_every == 0 or step == last_step or step == start + 1:
-        host = jax.device_get(step_metrics)
-        if not state_utils.all_finite(host):
-          self.ckpt.wait_until_finished()
-        state_utils.check_finite(host, step, last_good, self.workdir)
-        self.writer.write_scalars(step, host, split="gan")
-        progress(step, host)
+        state_utils.log_train_metrics(
+          step_metrics, step, ckpt=self.ckpt, last_good_step=last_good, workdir=self.workdir,
+          writer=self.writer, progress=progress, split="gan",
+        )  # fmt: skip
       if step % max(1, g.checkpoint_every) == 0 or step == last_step:
         self.ckpt.save(
           step,

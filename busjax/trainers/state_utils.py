@@ -191,3 +191,17 @@ def check_finite(host_metrics, step: int, last_good_step: int | None, workdir: s
     f"non-finite training metrics at step {step}: {values}; {where}. "
     "Lower config.optim.lr, set config.optim.clip_norm, or use float32."
   )
+
+
+def log_train_metrics(
+  step_metrics, step: int, *, ckpt, last_good_step, workdir, writer, progress, split="train"
+) -> dict[str, Any]:
+  """Fetches a step's metrics, stops the run on a non-finite value (once pending checkpoint saves
+  have finished, so the last good one is on disk), then writes and prints them."""
+  host_metrics = jax.device_get(step_metrics)
+  if not all_finite(host_metrics):
+    ckpt.wait_until_finished()
+  check_finite(host_metrics, step, last_good_step, workdir)
+  writer.write_scalars(step, host_metrics, split=split)
+  progress(step, host_metrics)
+  return host_metrics
