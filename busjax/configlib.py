@@ -15,7 +15,16 @@ from ml_collections import config_dict
 
 from busjax.data import augment
 
-SOURCES = ("phantom", "busi", "busbra", "breastmnist", "csv", "tfds")
+SOURCES = (
+  "phantom",
+  "busi",
+  "busbra",
+  "breastmnist",
+  "csv",
+  "tfds",
+  "paired_phantom",
+  "paired_csv",
+)
 SPLIT_KINDS = ("kfold", "predefined", "official_folds", "holdout")
 # optim.decay: which parameters AdamW decays. "kernels": weights with >= 2 dimensions (no decay
 # on BatchNorm scales and biases, the usual practice); "all": every parameter.
@@ -265,7 +274,7 @@ def validate_data(prefix: str, d: ml_collections.ConfigDict) -> None:
     d.get("on_error", "raise") in ("raise", "skip"),
     f"{prefix}.on_error={d.get('on_error')!r}: expected 'raise' or 'skip'",
   )
-  if d.source == "phantom":
+  if d.source in ("phantom", "paired_phantom"):
     _check(
       64 <= d.image_size <= 512,
       f"{prefix}.image_size={d.image_size!r}: the phantom generator makes 64..512 px images",

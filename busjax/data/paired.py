@@ -199,6 +199,37 @@ def from_config(data_config: Any) -> PairedData:
   raise ValueError(f"paired data source must be 'paired_phantom' or 'paired_csv', got {source!r}")
 
 
+def patient_collection(data: PairedData) -> records.Collection:
+  """One record per patient, for the shared protocol (splits, reports, clustered CIs).
+
+  Each record's ``meta["us"]`` and ``meta["mammo"]`` hold the patient's image records; its own
+  image is the first ultrasound image (so single-image tools still see something sensible).
+  """
+  by_patient: dict[str, dict[str, list[records.Record]]] = {}
+  for modality, collection in (("us", data.us), ("mammo", data.mammo)):
+    for r in collection.records:
+      by_patient.setdefault(r.patient_id, {"us": [], "mammo": []})[modality].append(r)
+  out = []
+  for patient in sorted(by_patient):
+    us, mammo = by_patient[patient]["us"], by_patient[patient]["mammo"]
+    first = us[0]
+    meta = {"us": tuple(us), "mammo": tuple(mammo), "modality": "paired"}
+    if "split" in first.meta:
+      meta["split"] = first.meta["split"]
+    out.append(records.Record(patient, first.label, patient, first.image, first.mask, meta))
+  return records.Collection(
+    name=data.name, records=tuple(out), synthetic=data.synthetic, root=data.us.root
+  )
+
+
+def images_of(patients: records.Collection, modality: str) -> records.Collection:
+  """The `modality` images of a patient collection's patients (one record per image)."""
+  if modality not in MODALITIES:
+    raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+  images = tuple(r for p in patients.records for r in p.meta[modality])
+  return dataclasses.replace(patients, name=f"{patients.name}/{modality}", records=images)
+
+
 def split(data: PairedData, split_config, *, fold: int | None = None) -> dict[str, PairedData]:
   """Train / val / test by patient (both modalities of a patient in one part).
 

@@ -771,6 +771,10 @@ def from_config(data_config: Any) -> records.Collection:
       **dict(phantom_kwargs), image_size=data_config.image_size, include_normal=classes != "binary"
     )
     return _malignant_vs_rest(collection) if classes == "malignant_vs_rest" else collection
+  if source in ("paired_phantom", "paired_csv"):
+    from busjax.data import paired  # Lazy: the mammography phantom is only needed here.
+
+    return paired.patient_collection(paired.from_config(data_config))
   if source != "tfds" and not root:
     raise records.DataError(f"config.data.root is empty for source {source!r}")
   if source == "busi":
