@@ -77,6 +77,9 @@ def get_config(arg=None):
       ),
       normalization="per_modality",
       stack_cv=5,
+      # Where branch_us/ and branch_mammo/ live (default: the workdir). Point stage-2 ablations
+      # at one finished run's folder to reuse its branches instead of retraining them.
+      branches_dir=configlib.optional_path(),
     )
   )
   c.input.batch_size = 32

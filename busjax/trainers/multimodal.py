@@ -83,6 +83,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     f"multimodal.normalization={m.normalization!r}: one of {NORMALIZATIONS}",
   )
   configlib.check(m.stack_cv >= 2, f"multimodal.stack_cv={m.stack_cv!r}: expected >= 2")
+  configlib.check(
+    not (m.get("branches_dir") and c.split.get("cross_validate")),
+    "multimodal.branches_dir reuses one split's branches; it cannot serve cross-validation",
+  )
 
 
 def branch_config(config: ml_collections.ConfigDict, modality: str) -> ml_collections.ConfigDict:
@@ -207,6 +211,9 @@ def train_split(
   m = config.multimodal
   modalities = tuple(m.modalities)
   branches, branch_info = {}, {}
+  # Stage-2 ablations share stage 1: a finished branch run in `branches_dir` is restored, not
+  # retrained (same split and branch config required; the branch's own checkpoint checks shapes).
+  branch_root = m.get("branches_dir") or workdir
   for modality in modalities:
     images = {
       part: paired.images_of(data[part], modality)
@@ -215,7 +222,7 @@ def train_split(
     }
     logging.info("Stage 1, %s branch: %d train images.", modality, len(images["train"]))
     branches[modality] = supervised.train_split(
-      branch_config(config, modality), os.path.join(workdir, f"branch_{modality}"), images
+      branch_config(config, modality), os.path.join(branch_root, f"branch_{modality}"), images
     )
     info = branches[modality].info
     branch_info[modality] = {
