@@ -191,6 +191,27 @@ def _markdown(result: dict) -> str:
       f"{pm(e['specificity'], n)} | "
       f"{e['synthetic_train_images']:.0f} | {e['minutes']:.1f} |"
     )
+  rounds = [
+    (r["arm"], r["seed"], k)
+    for r in result["rows"]
+    for k in r.get("rounds") or []
+    if k.get("sample_quality")
+  ]
+  if rounds:
+    lines += [
+      "",
+      "| arm | seed | round | kept / needed | candidates: D1 / confidence / distance / not a copy "
+      "| KID | Fréchet | precision | recall |",
+      "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, seed, k in rounds:
+      q = k["sample_quality"]
+      lines.append(
+        f"| {arm} | {seed} | {k['round']} | {k['kept']} / {k['needed']} | {k['candidates']}: "
+        f"{k['passed_discriminator']} / {k['passed_confidence']} / {k['passed_distance']} / "
+        f"{k['passed_memorisation']} | {q['kid']:.3f} | {q['frechet_distance']:.1f} | "
+        f"{q['precision']:.2f} | {q['recall']:.2f} |"
+      )
   if result["comparisons"]:
     lines += [
       "",
