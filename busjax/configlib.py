@@ -236,6 +236,24 @@ def multiscale_model(args: set[str], *, where: str) -> ml_collections.ConfigDict
   return model
 
 
+def load_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of a config file, as ``--config=path:arg`` would give (Colab, tests).
+
+  `path` may also be a bare name of busjax's own configs (``"supervised"``).
+  """
+  import importlib.util
+
+  if not path.endswith(".py"):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                        f"{path}.py")  # fmt: skip
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path}: no such config file")
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def parse_arg(arg: str | None) -> set[str]:
   """`configs/x.py:smoke,cv` -> {"smoke", "cv"}."""
   return {a.strip() for a in (arg or "").split(",") if a.strip()}

@@ -1,7 +1,6 @@
 """Every config file and documented argument builds a config that validates (or fails clearly)."""
 
 import csv
-import importlib.util
 import json
 import os
 
@@ -16,10 +15,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def get_config(name, arg=""):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configlib.load_file(os.path.join(CONFIGS, f"{name}.py"), arg)
 
 
 @pytest.mark.parametrize(
@@ -120,3 +116,11 @@ def test_fusion_smoke_trains_end_to_end(tmp_path):
   p = np.asarray([float(r["p_malignant"]) for r in rows])
   assert len(rows) == report["counts"]["images"] and len(set(p.tolist())) > 1
   assert summary["reports"]["test"]["auc"] == pytest.approx(metrics.roc_auc(y, p), abs=1e-9)
+
+
+def test_load_file_by_path_or_bare_name_and_a_clear_error_for_neither():
+  by_name = configlib.load_file("ssl_finetune", "smoke,scratch")
+  by_path = configlib.load_file(os.path.join(CONFIGS, "ssl_finetune.py"), "smoke,scratch")
+  assert by_name.to_dict() == by_path.to_dict() and by_name.init_from_encoder is False
+  with pytest.raises(configlib.ConfigError, match="no such config file"):
+    configlib.load_file("no_such_recipe")

@@ -15,14 +15,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def _config(arg="smoke"):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(
-    "multimodal", os.path.join(CONFIGS, "multimodal.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configlib.load_file(os.path.join(CONFIGS, "multimodal.py"), arg)
 
 
 def _features(seed=0, n=60, widths=(6, 10)):

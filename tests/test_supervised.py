@@ -20,12 +20,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def _smoke_config(name="supervised", arg="smoke"):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configlib.load_file(os.path.join(CONFIGS, f"{name}.py"), arg)
 
 
 def _mesh(n):
