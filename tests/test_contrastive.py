@@ -183,7 +183,7 @@ def test_label_subsets_are_nested_whole_groups_per_class():
 
 
 def test_linear_probe_moves_only_the_head():
-  config = _config("ssl_finetune", "smoke,probe,scratch")
+  config = _config("ssl_finetune", "smoke,probe,scratch,backbone=plain")
   config.optim.warmup_steps = 0
   model = supervised.create_model(config.model, 2, 0)
   tx = supervised.head_only(supervised.create_optimizer(config.optim, 10))
