@@ -115,3 +115,10 @@ def test_patient_splits_keep_both_modalities_together():
     assert not us_ids & seen
     seen |= us_ids
   assert len(seen) == 50
+
+
+def test_grid_of_paired_phantoms_is_written(tmp_path):
+  path = tmp_path / "grid.png"
+  mammo_phantom.save_grid(str(path), per_class=1, image_size=64, shared=0.2)
+  image = Image.open(path)
+  assert image.size[0] > 300 and image.size[1] > 100
