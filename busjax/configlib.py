@@ -226,9 +226,9 @@ def multiscale_model(args: set[str], *, where: str) -> ml_collections.ConfigDict
   ablations, ``backbone=plain`` the plain ResNet-18 without the multiscale head.
   """
   fusion = choice(args, "fusion", MULTISCALE_FUSIONS, "cross_attention", where=where)
-  if choice(args, "backbone", ("multiscale", "plain"), "multiscale", where=where) == "plain":
-    return base_config().model
   model = base_config().model
+  if choice(args, "backbone", ("multiscale", "plain"), "multiscale", where=where) == "plain":
+    return model
   model.update(
     name="multiscale", backbone="resnet18", scales=3, fusion=fusion, fusion_width=128, heads=4,
     mlp_ratio=2,

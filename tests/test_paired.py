@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from busjax.data import mammo_phantom, paired, records
+from busjax.data import mammo_phantom, paired, records, splits
 
 
 def test_paired_phantom_gives_both_modalities_per_patient_with_one_label():
@@ -71,9 +71,11 @@ def test_manifest_reads_views_of_both_modalities(tmp_path):
   assert len(data.us) == 2 and len(data.mammo) == 3
   ids, labels = data.patients()
   assert ids.tolist() == ["p1", "p2"] and labels.tolist() == [1, 0]
-  parts = paired.split(data, {"kind": "predefined"})
-  assert [r.patient_id for r in parts["test"].us.records] == ["p2"]
-  assert {r.patient_id for r in parts["train"].mammo.records} == {"p1"}
+  parts = splits.make_splits(
+    paired.patient_collection(data), {"kind": "predefined", "near_duplicates": False}
+  )
+  assert [r.patient_id for r in paired.images_of(parts["test"], "us").records] == ["p2"]
+  assert {r.patient_id for r in paired.images_of(parts["train"], "mammo").records} == {"p1"}
 
 
 def test_manifest_missing_partner_is_an_error_or_a_counted_drop(tmp_path, caplog):
@@ -107,11 +109,12 @@ def test_manifest_names_lines_that_disagree_or_are_broken(tmp_path):
 
 def test_patient_splits_keep_both_modalities_together():
   data = mammo_phantom.make_paired(counts=(30, 20), image_size=64, seed=1)
-  parts = paired.split(data, {"kind": "kfold", "k": 5, "val_fraction": 0.2, "seed": 0}, fold=2)
+  config = {"kind": "kfold", "k": 5, "val_fraction": 0.2, "seed": 0, "near_duplicates": False}
+  parts = splits.make_splits(paired.patient_collection(data), config, fold=2)
   seen = set()
   for part in parts.values():
-    us_ids = {r.patient_id for r in part.us.records}
-    assert us_ids == {r.patient_id for r in part.mammo.records}
+    us_ids = {r.patient_id for r in paired.images_of(part, "us").records}
+    assert us_ids == {r.patient_id for r in paired.images_of(part, "mammo").records}
     assert not us_ids & seen
     seen |= us_ids
   assert len(seen) == 50

@@ -232,8 +232,8 @@ def elastic(
   size_y, size_x = image.shape
   yy, xx = np.meshgrid(np.arange(size_y), np.arange(size_x), indexing="ij")
   coords = np.stack([yy + field[0], xx + field[1]])
-  out = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=0.0)
-  out = np.clip(out + 0.5, 0, 255).astype(np.uint8) if out.dtype != np.uint8 else out
+  out = ndimage.map_coordinates(image.astype(np.float32), coords, order=1, cval=0.0)
+  out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
   if mask is None:
     return out
   return out, ndimage.map_coordinates(mask, coords, order=0, mode="constant", cval=0)

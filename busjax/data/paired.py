@@ -8,7 +8,8 @@ counts), plus the pairing: a patient's rows must agree on label and split, and a
 an image of one modality either stops loading (default) or, with ``missing_partner="drop"``, is
 dropped with a counted warning.
 
-Splits are by patient (`split`): both modalities of a patient always land in the same part.
+Splits are by patient: the shared protocol splits `patient_collection` (one record per patient),
+so both modalities of a patient always land in the same part; `images_of` expands a part.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from busjax.data import records, sources, splits
+from busjax.data import records, sources
 
 MODALITIES = ("us", "mammo")
 
@@ -50,16 +51,6 @@ class PairedData:
       labels.setdefault(r.patient_id, r.label)
     ids = np.asarray(sorted(labels))
     return ids, np.asarray([labels[i] for i in ids], np.int32)
-
-  def select(self, patient_ids, name: str) -> PairedData:
-    """The images of `patient_ids` only (both modalities), named `name`."""
-    keep = {str(p) for p in patient_ids}
-
-    def part(collection: records.Collection, modality: str) -> records.Collection:
-      idx = [i for i, r in enumerate(collection.records) if r.patient_id in keep]
-      return collection.subset(idx, name=f"{name}/{modality}")
-
-    return PairedData(part(self.us, "us"), part(self.mammo, "mammo"), name)
 
 
 def _drop_unpaired(
@@ -228,29 +219,3 @@ def images_of(patients: records.Collection, modality: str) -> records.Collection
     raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
   images = tuple(r for p in patients.records for r in p.meta[modality])
   return dataclasses.replace(patients, name=f"{patients.name}/{modality}", records=images)
-
-
-def split(data: PairedData, split_config, *, fold: int | None = None) -> dict[str, PairedData]:
-  """Train / val / test by patient (both modalities of a patient in one part).
-
-  A manifest's ``split`` column is used when ``split_config.kind`` is "predefined"; otherwise
-  patients are split like records by `splits.make_splits` (stratified, grouped by patient).
-  """
-  ids, labels = data.patients()
-  split_of = {}
-  for r in (*data.us.records, *data.mammo.records):
-    if "split" in r.meta:
-      split_of[r.patient_id] = r.meta["split"]
-  patient_records = tuple(
-    records.Record(id=str(p), label=int(y), patient_id=str(p), image=np.zeros((1, 1), np.uint8),
-                   meta={"split": split_of[p]} if p in split_of else {})
-    for p, y in zip(ids.tolist(), labels.tolist(), strict=True)
-  )  # fmt: skip
-  patients = records.Collection(f"{data.name}/patients", patient_records)
-  config = dict(split_config)
-  config["near_duplicates"] = False  # Patients are the unit here; images are never compared.
-  parts = splits.make_splits(patients, config, fold=fold)
-  return {
-    part: data.select([r.patient_id for r in collection.records], collection.name)
-    for part, collection in parts.items()
-  }

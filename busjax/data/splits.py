@@ -516,14 +516,14 @@ def label_subset(train: records.Collection, fraction: float, seed: int) -> np.nd
   labels = train.labels
   names, group_of = np.unique(clusters, return_inverse=True)
   group_label = np.asarray([np.bincount(labels[group_of == g]).argmax() for g in range(len(names))])
+  group_size = np.bincount(group_of, minlength=len(names))
   rng = np.random.default_rng(seed)
   keep = np.zeros(len(names), bool)
   for label in np.unique(labels):
     candidates = np.flatnonzero(group_label == label)
     candidates = candidates[rng.permutation(len(candidates))]
     target = math.ceil(fraction * int((labels == label).sum()))
-    sizes = np.bincount(group_of, minlength=len(names))[candidates]
-    taken = int(np.searchsorted(np.cumsum(sizes), target) + 1)
+    taken = int(np.searchsorted(np.cumsum(group_size[candidates]), target) + 1)
     keep[candidates[: max(1, taken)]] = True
   return np.flatnonzero(keep[group_of])
 

@@ -127,13 +127,16 @@ def nt_xent(
 # ----------------------------------------------------------------------------------------------
 
 
-def pretraining_images(config: ml_collections.ConfigDict) -> tuple[records.Collection, np.ndarray]:
+def pretraining_images(
+  config: ml_collections.ConfigDict, loaded: tuple[records.Collection, Any]
+) -> tuple[records.Collection, np.ndarray]:
   """(collection, group id per record): config.data's non-test split part + extra sources.
 
-  Group ids join a patient's images and near-duplicate copies within each source (for the
-  same-group positives); ids of different sources never coincide.
+  `loaded` is `protocol.load_data(config)`. Group ids join a patient's images and near-duplicate
+  copies within each source (for the same-group positives); ids of different sources never
+  coincide.
   """
-  collection, pairs = protocol.load_data(config)
+  collection, pairs = loaded
   parts = splits.make_splits(collection, config.split, pairs=pairs)
   pieces = [
     records.Collection(
@@ -195,17 +198,11 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   """AdamW (as the supervised regime's) or LARS (SimCLR's large-batch choice), warmup + cosine."""
   if config.ssl.optimizer == "adamw":
     return supervised.create_optimizer(config.optim, total_steps)
-  o = config.optim
-  warmup = min(int(o.get("warmup_steps", 0)), max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-    0.0 if warmup else o.lr, o.lr, warmup, max(total_steps, warmup + 1), o.lr * o.final_lr_fraction
-  )
-  kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   return optax.lars(
-    schedule,
-    weight_decay=o.get("weight_decay", 0.0),
-    weight_decay_mask=kernels,
-    trust_ratio_mask=kernels,
+    supervised.lr_schedule(config.optim, total_steps),
+    weight_decay=config.optim.get("weight_decay", 0.0),
+    weight_decay_mask=supervised.kernels_only,
+    trust_ratio_mask=supervised.kernels_only,
   )
 
 
@@ -266,10 +263,17 @@ class Pretrained:
   info: dict[str, Any]
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> Pretrained:
-  """Pretrains on the unlabelled images; resumable at any checkpoint (state + Grain iterator)."""
+def pretrain(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  loaded: tuple[records.Collection, Any] | None = None,
+) -> Pretrained:
+  """Pretrains on the unlabelled images; resumable at any checkpoint (state + Grain iterator).
+
+  `loaded`: `protocol.load_data(config)`, if the caller has it already.
+  """
   os.makedirs(workdir, exist_ok=True)
-  images, groups = pretraining_images(config)
+  images, groups = pretraining_images(config, loaded or protocol.load_data(config))
   mesh = sharding.make_mesh(config.get("mesh"))
   batch_size = int(config.input.batch_size)
   if batch_size % mesh.devices.size:
@@ -435,9 +439,10 @@ def probe_split(
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pretrains (checkpoints in `workdir`), then reports the linear probe like every regime."""
-  pretrained = pretrain(config, workdir)
+  loaded = protocol.load_data(config)  # Once: the pretraining and the probe share it.
+  pretrained = pretrain(config, workdir, loaded)
   if config.ssl.probe == "none":
     return {"workdir": workdir, **pretrained.info}
   return protocol.train_and_evaluate(
-    config, workdir, functools.partial(probe_split, pretrained=pretrained)
+    config, workdir, functools.partial(probe_split, pretrained=pretrained), loaded=loaded
   )

@@ -205,14 +205,22 @@ def run_split(
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, train_split: TrainSplit
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  train_split: TrainSplit,
+  *,
+  loaded: tuple[records.Collection, Any] | None = None,
 ) -> dict[str, Any]:
-  """Runs `train_split` under the protocol `config` describes; reports go under `workdir`."""
+  """Runs `train_split` under the protocol `config` describes; reports go under `workdir`.
+
+  `loaded`: `load_data(config)`'s result when the regime already has it (no second near-duplicate
+  search).
+  """
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  collection, pairs = load_data(config)
+  collection, pairs = loaded or load_data(config)
   external = load_external(config)
   if not config.split.get("cross_validate"):
     data = splits.make_splits(collection, config.split, pairs=pairs)

@@ -120,6 +120,23 @@ def _preprocess(images, model_config):
   )
 
 
+def lr_schedule(optim_config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``final_lr_fraction``."""
+  warmup = min(int(optim_config.get("warmup_steps", 0)), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0 if warmup else optim_config.lr,
+    peak_value=optim_config.lr,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=optim_config.lr * optim_config.get("final_lr_fraction", 0.01),
+  )
+
+
+def kernels_only(params):
+  """Weight-decay mask: weights with >= 2 dimensions (not BatchNorm scales or biases)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def create_optimizer(
   optim_config: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
@@ -128,17 +145,8 @@ def create_optimizer(
   ``optim_config.decay`` = "kernels" (default) decays only weights with >= 2 dimensions:
   decaying BatchNorm scales and biases pulls them to 0 for no regularising benefit.
   """
-  warmup = min(int(optim_config.get("warmup_steps", 0)), max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-    init_value=0.0 if warmup else optim_config.lr,
-    peak_value=optim_config.lr,
-    warmup_steps=warmup,
-    decay_steps=max(total_steps, warmup + 1),
-    end_value=optim_config.lr * optim_config.get("final_lr_fraction", 0.01),
-  )
-  mask = None
-  if optim_config.get("decay", "kernels") == "kernels":
-    mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  schedule = lr_schedule(optim_config, total_steps)
+  mask = kernels_only if optim_config.get("decay", "kernels") == "kernels" else None
   chain = []
   if optim_config.get("clip_norm"):
     chain.append(optax.clip_by_global_norm(optim_config.clip_norm))
