@@ -6,6 +6,7 @@ Rows (configs/multimodal.py arguments), per phantom setting and seed:
   mammo_only       mammography branch alone, same stack
   lr, svm, rf, et  one base learner alone on both modalities
   no_attention     both modalities, branches without ECA / CBAM, the stack
+  end_to_end       the same two attention branches under one head, trained jointly (no stack)
 Rows that differ only in stage 2 reuse the `stack` run's trained branches
 (``multimodal.branches_dir``), so they compare stage-2 choices on identical features.
 
@@ -42,8 +43,13 @@ ROWS = {
   "rf": "learner=rf",
   "et": "learner=et",
   "no_attention": "attention=none",
+  "end_to_end": "fusion=end_to_end",
 }
-_OWN_BRANCHES = ("stack", "no_attention")  # The others reuse the `stack` run's branches.
+_OWN_BRANCHES = (
+  "stack",
+  "no_attention",
+  "end_to_end",
+)  # The others reuse the `stack` run's branches.
 
 _ROWS = flags.DEFINE_list("rows", list(ROWS), f"Rows to run, of {list(ROWS)}.")
 _SHARED = flags.DEFINE_list("shared", ["0.2", "0.8"], "Phantom settings of data.paired.shared.")

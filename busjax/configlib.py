@@ -398,11 +398,22 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
     model.get("dtype", "float32") in ("float32", "bfloat16"),
     f"{prefix}.dtype={model.get('dtype')!r}: expected 'float32' or 'bfloat16'",
   )
-  _check(
-    model.get("in_channels", 1) in (1, 3),
-    f"{prefix}.in_channels={model.get('in_channels')!r}: "
-    "expected 1 (grayscale) or 3 (ImageNet weights)",
-  )
+  if model.name == "multimodal":
+    modalities = tuple(model.get("modalities", ()))
+    _check(
+      bool(modalities) and model.get("in_channels") == len(modalities),
+      f"{prefix}: a multimodal network needs modalities and in_channels = their number "
+      f"(got {modalities!r}, in_channels={model.get('in_channels')!r})",
+    )
+    for modality in modalities:
+      _check(modality in model, f"{prefix}.{modality}: the {modality} branch's model is missing")
+      validate_model(model[modality], prefix=f"{prefix}.{modality}")
+  else:
+    _check(
+      model.get("in_channels", 1) in (1, 3),
+      f"{prefix}.in_channels={model.get('in_channels')!r}: "
+      "expected 1 (grayscale) or 3 (ImageNet weights)",
+    )
   _check(
     model.get("normalization", "default") in ("default", "imagenet", "inception"),
     f"{prefix}.normalization={model.get('normalization')!r}: expected 'default', 'imagenet' or "

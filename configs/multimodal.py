@@ -17,6 +17,8 @@ Arguments (comma-separated after `:`), combinable:
   modality=NAME       both (default) | us | mammo: one modality alone.
   attention=none      branches without their attention blocks (fusion without attention).
   learner=NAME        stack (default) | lr | svm | rf | et: one base learner alone.
+  fusion=end_to_end   the same two branch networks under one linear head, trained jointly
+                      (busjax/models/multimodal.py) instead of frozen branches + stack.
   csv                 a paired manifest (--config.data.root=pairs.csv: patient_id,us_path,
                       mammo_path,label[,split]); its split column is used when present
                       (--config.split.kind=predefined).
@@ -42,7 +44,7 @@ def _branch_model(attention: str) -> ml_collections.ConfigDict:
 def get_config(arg=None):
   args = configlib.parse_arg(arg)
   known = {"smoke", "csv"}
-  keyed = ("modality=", "attention=", "learner=")
+  keyed = ("modality=", "attention=", "learner=", "fusion=")
   unknown = {a for a in args if a not in known and not a.startswith(keyed)}
   if unknown:
     raise ValueError(f"{WHERE}: unknown arguments {sorted(unknown)}; see the docstring")
@@ -75,6 +77,10 @@ def get_config(arg=None):
       learner=configlib.choice(
         args, "learner", ("stack", "lr", "svm", "rf", "et"), "stack", where=WHERE
       ),
+      fusion=configlib.choice(
+        args, "fusion", ("two_stage", "end_to_end"), "two_stage", where=WHERE
+      ),
+      end_to_end_dropout=0.2,
       normalization="per_modality",
       stack_cv=5,
       # Where branch_us/ and branch_mammo/ live (default: the workdir). Point stage-2 ablations

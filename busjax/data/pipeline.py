@@ -24,6 +24,7 @@ its name (records.DataError), not in a worker process hours later.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -523,6 +524,25 @@ def eval_batches(
   Yields:
     Batch dicts (see module docstring).
   """
+  for batch, rows in _eval_rows(collection, batch_size, process_index, process_count):
+    local = len(batch["label"])
+    batch["image"] = np.zeros((local, image_size, image_size, 1), np.uint8)
+    if with_masks:
+      batch["mask"] = np.zeros((local, image_size, image_size, 1), np.uint8)
+    for row, position in rows:
+      image, mask = _decode(collection.records[position], None, with_masks)
+      if with_masks:
+        image, mask = augment.resize_pad(image, image_size, mask)
+        batch["mask"][row, ..., 0] = mask
+      else:
+        image = augment.resize_pad(image, image_size)
+      batch["image"][row, ..., 0] = image
+    yield batch
+
+
+def _eval_rows(collection: records.Collection, batch_size: int, process_index, process_count):
+  """(batch with label/index/valid filled and padding rows, [(row, position), ...]) for this
+  process's rows of every global batch, in collection order (see `eval_batches`)."""
   process_index, process_count = _process_slot(process_index, process_count)
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
@@ -531,22 +551,151 @@ def eval_batches(
   for start in range(0, len(collection), batch_size):
     first = start + process_index * local
     batch = {
-      "image": np.zeros((local, image_size, image_size, 1), np.uint8),
       "label": np.zeros(local, np.int32),
       "index": np.full(local, -1, np.int32),
       "valid": np.zeros(local, bool),
     }
-    if with_masks:
-      batch["mask"] = np.zeros((local, image_size, image_size, 1), np.uint8)
-    for row, position in enumerate(range(first, min(first + local, len(collection)))):
-      image, mask = _decode(collection.records[position], None, with_masks)
-      if with_masks:
-        image, mask = augment.resize_pad(image, image_size, mask)
-        batch["mask"][row, ..., 0] = mask
-      else:
-        image = augment.resize_pad(image, image_size)
-      batch["image"][row, ..., 0] = image
+    rows = list(enumerate(range(first, min(first + local, len(collection)))))
+    for row, position in rows:
       batch["label"][row] = labels[position]
       batch["index"][row] = position
       batch["valid"][row] = True
+    yield batch, rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired modalities (end-to-end multimodal network): one channel per modality
+# ----------------------------------------------------------------------------------------------
+
+
+class _PatientViews:
+  """Random access over patients (Grain's protocol): every image of each modality of a patient
+  (``record.meta[modality]``, as `busjax.data.paired.patient_collection` builds), decoded once at
+  working resolution."""
+
+  def __init__(self, patients: records.Collection, modalities: Sequence[str], working_size: int):
+    self._views = []
+    for p in patients.records:
+      per_modality = []
+      for modality in modalities:
+        views = p.meta.get(modality) or ()
+        if not views:
+          raise records.DataError(
+            f"{patients.name}: patient {p.patient_id} has no {modality} image"
+          )
+        per_modality.append([_decode(r, working_size, False)[0] for r in views])
+      self._views.append(per_modality)
+    self._labels = patients.labels
+
+  def __len__(self) -> int:
+    return len(self._views)
+
+  def __getitem__(self, i: int) -> dict:
+    return {"views": self._views[i], "label": self._labels[i], "index": np.int32(i)}
+
+
+class _OneViewPerModality(grain.transforms.RandomMap):
+  """Draws one image of each modality, augments each on its own, stacks them as channels."""
+
+  def __init__(self, augmenter: augment.Augmenter):
+    self._augmenter = augmenter
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    channels = [
+      self._augmenter(views[int(rng.integers(len(views)))], rng) for views in element["views"]
+    ]
+    return {
+      "image": np.stack(channels, axis=-1),
+      "label": np.int32(element["label"]),
+      "index": np.int32(element["index"]),
+      "valid": np.bool_(True),
+    }
+
+
+def paired_dataset(
+  patients: records.Collection,
+  *,
+  modalities: Sequence[str],
+  image_size: int,
+  global_batch_size: int,
+  seed: int,
+  augment_config: ml_collections.ConfigDict | None,
+  num_workers: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.IterDataset:
+  """Infinite training batches of patients: ``image`` uint8 (B, H, W, len(modalities)), channel
+  m one of the patient's images of modality m (a fresh draw each epoch, e.g. the CC or the MLO
+  view), each augmented independently; ``label``, ``index`` (patient position), ``valid``.
+
+  Epochs are permutations of the patients; same seed, same batches on any number of processes,
+  as `train_dataset` (whose other arguments these are).
+  """
+  process_index, process_count = _process_slot(process_index, process_count)
+  if len(patients) == 0:
+    raise ValueError(f"collection {patients.name!r} has no patients")
+  source = _PatientViews(patients, modalities, round(WORKING_SCALE * image_size))
+  stream = grain.MapDataset.source(source).shuffle(seed=_derived_seed(seed, 0, 0)).repeat()
+  return _finish(
+    stream,
+    image_size=image_size,
+    global_batch_size=global_batch_size,
+    seed=seed,
+    augment_config=None,
+    num_workers=num_workers,
+    process_index=process_index,
+    process_count=process_count,
+    transform=_OneViewPerModality(augment.Augmenter(augment_config, image_size)),
+  )
+
+
+def view_combinations(
+  patients: records.Collection, modalities: Sequence[str]
+) -> tuple[records.Collection, np.ndarray]:
+  """Every combination of one image per modality of each patient, as records (patient order;
+  ``meta["views"]`` the images, one per modality), and each patient's number of combinations
+  (for averaging per patient with ``np.add.reduceat``)."""
+  out, counts = [], []
+  for p in patients.records:
+    combos = list(itertools.product(*(p.meta.get(m) or () for m in modalities)))
+    if not combos:
+      raise records.DataError(f"{patients.name}: patient {p.patient_id} lacks a modality")
+    counts.append(len(combos))
+    for views in combos:
+      out.append(
+        records.Record(
+          id="+".join(v.id for v in views),
+          label=p.label,
+          patient_id=p.patient_id,
+          image=views[0].image,
+          meta={"views": views},
+        )
+      )
+  combinations = records.Collection(
+    name=f"{patients.name}/{'+'.join(modalities)}",
+    records=tuple(out),
+    class_names=patients.class_names,
+    synthetic=patients.synthetic,
+    root=patients.root,
+  )
+  return combinations, np.asarray(counts, np.int64)
+
+
+def paired_eval_batches(
+  combinations: records.Collection,
+  *,
+  image_size: int,
+  batch_size: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """`eval_batches` of `view_combinations` records: ``image`` (B, H, W, modalities), each view
+  resize_pad-ed into its channel; padding rows as `eval_batches`."""
+  channels = len(combinations.records[0].meta["views"]) if len(combinations) else 1
+  for batch, rows in _eval_rows(combinations, batch_size, process_index, process_count):
+    batch["image"] = np.zeros((len(batch["label"]), image_size, image_size, channels), np.uint8)
+    for row, position in rows:
+      for channel, view in enumerate(combinations.records[position].meta["views"]):
+        image, _ = _decode(view, None, False)
+        batch["image"][row, ..., channel] = augment.resize_pad(image, image_size)
     yield batch

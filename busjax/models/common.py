@@ -64,9 +64,10 @@ def preprocess(
   """uint8 images -> normalised float model input (N, H, W, in_channels).
 
   Args:
-    images: uint8 (N, H, W), (N, H, W, 1) or (N, H, W, 3).
+    images: uint8 (N, H, W), (N, H, W, 1), (N, H, W, 3), or (N, H, W, in_channels).
     in_channels: what the model expects. Grayscale is repeated to 3 channels (ImageNet
-      weights); RGB is averaged to 1 channel for a grayscale model.
+      weights); RGB is averaged to 1 channel for a grayscale model; other channel counts
+      (one per modality of a multimodal network) pass through.
     mean: on [0, 1] intensities; a scalar or one value per output channel
       (e.g. ``IMAGENET_MEAN``, or ``normalization_stats("imagenet")``).
     std: likewise.
@@ -77,10 +78,12 @@ def preprocess(
   """
   if images.ndim == 3:
     images = images[..., None]
-  if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"preprocess expects (N, H, W[, 1|3]) images, got shape {images.shape}")
-  if in_channels not in (1, 3):
-    raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+  if images.ndim != 4 or images.shape[-1] not in {1, 3, in_channels}:
+    raise ValueError(
+      f"preprocess expects (N, H, W[, 1|3|{in_channels}]) images, got shape {images.shape}"
+    )
+  if in_channels < 1:
+    raise ValueError(f"in_channels must be >= 1, got {in_channels}")
   # Normalise in float32 whatever the compute dtype: bf16 has 8 bits of mantissa.
   x = images.astype(jnp.float32) / 255.0
   if in_channels == 3 and x.shape[-1] == 1:

@@ -17,7 +17,9 @@ and read back through an explicit allow-list of types before it predicts.
 The protocol sees one record per patient (`busjax.data.paired.patient_collection`), so splits,
 thresholds, reports and clustered CIs are those of every other regime. Ablations are config
 arguments (configs/multimodal.py): one modality alone, branches without attention, each base
-learner alone.
+learner alone, and the end-to-end network (``multimodal.fusion="end_to_end"``: the same two
+branch networks under one head, `busjax.models.multimodal`, trained jointly on patients with one
+image of each modality per example; no frozen stage, no stack).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from absl import logging
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from busjax import configlib
-from busjax.data import paired, records
+from busjax.data import paired, pipeline, records
 from busjax.evaluators import metrics
 from busjax.trainers import protocol, supervised
 
+FUSIONS = ("two_stage", "end_to_end")
 BASE_LEARNERS = ("lr", "svm", "rf", "et")
 LEARNERS = ("stack", *BASE_LEARNERS)
 NORMALIZATIONS = ("per_modality", "none")
@@ -77,6 +80,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     configlib.validate_model(m[modality].model, prefix=f"multimodal.{modality}.model")
   configlib.validate_optim(c.optim)
   configlib.validate_train(c.train)
+  configlib.check(
+    m.get("fusion", "two_stage") in FUSIONS,
+    f"multimodal.fusion={m.get('fusion')!r}: one of {FUSIONS}",
+  )
   configlib.check(m.learner in LEARNERS, f"multimodal.learner={m.learner!r}: one of {LEARNERS}")
   configlib.check(
     m.normalization in NORMALIZATIONS,
@@ -207,7 +214,10 @@ def load_estimator(path: str):
 def train_split(
   config: ml_collections.ConfigDict, workdir: str, data: dict[str, records.Collection]
 ) -> protocol.Trained:
-  """Stage 1 (one branch per modality) then stage 2 (the stack) on data["train"]'s patients."""
+  """Stage 1 (one branch per modality) then stage 2 (the stack) on data["train"]'s patients;
+  with ``multimodal.fusion="end_to_end"``, `train_end_to_end` instead."""
+  if config.multimodal.get("fusion", "two_stage") == "end_to_end":
+    return train_end_to_end(config, workdir, data)
   m = config.multimodal
   modalities = tuple(m.modalities)
   branches, branch_info = {}, {}
@@ -273,6 +283,81 @@ def train_split(
     return estimator.predict_proba(features(patients))
 
   return protocol.Trained(predict=predict, info=info, features=features)
+
+
+def end_to_end_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The supervised config of the end-to-end network: the branch models under one
+  `busjax.models.multimodal` network, one channel per modality."""
+  e2e = copy.deepcopy(config)
+  e2e.trainer = "supervised"
+  modalities = tuple(config.multimodal.modalities)
+  e2e.model = ml_collections.ConfigDict(
+    {
+      "name": "multimodal",
+      "modalities": modalities,
+      "in_channels": len(modalities),
+      "dropout": float(config.multimodal.get("end_to_end_dropout", 0.2)),
+      **{mod: config.multimodal[mod].model.to_dict() for mod in modalities},
+    }
+  )
+  return e2e
+
+
+def train_end_to_end(
+  config: ml_collections.ConfigDict, workdir: str, data: dict[str, records.Collection]
+) -> protocol.Trained:
+  """The end-to-end ablation: both branches and one head trained jointly on patients.
+
+  Each training example is one patient with one image of each modality (a fresh draw each
+  epoch, `pipeline.paired_dataset`); a patient's probability is the mean over every
+  combination of its images (`pipeline.view_combinations`), on val (checkpoint selection) as
+  on test. Same optimiser, epochs (counted in patients) and checkpointing as the branches.
+  """
+  e2e = end_to_end_config(config)
+  modalities = tuple(config.multimodal.modalities)
+
+  def train_batches(seed):
+    return iter(
+      pipeline.paired_dataset(
+        data["train"],
+        modalities=modalities,
+        image_size=e2e.data.image_size,
+        global_batch_size=e2e.input.batch_size,
+        seed=seed,
+        augment_config=e2e.input.augment,
+        num_workers=e2e.input.get("num_workers", 0),
+      )
+    )
+
+  def eval_batches(combinations, **kwargs):
+    return pipeline.paired_eval_batches(combinations, image_size=e2e.data.image_size, **kwargs)
+
+  parts = {"train": data["train"]}
+  if data.get("val") is not None and len(data["val"]):
+    parts["val"] = pipeline.view_combinations(data["val"], modalities)[0]
+  trained = supervised.train_split(
+    e2e,
+    workdir,
+    parts,
+    train_batches=train_batches,
+    num_examples=len(data["train"]),
+    eval_batches=eval_batches,
+  )
+
+  def per_patient(fn, patients: records.Collection) -> np.ndarray:
+    combinations, counts = pipeline.view_combinations(patients, modalities)
+    values = np.asarray(fn(combinations), np.float64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return np.add.reduceat(values, starts, axis=0) / counts[:, None]
+
+  info = dict(trained.info)
+  info["model"] = f"end_to_end({' + '.join(modalities)})"
+  info["trained_on"] = f"{data['train'].name} ({len(data['train'])} patients: end to end)"
+  return protocol.Trained(
+    predict=lambda patients: per_patient(trained.predict, patients),
+    info=info,
+    features=lambda patients: per_patient(trained.features, patients),
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -289,6 +289,11 @@ def make_train_step(
   return train_step
 
 
+def _add_floats(a, b):
+  """a + b for float statistics; other leaves (RNG keys, counters) are kept from `a`."""
+  return a + b if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+
 def make_bn_refresh(defs: ModelDefs, config: ml_collections.ConfigDict):
   """`(params, rest, batches) -> rest`: BatchNorm statistics that belong to `params`.
 
@@ -309,12 +314,15 @@ def make_bn_refresh(defs: ModelDefs, config: ml_collections.ConfigDict):
     total = None
     for images in batches:
       stats = one_batch(params, rest, images)
-      total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+      total = stats if total is None else jax.tree.map(_add_floats, total, stats)
     if total is None:
       return rest
     n = len(batches)
     return jax.tree.map(
-      lambda t, r: t / n if jnp.issubdtype(r.dtype, jnp.floating) else r, total, rest
+      # Copies of the other leaves: the step donates ema_rest and rest, never one buffer twice.
+      lambda t, r: t / n if jnp.issubdtype(r.dtype, jnp.floating) else jnp.copy(r),
+      total,
+      rest,
     )
 
   return refresh
@@ -365,6 +373,7 @@ def train_split(
   *,
   train_batches: Callable[[int], Iterator[dict[str, np.ndarray]]] | None = None,
   num_examples: int | None = None,
+  eval_batches: Callable[..., Iterator[dict[str, np.ndarray]]] | None = None,
 ) -> protocol.Trained:
   """Trains on data["train"], selects the checkpoint by AUC on data["val"]; the predictor.
 
@@ -376,6 +385,8 @@ def train_split(
       state is checkpointed); default: `pipeline.train_dataset` over data["train"]. Other
       regimes pass e.g. a mixture of real and synthetic records.
     num_examples: the epoch length ``train.epochs`` counts in; default len(data["train"]).
+    eval_batches: how data["val"] and predicted collections become batches (the `batches`
+      of `classification.predict_collection`); default `pipeline.eval_batches`.
   """
   os.makedirs(workdir, exist_ok=True)
   train_set, val_set = data["train"], data.get("val")
@@ -455,6 +466,7 @@ def train_split(
       mesh=mesh,
       batch_size=config.input.get("eval_batch_size", batch_size),
       image_size=config.data.image_size,
+      batches=eval_batches,
     )
 
   # --- Restore.
