@@ -244,3 +244,43 @@ def test_top_label_ece():
   assert calibration.multiclass_nll(labels, confident_right) == pytest.approx(0.0, abs=1e-6)
   with pytest.raises(ValueError, match="sum to 1"):
     calibration.top_label_ece(labels, confident_right * 0.5)
+
+
+def _overconfident(n=4000, seed=0, sharpen=3.0):
+  """Labels drawn from true probabilities q; the model reports q sharpened (logits x sharpen)."""
+  rng = np.random.default_rng(seed)
+  logit = rng.normal(0.0, 1.5, n)
+  y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+  p = 1 / (1 + np.exp(-sharpen * logit))
+  return y, np.stack([1 - p, p], axis=1)
+
+
+def test_temperature_scaling_recovers_the_sharpening_and_lowers_nll():
+  y, probs = _overconfident()
+  t = calibration.fit_temperature(y, probs)
+  assert t == pytest.approx(3.0, rel=0.1)  # It undoes the x3 on the logits.
+  scaled = calibration.apply_temperature(probs, t)
+  assert calibration.multiclass_nll(y, scaled) < calibration.multiclass_nll(y, probs) - 0.05
+  assert calibration.expected_calibration_error(y, scaled[:, 1]) < 0.03
+  assert calibration.expected_calibration_error(y, probs[:, 1]) > 0.1
+  np.testing.assert_array_equal(np.argsort(scaled[:, 1]), np.argsort(probs[:, 1]))  # Same AUC.
+
+
+def test_temperature_on_three_classes_keeps_rows_normalised_and_argmax():
+  rng = np.random.default_rng(1)
+  probs = rng.dirichlet(np.ones(3) * 0.3, size=50)
+  for t in (0.5, 2.0):
+    scaled = calibration.apply_temperature(probs, t)
+    np.testing.assert_allclose(scaled.sum(1), 1.0)
+    np.testing.assert_array_equal(scaled.argmax(1), probs.argmax(1))
+  with pytest.raises(ValueError, match="temperature"):
+    calibration.apply_temperature(probs, 0.0)
+
+
+def test_adaptive_ece_uses_equal_mass_bins():
+  y = np.array([0, 0, 1, 1])
+  p = np.array([0.1, 0.1, 0.9, 0.9])
+  # Two bins of two images: |0 - 0.1| and |1 - 0.9|, each half the images.
+  assert calibration.adaptive_calibration_error(y, p, n_bins=2) == pytest.approx(0.1)
+  y, probs = _overconfident(seed=2)
+  assert calibration.adaptive_calibration_error(y, probs[:, 1]) > 0.1

@@ -54,6 +54,16 @@ def test_smoke_run_writes_reports_and_checkpoints(tmp_path):
   test_report = json.loads((reports / "test" / "report.json").read_text())
   assert test_report["bootstrap"]["resamples"] == config.report.bootstrap_resamples == 200
   assert 0 < test_report["auc"]["bootstrap_ci"]["n_resamples"] <= 200
+  # Temperature scaling: fitted on val only (summary), reported beside the raw calibration.
+  scaled = test_report["calibration"]["temperature_scaled"]
+  assert scaled["temperature"] == pytest.approx(summary["temperature"])
+  assert scaled["fitted_on"].endswith("/val") and "adaptive_ece" in test_report["calibration"]
+  with open(reports / "test" / "predictions.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  raw = np.asarray([float(r["p_malignant"]) for r in rows])
+  calibrated = np.asarray([float(r["p_malignant_calibrated"]) for r in rows])
+  logit = lambda q: np.log(q) - np.log1p(-q)  # noqa: E731
+  np.testing.assert_allclose(logit(calibrated), logit(raw) / summary["temperature"], atol=1e-3)
   assert any(p.suffix == ".png" for p in reports.rglob("*.png"))
   assert (tmp_path / "metrics.jsonl").exists()
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -121,3 +121,52 @@ def multiclass_nll(labels: Any, probs: Any, eps: float = 1e-7) -> float:
   """Mean negative log-probability of the true class (nats), clipped at eps."""
   labels, probs = check_multiclass(labels, probs)
   return float(-np.mean(np.log(np.clip(probs[np.arange(labels.shape[0]), labels], eps, 1.0))))
+
+
+def adaptive_calibration_error(y: Any, p: Any, n_bins: int = 15) -> float:
+  """ECE with equal-mass bins (adaptive ECE; Nixon et al. 2019): each bin holds ~n/n_bins images
+  sorted by p, so sparse regions of p do not get bins of one or two images."""
+  y, p = metrics.check_binary(y, p, probabilities=True)
+  if n_bins < 1:
+    raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+  order = np.argsort(p, kind="stable")
+  total = 0.0
+  for members in np.array_split(order, min(n_bins, len(order))):
+    if len(members):
+      total += len(members) * abs(float(y[members].mean()) - float(p[members].mean()))
+  return total / len(p)
+
+
+def apply_temperature(probs: Any, temperature: float, eps: float = 1e-12) -> np.ndarray:
+  """Class probabilities (n, C) rescaled by a temperature: softmax(log(probs) / T).
+
+  log(probs) equals the logits up to a per-row constant, which the softmax ignores, so this is
+  temperature scaling of the model's logits. T > 1 softens, T < 1 sharpens; the argmax and the
+  ranking of p(class) (hence every AUC) are unchanged.
+  """
+  probs = np.asarray(probs, np.float64)
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  scaled = np.log(np.clip(probs, eps, 1.0)) / float(temperature)
+  scaled -= scaled.max(axis=1, keepdims=True)
+  out = np.exp(scaled)
+  return out / out.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(labels: Any, probs: Any, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+  """The temperature minimising the NLL of `apply_temperature(probs, T)` on (labels, probs):
+  temperature scaling (Guo et al. 2017), fitted on validation data only.
+
+  A one-parameter convex problem in log T, solved by bounded scalar minimisation; with one class
+  only, or perfectly separated data, the optimum runs to a bound, which is returned.
+  """
+  from scipy import optimize
+
+  labels, probs = check_multiclass(labels, probs)
+
+  def loss(log_t: float) -> float:
+    return multiclass_nll(labels, apply_temperature(probs, float(np.exp(log_t))), eps=1e-12)
+
+  lo, hi = np.log(bounds[0]), np.log(bounds[1])
+  found = optimize.minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
+  return float(np.exp(found.x))

@@ -26,7 +26,7 @@ import numpy as np
 
 from busjax import sharding
 from busjax.data import pipeline, records
-from busjax.evaluators import report
+from busjax.evaluators import calibration, report
 
 Predictor = Callable[[records.Collection], np.ndarray]
 
@@ -181,8 +181,12 @@ def write_report(
   provenance: Mapping[str, Any],
   threshold: float | None,
   bootstrap: int,
+  temperature: tuple[float, str] | None = None,
 ) -> dict[str, Any]:
   """Writes ``out_dir/name/`` (report.json, predictions.csv, PNGs); returns its summary entry.
+
+  `temperature`: (T, the set it was fitted on); the report then also gives the calibration of
+  the temperature-scaled probabilities (`calibration.apply_temperature`).
 
   The reader's point is added when every image has a BI-RADS (BI-RADS >= 4, biopsy recommended,
   is the reader's "malignant" call, e.g. BUS-BRA's radiologists).
@@ -205,6 +209,13 @@ def write_report(
     reader=reader,
     class_names=preds.class_names,
     bootstrap=bootstrap,
+    calibrated=None
+    if temperature is None
+    else {
+      "p": calibration.apply_temperature(preds.probs, temperature[0])[:, records.MALIGNANT],
+      "temperature": temperature[0],
+      "fitted_on": temperature[1],
+    },
   )
   entry = {
     "auc": result["auc"]["value"],
@@ -214,6 +225,9 @@ def write_report(
     "clusters": result["bootstrap"]["clusters"],
     "report": os.path.join(out_dir, name, "report.json"),
   }
+  entry["ece"] = result["calibration"]["ece"]
+  if "temperature_scaled" in result["calibration"]:
+    entry["ece_temperature_scaled"] = result["calibration"]["temperature_scaled"]["ece"]
   if "leakage" in result:
     leakage = result["leakage"]
     entry["images_with_copy_in_train"] = leakage["images_with_copy_in_train"]

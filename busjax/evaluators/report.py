@@ -210,6 +210,7 @@ def evaluate(
   seed: int = 0,
   alpha: float = 0.05,
   n_bins: int = 15,
+  calibrated: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """All numbers of a report for malignant-vs-rest predictions.
 
@@ -232,6 +233,9 @@ def evaluate(
     seed: resampling seed.
     alpha: 1 - coverage of every interval.
     n_bins: equal-width bins of the calibration error.
+    calibrated: ``{"p": p(malignant) after temperature scaling, "temperature": T, "fitted_on":
+      where T was fitted}``; its calibration is reported beside the raw one (AUC and operating
+      points stay those of the raw p: scaling keeps the ranking).
 
   Returns:
     A dict (not yet JSON-cleaned: it holds `metrics.Interval` objects and may hold NaN).
@@ -299,12 +303,14 @@ def evaluate(
     )
   points["at_0.5"] = _operating_point(y, p, 0.5, "fixed 0.5", clusters, bootstrap, alpha, seed)
   result["operating_points"] = points
-  result["calibration"] = {
-    "ece": calibration.expected_calibration_error(y, p, n_bins),
-    "n_bins": n_bins,
-    "brier": calibration.brier(y, p),
-    "nll": calibration.nll(y, p),
-  }
+  result["calibration"] = _calibration_numbers(y, p, n_bins)
+  if calibrated is not None:
+    _, p_scaled = metrics.check_binary(y, calibrated["p"], probabilities=True)
+    result["calibration"]["temperature_scaled"] = {
+      "temperature": float(calibrated["temperature"]),
+      "fitted_on": str(calibrated["fitted_on"]),
+      **_calibration_numbers(y, p_scaled, n_bins),
+    }
   if probs_full is not None and labels_full is not None:
     labels_full, probs_full = calibration.check_multiclass(labels_full, probs_full)
     if probs_full.shape[0] != y.shape[0]:
@@ -326,6 +332,16 @@ def evaluate(
       "nll": calibration.multiclass_nll(labels_full, probs_full),
     }
   return result
+
+
+def _calibration_numbers(y: np.ndarray, p: np.ndarray, n_bins: int) -> dict[str, Any]:
+  return {
+    "ece": calibration.expected_calibration_error(y, p, n_bins),
+    "adaptive_ece": calibration.adaptive_calibration_error(y, p, n_bins),
+    "n_bins": n_bins,
+    "brier": calibration.brier(y, p),
+    "nll": calibration.nll(y, p),
+  }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +450,7 @@ def _plot_roc(path, y, p, result, provenance, comparison) -> None:
   fig.savefig(path)
 
 
-def _plot_reliability(path, y, p, result, provenance) -> None:
+def _plot_reliability(path, y, p, result, provenance, p_scaled=None) -> None:
   fig = _new_figure(provenance, "Reliability", size=(5.6, 6.4))
   grid = fig.add_gridspec(2, 1, height_ratios=(3, 1))
   ax = fig.add_subplot(grid[0])
@@ -451,6 +467,18 @@ def _plot_reliability(path, y, p, result, provenance) -> None:
     label=f"model: ECE {result['calibration']['ece']:.3f} "
     f"({n_bins} bins), Brier {result['calibration']['brier']:.3f}",
   )
+  scaled = result["calibration"].get("temperature_scaled")
+  if scaled is not None and p_scaled is not None:
+    curve_scaled = calibration.reliability_curve(y, p_scaled, n_bins)
+    filled_scaled = curve_scaled["counts"] > 0
+    ax.plot(
+      curve_scaled["mean_predicted"][filled_scaled],
+      curve_scaled["fraction_positive"][filled_scaled],
+      "s--",
+      color="tab:orange",
+      label=f"temperature-scaled (T={scaled['temperature']:.2f}, fitted on "
+      f"{scaled['fitted_on']}): ECE {scaled['ece']:.3f}, Brier {scaled['brier']:.3f}",
+    )
   ax.set_ylabel(f"observed fraction {result['positive_class']}")
   ax.set_xlim(0, 1)
   ax.set_ylim(-0.02, 1.02)
@@ -554,6 +582,7 @@ def write_report(
   labels_full: Any = None,
   bootstrap: int = 2000,
   seed: int = 0,
+  calibrated: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Evaluates and writes ``out_dir/name/`` (see the module docstring); returns the JSON dict.
 
@@ -563,7 +592,7 @@ def write_report(
     provenance: must hold ``source`` (str), ``split`` (str) and ``synthetic`` (bool); should hold
       ``trained_on``, ``model`` and ``step``; every key is copied into the JSON.
     y, p, patient_ids, clusters, cluster_definition, copy_in_train, threshold, class_names,
-      probs_full, labels_full, bootstrap, seed: as in `evaluate`.
+      probs_full, labels_full, bootstrap, seed, calibrated: as in `evaluate`.
     ids: image ids for the predictions CSV (row numbers when None).
     reader: BI-RADS per image (array), or a mapping ``{"birads": ..., "threshold": 4}``; adds a
       `readers.compare_model_to_reader` section and the reader's point on the ROC figure.
@@ -584,6 +613,7 @@ def write_report(
     labels_full=labels_full,
     bootstrap=bootstrap,
     seed=seed,
+    calibrated=calibrated,
   )
   y, p = metrics.check_binary(y, p, probabilities=True)
   ids = [str(i) for i in range(y.shape[0])] if ids is None else list(ids)
@@ -617,6 +647,10 @@ def write_report(
     "confusion": "confusion.png",
   }
   labels = labels_full if labels_full is not None else y
+  p_scaled = None
+  if calibrated is not None:
+    p_scaled = np.asarray(calibrated["p"], np.float64)
+    extra["p_malignant_calibrated"] = [f"{v:.6f}" for v in p_scaled]
   write_predictions_csv(
     os.path.join(report_dir, files["predictions"]),
     ids,
@@ -627,7 +661,9 @@ def write_report(
     class_names=class_names if probs_full is not None else None,
   )
   _plot_roc(os.path.join(report_dir, files["roc"]), y, p, result, provenance, comparison)
-  _plot_reliability(os.path.join(report_dir, files["reliability"]), y, p, result, provenance)
+  _plot_reliability(
+    os.path.join(report_dir, files["reliability"]), y, p, result, provenance, p_scaled
+  )
   _plot_confusion(os.path.join(report_dir, files["confusion"]), result, provenance)
   report = {
     "schema": SCHEMA,

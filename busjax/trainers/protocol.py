@@ -38,7 +38,7 @@ import numpy as np
 from absl import logging
 
 from busjax.data import records, sources, splits
-from busjax.evaluators import classification, metrics, report
+from busjax.evaluators import calibration, classification, metrics, report
 
 
 @dataclasses.dataclass
@@ -167,7 +167,7 @@ def run_split(
   trained = train_split(config, workdir, data)
   info = dict(trained.info)
   summary = {"workdir": workdir, **info, "reports": {}}
-  threshold = None
+  threshold = temperature = None
   evaluations = [("val", data.get("val")), ("test", data.get("test")), *external.items()]
   all_preds = {}
   is_writer = jax.process_index() == 0
@@ -179,6 +179,10 @@ def run_split(
     if name == "val" and 0 < preds.y_malignant.sum() < len(preds):
       threshold = float(metrics.youden_threshold(preds.y_malignant, preds.p_malignant))
       summary["threshold"] = threshold
+      # Temperature scaling, fitted here on val only, then shown beside the raw calibration in
+      # every report (test and external sets never choose it).
+      temperature = (calibration.fit_temperature(preds.labels, preds.probs), preds.source)
+      summary["temperature"] = temperature[0]
     if not is_writer:
       continue  # Every process ran the (collective) prediction; one writes the files.
     provenance = _provenance(config, preds, name, data["train"].name, info)
@@ -190,6 +194,7 @@ def run_split(
       provenance=provenance,
       threshold=threshold,
       bootstrap=config.report.bootstrap_resamples,
+      temperature=temperature,
     )
     classification.save_predictions(os.path.join(reports_dir, f"{name}_predictions.npz"), preds)
     summary["reports"][name] = entry
