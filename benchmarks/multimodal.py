@@ -125,7 +125,9 @@ def _aggregate(rows: list[dict]) -> list[dict]:
 
 def _markdown(result: dict) -> str:
   lines = [
-    "**SYNTHETIC paired phantoms (no public paired set exists): not a clinical result.**\n",
+    "**SYNTHETIC paired phantoms (no public paired set exists): not a clinical result.**"
+    + (f" Config overrides: `{' '.join(result['overrides'])}`." if result.get("overrides") else "")
+    + "\n",
     "| shared | row | seeds | test AUC per patient (mean ± sd; one seed: [clustered 95% CI]) | "
     "minutes |",
     "|---|---|---|---|---|",
@@ -168,6 +170,7 @@ def main(argv):
     return {
       "benchmark": "multimodal",
       "data": "paired phantoms (SYNTHETIC)",
+      "overrides": list(_OVERRIDES.value),
       "machine": common.machine(),
       "rows": rows,
       "aggregate": _aggregate(rows),
