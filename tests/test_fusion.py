@@ -38,6 +38,7 @@ def _images(n=2, size=64, channels=1):
   return jax.random.normal(jax.random.key(0), (n, size, size, channels), jnp.float32)
 
 
+@pytest.mark.slow
 def test_default_concat_cbam_model_shapes_and_features():
   model = fusion.create(_config(), num_classes=3, rngs=nnx.Rngs(0))
   model.eval()

@@ -28,6 +28,7 @@ def _smoke(*args):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["d2gan", "gan"])
 def test_trainer_step_updates_every_network_and_the_ema(objective):
   config = _smoke(f"objective={objective}")

@@ -90,6 +90,7 @@ def _one_step(config, n_devices, batch):
   return float(metrics["loss"]), flat
 
 
+@pytest.mark.slow
 def test_same_step_on_one_and_four_devices():
   config = _smoke_config()
   config.optim.warmup_steps = 0  # Warm-up starts at lr 0: the first step would not move.
