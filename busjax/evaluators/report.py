@@ -455,29 +455,23 @@ def _plot_reliability(path, y, p, result, provenance, p_scaled=None) -> None:
   grid = fig.add_gridspec(2, 1, height_ratios=(3, 1))
   ax = fig.add_subplot(grid[0])
   hist_ax = fig.add_subplot(grid[1], sharex=ax)
-  n_bins = result["calibration"]["n_bins"]
-  curve = calibration.reliability_curve(y, p, n_bins)
-  filled = curve["counts"] > 0
+  calib = result["calibration"]
+  n_bins = calib["n_bins"]
   ax.plot([0, 1], [0, 1], color="lightgray", ls="--", lw=1, label="perfect calibration")
-  ax.plot(
-    curve["mean_predicted"][filled],
-    curve["fraction_positive"][filled],
-    "o-",
-    color="tab:blue",
-    label=f"model: ECE {result['calibration']['ece']:.3f} "
-    f"({n_bins} bins), Brier {result['calibration']['brier']:.3f}",
-  )
-  scaled = result["calibration"].get("temperature_scaled")
+  curves = [(p, "o-", "tab:blue", f"model: ECE {calib['ece']:.3f} ({n_bins} bins)", calib)]
+  scaled = calib.get("temperature_scaled")
   if scaled is not None and p_scaled is not None:
-    curve_scaled = calibration.reliability_curve(y, p_scaled, n_bins)
-    filled_scaled = curve_scaled["counts"] > 0
+    label = f"temperature-scaled (T={scaled['temperature']:.2f}, fitted on {scaled['fitted_on']}): "
+    curves.append((p_scaled, "s--", "tab:orange", label + f"ECE {scaled['ece']:.3f}", scaled))
+  for probabilities, style, color, label, numbers in curves:
+    curve = calibration.reliability_curve(y, probabilities, n_bins)
+    filled = curve["counts"] > 0
     ax.plot(
-      curve_scaled["mean_predicted"][filled_scaled],
-      curve_scaled["fraction_positive"][filled_scaled],
-      "s--",
-      color="tab:orange",
-      label=f"temperature-scaled (T={scaled['temperature']:.2f}, fitted on "
-      f"{scaled['fitted_on']}): ECE {scaled['ece']:.3f}, Brier {scaled['brier']:.3f}",
+      curve["mean_predicted"][filled],
+      curve["fraction_positive"][filled],
+      style,
+      color=color,
+      label=f"{label}, Brier {numbers['brier']:.3f}",
     )
   ax.set_ylabel(f"observed fraction {result['positive_class']}")
   ax.set_xlim(0, 1)
@@ -485,7 +479,7 @@ def _plot_reliability(path, y, p, result, provenance, p_scaled=None) -> None:
   ax.grid(alpha=0.3)
   ax.legend(loc="upper left", fontsize=7)
   ax.tick_params(labelbottom=False)
-  edges = curve["bin_edges"]
+  edges = np.linspace(0.0, 1.0, n_bins + 1)
   hist_ax.hist(
     [p[y == 0], p[y == 1]],
     bins=edges,
