@@ -294,3 +294,34 @@ def test_clusters_join_copies_and_the_leak_free_auc_leaves_them_out(tmp_path):
   # Without clusters every image is its own resampling unit.
   independent = report.evaluate(y, p_leaky, patient_ids=patients, bootstrap=200)
   assert independent["bootstrap"]["clusters"] == 60
+
+
+def test_per_device_breakdown_matches_each_scanners_own_numbers(tmp_path):
+  rng = np.random.default_rng(3)
+  n = 120
+  y = (np.arange(n) % 3 == 0).astype(int)
+  devices = np.where(np.arange(n) % 2 == 0, "GE", "Toshiba")
+  # Scanner GE separates well, Toshiba barely: the pooled AUC hides the difference.
+  p = np.where(devices == "GE", 0.6 * y + 0.4 * rng.random(n), 0.1 * y + 0.9 * rng.random(n))
+  result = report.write_report(
+    str(tmp_path),
+    name="ext",
+    provenance={"source": "toy", "split": "external", "synthetic": True},
+    y=y,
+    p=p,
+    threshold=0.5,
+    subgroups={"device": devices},
+    bootstrap=50,
+  )
+  groups = result["subgroups"]["device"]
+  assert set(groups) == {"GE", "Toshiba"}
+  for name, group in groups.items():
+    members = devices == name
+    assert group["images"] == members.sum() and group["positive"] == y[members].sum()
+    assert group["auc"] == pytest.approx(metrics.roc_auc(y[members], p[members]))
+    point = metrics.threshold_metrics(y[members], p[members], 0.5)
+    assert group["at_threshold"]["sensitivity"] == pytest.approx(point["sensitivity"])
+    assert group["auc_ci"]["lo"] <= group["auc"] <= group["auc_ci"]["hi"]
+  assert groups["GE"]["auc"] > 0.95 > 0.8 > groups["Toshiba"]["auc"]
+  with open(tmp_path / "ext" / "predictions.csv", newline="") as f:
+    assert [r["device"] for r in csv.DictReader(f)] == devices.tolist()

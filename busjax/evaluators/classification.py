@@ -101,6 +101,7 @@ class Predictions:
   clusters: np.ndarray
   copy_in_train: np.ndarray | None = None
   birads: np.ndarray | None = None
+  devices: np.ndarray | None = None  # The scanner per image, where the source records it.
 
   @property
   def y_malignant(self) -> np.ndarray:
@@ -128,6 +129,7 @@ def predictions(collection: records.Collection, probs: np.ndarray) -> Prediction
   clusters = _meta_column(collection, "cluster")
   copies = _meta_column(collection, "copy_in_train")
   birads = _meta_column(collection, "birads")
+  devices = _meta_column(collection, "device")
   return Predictions(
     source=collection.name,
     synthetic=bool(collection.synthetic),
@@ -139,6 +141,7 @@ def predictions(collection: records.Collection, probs: np.ndarray) -> Prediction
     clusters=patients if clusters is None else np.asarray(clusters, str),
     copy_in_train=None if copies is None else np.asarray(copies, bool),
     birads=None if birads is None else np.asarray(birads, object),
+    devices=None if devices is None else np.asarray(devices, str),
   )
 
 
@@ -162,6 +165,7 @@ def concatenate(parts: list[Predictions], source: str) -> Predictions:
     clusters=join("clusters"),
     copy_in_train=join("copy_in_train"),
     birads=join("birads"),
+    devices=join("devices"),
   )
 
 
@@ -209,6 +213,7 @@ def write_report(
     reader=reader,
     class_names=preds.class_names,
     bootstrap=bootstrap,
+    subgroups=None if preds.devices is None else {"device": preds.devices},
     calibrated=None
     if temperature is None
     else {
@@ -225,6 +230,8 @@ def write_report(
     "clusters": result["bootstrap"]["clusters"],
     "report": os.path.join(out_dir, name, "report.json"),
   }
+  if "subgroups" in result:
+    entry["auc_by_device"] = {k: g["auc"] for k, g in result["subgroups"]["device"].items()}
   entry["ece"] = result["calibration"]["ece"]
   if "temperature_scaled" in result["calibration"]:
     entry["ece_temperature_scaled"] = result["calibration"]["temperature_scaled"]["ece"]
@@ -249,4 +256,6 @@ def save_predictions(path: str, preds: Predictions) -> None:
   }
   if preds.copy_in_train is not None:
     arrays["copy_in_train"] = preds.copy_in_train
+  if preds.devices is not None:
+    arrays["devices"] = preds.devices
   np.savez(path, **arrays)

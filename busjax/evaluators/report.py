@@ -211,6 +211,7 @@ def evaluate(
   alpha: float = 0.05,
   n_bins: int = 15,
   calibrated: Mapping[str, Any] | None = None,
+  subgroups: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """All numbers of a report for malignant-vs-rest predictions.
 
@@ -236,6 +237,8 @@ def evaluate(
     calibrated: ``{"p": p(malignant) after temperature scaling, "temperature": T, "fitted_on":
       where T was fitted}``; its calibration is reported beside the raw one (AUC and operating
       points stay those of the raw p: scaling keeps the ranking).
+    subgroups: ``{"device": value per image, ...}``: each value's images get their own counts,
+      AUC (clustered CI) and operating points (e.g. BUS-BRA's four scanners).
 
   Returns:
     A dict (not yet JSON-cleaned: it holds `metrics.Interval` objects and may hold NaN).
@@ -304,6 +307,11 @@ def evaluate(
   points["at_0.5"] = _operating_point(y, p, 0.5, "fixed 0.5", clusters, bootstrap, alpha, seed)
   result["operating_points"] = points
   result["calibration"] = _calibration_numbers(y, p, n_bins)
+  if subgroups:
+    result["subgroups"] = {
+      key: _subgroups(y, p, values, threshold, clusters, bootstrap, alpha, seed)
+      for key, values in subgroups.items()
+    }
   if calibrated is not None:
     _, p_scaled = metrics.check_binary(y, calibrated["p"], probabilities=True)
     result["calibration"]["temperature_scaled"] = {
@@ -332,6 +340,30 @@ def evaluate(
       "nll": calibration.multiclass_nll(labels_full, probs_full),
     }
   return result
+
+
+def _subgroups(y, p, values, threshold, clusters, bootstrap, alpha, seed) -> dict[str, Any]:
+  """Per value of one image attribute: counts, AUC with its clustered CI, operating points."""
+  values = np.asarray(values, object).astype(str)
+  if values.shape != y.shape:
+    raise ValueError(f"{values.shape[0]} subgroup values for {y.shape[0]} images")
+  out = {}
+  for value in sorted(set(values.tolist())):
+    members = values == value
+    ym, pm = y[members], p[members]
+    cm = None if clusters is None else clusters[members]
+    group: dict[str, Any] = {"images": int(members.sum()), "positive": int(ym.sum())}
+    group["auc"] = metrics.roc_auc(ym, pm) if 0 < ym.sum() < len(ym) else None
+    if group["auc"] is not None and bootstrap:
+      group["auc_ci"] = metrics.bootstrap_ci(
+        metrics.roc_auc, ym, pm, clusters=cm, n=bootstrap, alpha=alpha, seed=seed
+      )
+    for name, t in (("at_threshold", threshold), ("at_0.5", 0.5)):
+      if t is not None:
+        point = metrics.threshold_metrics(ym, pm, t)
+        group[name] = {k: point[k] for k in ("sensitivity", "specificity", "tp", "fp", "tn", "fn")}
+    out[value] = group
+  return out
 
 
 def _calibration_numbers(y: np.ndarray, p: np.ndarray, n_bins: int) -> dict[str, Any]:
@@ -577,6 +609,7 @@ def write_report(
   bootstrap: int = 2000,
   seed: int = 0,
   calibrated: Mapping[str, Any] | None = None,
+  subgroups: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Evaluates and writes ``out_dir/name/`` (see the module docstring); returns the JSON dict.
 
@@ -586,7 +619,8 @@ def write_report(
     provenance: must hold ``source`` (str), ``split`` (str) and ``synthetic`` (bool); should hold
       ``trained_on``, ``model`` and ``step``; every key is copied into the JSON.
     y, p, patient_ids, clusters, cluster_definition, copy_in_train, threshold, class_names,
-      probs_full, labels_full, bootstrap, seed, calibrated: as in `evaluate`.
+      probs_full, labels_full, bootstrap, seed, calibrated, subgroups: as in `evaluate`
+      (each subgroup is also a column of predictions.csv).
     ids: image ids for the predictions CSV (row numbers when None).
     reader: BI-RADS per image (array), or a mapping ``{"birads": ..., "threshold": 4}``; adds a
       `readers.compare_model_to_reader` section and the reader's point on the ROC figure.
@@ -608,6 +642,7 @@ def write_report(
     bootstrap=bootstrap,
     seed=seed,
     calibrated=calibrated,
+    subgroups=subgroups,
   )
   y, p = metrics.check_binary(y, p, probabilities=True)
   ids = [str(i) for i in range(y.shape[0])] if ids is None else list(ids)
@@ -641,6 +676,8 @@ def write_report(
     "confusion": "confusion.png",
   }
   labels = labels_full if labels_full is not None else y
+  for key, values in (subgroups or {}).items():
+    extra[key] = [str(v) for v in values]
   p_scaled = None
   if calibrated is not None:
     p_scaled = np.asarray(calibrated["p"], np.float64)
