@@ -15,6 +15,7 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
 
@@ -33,3 +34,17 @@ def pytest_unconfigure(config):
   del config
   if _OWN_CACHE:
     shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def supervised_smoke_run(tmp_path_factory):
+  """One finished `configs/supervised.py:smoke` run, shared by the tests that read a trained run
+  (reports, predict/explain): (workdir, config, summary). Tests must not write into it."""
+  from busjax import configlib
+  from busjax.trainers import supervised
+
+  workdir = tmp_path_factory.mktemp("supervised_smoke")
+  config = configlib.load_file("supervised", "smoke")
+  configlib.validate(config)
+  summary = supervised.train_and_evaluate(config, str(workdir))
+  return workdir, config, summary

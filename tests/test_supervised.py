@@ -29,10 +29,8 @@ def _mesh(n):
   )
 
 
-def test_smoke_run_writes_reports_and_checkpoints(tmp_path):
-  config = _smoke_config()
-  configlib.validate(config)
-  summary = supervised.train_and_evaluate(config, str(tmp_path))
+def test_smoke_run_writes_reports_and_checkpoints(supervised_smoke_run):
+  tmp_path, config, summary = supervised_smoke_run
   reports = tmp_path / "reports"
   assert (tmp_path / "summary.json").exists() and (tmp_path / "config.json").exists()
   assert summary["steps"] == config.train.num_steps

@@ -337,14 +337,14 @@ def busi(
     The collection, ordered by class then natural file order.
   """
   # malignant_vs_rest reads all three folders (an empty normal/ still fails) and merges after.
-  class_names = _class_names(classes)
+  folders = class_names(classes)
   if classes == "malignant_vs_rest":
-    class_names = records.THREE_CLASSES
+    folders = records.THREE_CLASSES
   _require_dir(root, "BUSI")
   split_table = _read_busi_split_file(split_file) if split_file is not None else None
   problems = _Problems(on_error, f"BUSI folder {root}")
   candidates = []
-  for label, class_name in enumerate(class_names):
+  for label, class_name in enumerate(folders):
     folder = os.path.join(root, class_name)
     _require_dir(folder, f"BUSI class {class_name!r}")
     images, masks = _busi_listing(folder)
@@ -374,7 +374,7 @@ def busi(
   collection = _finish(
     "busi",
     candidates,
-    class_names=class_names,
+    class_names=folders,
     root=root,
     problems=problems,
     class_hint=lambda c: os.path.join(root, c),
@@ -397,7 +397,7 @@ def _busi_split_meta(record_id, label, meta, split_table, split_file):
   return dict(meta, split=split, medmnist_index=index), None
 
 
-def _class_names(classes: str) -> tuple[str, ...]:
+def class_names(classes: str) -> tuple[str, ...]:
   names = {
     "binary": records.BINARY_CLASSES,
     "three": records.THREE_CLASSES,
@@ -730,7 +730,7 @@ def _breastmnist_file(root: str, image_size: int | None) -> str:
 
 def _serve_classes(collection: records.Collection, classes: str) -> records.Collection:
   """A three-class source serves every task (normal dropped or merged); others only their own."""
-  want = _class_names(classes)
+  want = class_names(classes)
   have = collection.class_names
   if have == want:
     return collection

@@ -1,0 +1,98 @@
+"""A finished run, loaded back: the predict CLI gives the probabilities the run's reports used."""
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from busjax import inference, predict
+from busjax.data import records, sources, splits
+
+
+@pytest.fixture(scope="module")
+def smoke_run(supervised_smoke_run):
+  workdir, config, _ = supervised_smoke_run
+  parts = splits.make_splits(sources.from_config(config.data), config.split)
+  return workdir, parts["test"]
+
+
+def _read(path):
+  with open(path, newline="") as f:
+    lines = [line for line in f if not line.startswith("#")]
+  return list(csv.DictReader(lines))
+
+
+@pytest.mark.slow
+def test_predict_cli_reproduces_the_runs_test_probabilities_and_skips_bad_files(
+  smoke_run, tmp_path
+):
+  workdir, test = smoke_run
+  folder = tmp_path / "images"
+  folder.mkdir()
+  names = []
+  for i, record in enumerate(test.records):
+    names.append(folder / f"{i:03d}.png")
+    Image.fromarray(records.load_image(record)).save(names[-1])
+  (folder / "zz_broken.png").write_bytes(b"not a png")
+  out = tmp_path / "pred.csv"
+  result = predict.predict(str(workdir), [str(folder)], str(out))
+
+  assert result["predicted"] == len(test) and len(result["skipped"]) == 1
+  assert "zz_broken.png" in result["skipped"][0]
+  rows = _read(out)
+  saved = np.load(workdir / "reports" / "test_predictions.npz")
+  np.testing.assert_allclose(
+    [float(r["p_malignant"]) for r in rows], saved["p_malignant"], atol=2e-5
+  )
+  reported = _read(workdir / "reports" / "test" / "predictions.csv")
+  np.testing.assert_allclose(
+    [float(r["p_malignant_calibrated"]) for r in rows],
+    [float(r["p_malignant_calibrated"]) for r in reported],
+    atol=2e-5,
+  )
+  header = out.read_text().splitlines()[0]
+  assert header.startswith("# provenance:") and "SYNTHETIC" in header
+
+  # A CSV input: paths relative to it, the same numbers.
+  listing = tmp_path / "list.csv"
+  listing.write_text("path\n" + "\n".join(f"images/{n.name}" for n in names[:3]) + "\n")
+  again = predict.predict(str(workdir), [str(listing)], str(tmp_path / "again.csv"))
+  assert again["predicted"] == 3
+  assert [r["p_malignant"] for r in _read(tmp_path / "again.csv")] == [
+    r["p_malignant"] for r in rows[:3]
+  ]
+
+
+def test_not_a_run_is_a_one_line_error(tmp_path):
+  with pytest.raises(records.DataError, match="not a busjax run"):
+    inference.load_run(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_explain_cli_writes_panels_and_scores_maps_against_lesion_masks(smoke_run, tmp_path):
+  from busjax import explain
+
+  workdir, test = smoke_run
+  rows = ["path,mask"]
+  for i, record in enumerate(test.records[:4]):
+    Image.fromarray(records.load_image(record)).save(tmp_path / f"{i}.png")
+    mask = records.load_mask(record) * 255
+    Image.fromarray(mask.astype(np.uint8)).save(tmp_path / f"{i}_lesion.png")
+    rows.append(f"{i}.png,{i}_lesion.png")
+  rows.append("missing.png,")
+  (tmp_path / "in.csv").write_text("\n".join(rows) + "\n")
+  out = tmp_path / "out"
+  result = explain.explain(
+    str(workdir), [str(tmp_path / "in.csv")], ["gradcam", "ig"], str(out), target="malignant"
+  )
+  assert result["images"] == 4 and "missing.png" in result["skipped"][0]
+  assert len(list((out / "panels").glob("*.png"))) == 4
+  table = result["faithfulness"]
+  assert set(table) == {"gradcam", "ig", "random", "lesion_share_of_image"}
+  for method in ("gradcam", "ig", "random"):
+    for value in table[method].values():
+      assert 0.0 <= value <= 1.0
+  assert "| random |" in (out / "faithfulness.md").read_text()
+  with pytest.raises(records.DataError, match="unknown"):
+    explain.explain(str(workdir), [str(tmp_path / "in.csv")], ["lime"], str(out))
