@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from busjax import checkpointing, inference
+from busjax import inference
 from busjax.data import augment, records
 from busjax.evaluators import saliency
 
@@ -97,11 +96,9 @@ def explain(
     targets = np.full(len(images), run.class_names.index(target), np.int32)
   masks = [None if m is None else augment.resize_pad(m, size) for m in data.masks]
   x = np.asarray(run.preprocess(jnp.asarray(images)), np.float32)
-  # "No signal" is a black image (also the padding around the scan) in the model's input space.
-  black = float(run.preprocess(jnp.zeros((1, 1, 1, 1), jnp.uint8)).min())
   maps = {}
   for method in methods:
-    kwargs = {"baseline": black} if method == "ig" else {}
+    kwargs = {"baseline": run.black} if method == "ig" else {}
     explainer = saliency.make_explainer(run.model, method, **kwargs)
     maps[method] = inference.batched(
       lambda xx, tt, e=explainer: e(jnp.asarray(xx), jnp.asarray(tt)),
@@ -141,11 +138,10 @@ def _faithfulness(run, x, maps, targets, masks, rows, batch_size) -> dict:
   prob_fn = run.probabilities(batch_size, preprocessed=True)
   mask_array = np.stack([masks[i] for i in rows]).astype(np.float64)
   random = np.random.default_rng(0).random(mask_array.shape)
-  baseline = float(run.preprocess(jnp.zeros((1, 1, 1, 1), jnp.uint8)).min())  # Black.
   table = {}
   for method, m in {**{k: v[rows] for k, v in maps.items()}, "random": random}.items():
     curves = saliency.deletion_insertion(
-      prob_fn, x[rows], m, targets[rows], steps=10, baseline=baseline
+      prob_fn, x[rows], m, targets[rows], steps=10, baseline=run.black
     )
     table[method] = {
       "pointing_game": float(np.mean(saliency.pointing_game(m, mask_array))),
@@ -182,15 +178,13 @@ def _write_table(out: str, result: dict) -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  try:
-    result = explain(
+  result = inference.run_cli(
+    lambda: explain(
       _WORKDIR.value, _INPUT.value, _METHODS.value, _OUT.value, _BATCH.value, _TARGET.value
     )
-  except (records.DataError, checkpointing.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  )
+  if result is None:
     return 1
-  for line in result["skipped"]:
-    print(f"skipped: {line}", file=sys.stderr)
   print(f"{result['images']} images explained -> {_OUT.value}")
   if "faithfulness" in result:
     with open(os.path.join(_OUT.value, "faithfulness.md")) as f:

@@ -13,7 +13,8 @@ import csv
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -50,6 +51,11 @@ class LoadedRun:
   def preprocess(self, images: jax.Array) -> jax.Array:
     """uint8 (N, H, W[, 1]) -> the model's float input."""
     return supervised._preprocess(images, self.config.model)  # noqa: SLF001
+
+  @property
+  def black(self) -> float:
+    """A black pixel in the model's input space ("no signal"; also the padding of a scan)."""
+    return float(self.preprocess(jnp.zeros((1, 1, 1, 1), jnp.uint8)).min())
 
   def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
     """Grey uint8 images of any size -> uint8 (N, S, S, 1) as the run evaluated them."""
@@ -243,6 +249,19 @@ def read_inputs(inputs: Sequence[str]) -> Inputs:
     images.append(image)
     masks.append(mask)
   return Inputs(paths, images, masks, skipped)
+
+
+def run_cli(body: Callable[[], dict]) -> dict | None:
+  """A CLI's work: a data or checkpoint problem is one line on stderr (None returned), and every
+  skipped input is named there too."""
+  try:
+    result = body()
+  except (records.DataError, checkpointing.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return None
+  for line in result["skipped"]:
+    print(f"skipped: {line}", file=sys.stderr)
+  return result
 
 
 def run_provenance(run: LoadedRun) -> dict[str, Any]:

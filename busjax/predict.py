@@ -16,11 +16,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 
 from absl import app, flags, logging
 
-from busjax import checkpointing, inference
+from busjax import inference
 from busjax.data import records
 
 
@@ -68,13 +67,11 @@ def predict(workdir: str, inputs: list[str], output: str, batch_size: int = 16) 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  try:
-    result = predict(_WORKDIR.value, _INPUT.value, _OUTPUT.value, _BATCH.value)
-  except (records.DataError, checkpointing.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  result = inference.run_cli(
+    lambda: predict(_WORKDIR.value, _INPUT.value, _OUTPUT.value, _BATCH.value)
+  )
+  if result is None:
     return 1
-  for line in result["skipped"]:
-    print(f"skipped: {line}", file=sys.stderr)
   print(f"{result['predicted']} images -> {_OUTPUT.value} ({len(result['skipped'])} skipped)")
   return 0
 
