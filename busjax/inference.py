@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -52,7 +53,7 @@ class LoadedRun:
     """uint8 (N, H, W[, 1]) -> the model's float input."""
     return supervised._preprocess(images, self.config.model)  # noqa: SLF001
 
-  @property
+  @functools.cached_property
   def black(self) -> float:
     """A black pixel in the model's input space ("no signal"; also the padding of a scan)."""
     return float(self.preprocess(jnp.zeros((1, 1, 1, 1), jnp.uint8)).min())

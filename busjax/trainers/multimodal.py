@@ -115,9 +115,14 @@ def patient_features(
   """(patients, d): the branch's pooled features averaged over each patient's images."""
   images = paired.images_of(patients, modality)
   features = np.asarray(trained.features(images), np.float64)
-  counts = [len(p.meta[modality]) for p in patients.records]
+  return mean_per_patient(features, [len(p.meta[modality]) for p in patients.records])
+
+
+def mean_per_patient(values: np.ndarray, counts) -> np.ndarray:
+  """(patients, ...) means of consecutive runs of `values` rows, `counts[i]` rows per patient."""
+  counts = np.asarray(counts)
   starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-  return np.add.reduceat(features, starts, axis=0) / np.asarray(counts)[:, None]
+  return np.add.reduceat(values, starts, axis=0) / counts[:, None]
 
 
 class BlockScaler(TransformerMixin, BaseEstimator):
@@ -346,9 +351,7 @@ def train_end_to_end(
 
   def per_patient(fn, patients: records.Collection) -> np.ndarray:
     combinations, counts = pipeline.view_combinations(patients, modalities)
-    values = np.asarray(fn(combinations), np.float64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return np.add.reduceat(values, starts, axis=0) / counts[:, None]
+    return mean_per_patient(np.asarray(fn(combinations), np.float64), counts)
 
   info = dict(trained.info)
   info["model"] = f"end_to_end({' + '.join(modalities)})"
