@@ -1,7 +1,7 @@
 r"""Explains a finished busjax run's predictions: saliency panels and, with masks, how they score.
 
-  python -m busjax.explain --workdir=runs/busi --input=scans.csv --methods=gradcam,ig,smoothgrad \
-      --out=runs/busi/explanations
+  python -m busjax.explain --workdir=runs/busi --input=scans.csv \
+      --methods=gradcam,ig,smoothgrad,eg,shap --layer=stage3 --out=runs/busi/explanations
 
 `--input` as `busjax.predict` (folders, files, or a CSV with ``path`` and optional ``mask``
 columns). For each image, ``panels/NAME.png``: the image (the lesion outlined when a mask is
@@ -11,6 +11,13 @@ masks, ``explain.json`` and ``faithfulness.md``: per method, the mean pointing g
 inside the lesion, top-10% IoU with the lesion, and deletion / insertion areas, beside a
 random-map baseline row (a method is only worth trusting where it beats it). Unreadable images
 are named and skipped. Figures say SYNTHETIC when the run trained on synthetic data.
+
+Methods (`evaluators.saliency`): gradcam / gradcam_pp at `--layer` (any named feature map of the
+model; the last by default; an unknown name lists the model's maps), gradients, smoothgrad, ig
+(from the run's black level), eg (expected gradients over up to 32 of the inputs as the
+background), shap (Owen values from shap's Partition explainer, hidden superpixels set to the
+black level, `--shap_evals` model calls per image; also ``shap.png``, shap's own image plot of
+the first eight images). shap needs ``pip install 'busjax[explain]'``.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from busjax.evaluators import saliency
 def _define_flags():
   """Flags exist only when this module runs as the program (its siblings define the same
   names)."""
-  global _BATCH, _INPUT, _METHODS, _OUT, _TARGET, _WORKDIR
+  global _BATCH, _INPUT, _LAYER, _METHODS, _OUT, _SHAP_EVALS, _TARGET, _WORKDIR
   _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.", required=True)
   _INPUT = flags.DEFINE_multi_string("input", None, "Folder, image file or CSV.", required=True)
   _METHODS = flags.DEFINE_list(
     "methods", ["gradcam", "ig", "smoothgrad"], f"Of {saliency.METHODS}."
   )
+  _LAYER = flags.DEFINE_string("layer", None, "Grad-CAM's feature map (default: the last).")
+  _SHAP_EVALS = flags.DEFINE_integer("shap_evals", 500, "Model calls per image for shap.")
   _OUT = flags.DEFINE_string("out", "explanations", "Output folder.")
   _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per (fixed-size) batch.")
   _TARGET = flags.DEFINE_enum(
@@ -77,6 +86,8 @@ def explain(
   out: str,
   batch_size: int = 8,
   target: str = "predicted",
+  layer: str | None = None,
+  shap_evals: int = 500,
 ) -> dict:
   """Writes panels (and the faithfulness table when masks are given); returns the table."""
   unknown = set(methods) - set(saliency.METHODS)
@@ -96,20 +107,15 @@ def explain(
     targets = np.full(len(images), run.class_names.index(target), np.int32)
   masks = [None if m is None else augment.resize_pad(m, size) for m in data.masks]
   x = np.asarray(run.preprocess(jnp.asarray(images)), np.float32)
+  os.makedirs(os.path.join(out, "panels"), exist_ok=True)
   maps = {}
   for method in methods:
-    kwargs = {"baseline": run.black} if method == "ig" else {}
-    explainer = saliency.make_explainer(run.model, method, **kwargs)
-    maps[method] = inference.batched(
-      lambda xx, tt, e=explainer: e(jnp.asarray(xx), jnp.asarray(tt)),
-      x,
-      targets,
-      batch_size=batch_size,
-    )
+    maps[method] = _maps(run, method, x, targets, batch_size, layer, shap_evals)
+    if method == "shap":
+      _shap_plot(os.path.join(out, "shap.png"), images, maps[method], targets, run)
 
   provenance = inference.run_provenance(run)
   synthetic = provenance["synthetic_training_data"]
-  os.makedirs(os.path.join(out, "panels"), exist_ok=True)
   for i, path in enumerate(data.paths):
     name = os.path.splitext(os.path.basename(path))[0]
     _panel(
@@ -131,6 +137,49 @@ def explain(
   with open(os.path.join(out, "explain.json"), "w") as f:
     json.dump(result, f, indent=2)
   return result
+
+
+def _maps(run, method, x, targets, batch_size, layer, shap_evals) -> np.ndarray:
+  """(N, S, S) maps of one method, explaining `targets`, in fixed-size jitted batches."""
+  if method == "shap":
+    prob_fn = run.probabilities(64, preprocessed=True)
+    return saliency.partition_shap(
+      prob_fn, x, targets, mask_value=run.black, max_evals=shap_evals, batch_size=64
+    )
+  kwargs = {}
+  if method == "ig":
+    kwargs = {"baseline": run.black}
+  elif method == "eg":
+    pick = np.random.default_rng(0).permutation(len(x))[:32]
+    kwargs = {"background": jnp.asarray(x[np.sort(pick)])}
+  elif method in ("gradcam", "gradcam_pp"):
+    kwargs = {"layer": layer}
+  try:
+    explainer = saliency.make_explainer(run.model, method, **kwargs)
+    return inference.batched(
+      lambda xx, tt: explainer(jnp.asarray(xx), jnp.asarray(tt)), x, targets, batch_size=batch_size
+    )
+  except ValueError as error:  # E.g. an unknown --layer: the message lists the model's maps.
+    raise records.DataError(f"--methods={method}: {error}") from None
+
+
+def _shap_plot(path, images, values, targets, run) -> None:
+  """shap's own image plot (red: evidence for the explained class) of the first 8 images."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import shap
+  from matplotlib import pyplot as plt
+
+  n = min(8, len(images))
+  shap.image_plot(
+    [values[:n, ..., None]],
+    images[:n].astype(np.float32) / 255.0,
+    labels=np.array([[f"SHAP: {run.class_names[t]}"] for t in targets[:n]]),
+    show=False,
+  )
+  plt.gcf().savefig(path, dpi=100)
+  plt.close("all")
 
 
 def _faithfulness(run, x, maps, targets, masks, rows, batch_size) -> dict:
@@ -180,7 +229,14 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   result = inference.run_cli(
     lambda: explain(
-      _WORKDIR.value, _INPUT.value, _METHODS.value, _OUT.value, _BATCH.value, _TARGET.value
+      _WORKDIR.value,
+      _INPUT.value,
+      _METHODS.value,
+      _OUT.value,
+      _BATCH.value,
+      _TARGET.value,
+      _LAYER.value,
+      _SHAP_EVALS.value,
     )
   )
   if result is None:

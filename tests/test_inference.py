@@ -83,16 +83,26 @@ def test_explain_cli_writes_panels_and_scores_maps_against_lesion_masks(smoke_ru
   rows.append("missing.png,")
   (tmp_path / "in.csv").write_text("\n".join(rows) + "\n")
   out = tmp_path / "out"
+  methods = ["gradcam", "ig", "eg", "shap"]
   result = explain.explain(
-    str(workdir), [str(tmp_path / "in.csv")], ["gradcam", "ig"], str(out), target="malignant"
+    str(workdir),
+    [str(tmp_path / "in.csv")],
+    methods,
+    str(out),
+    target="malignant",
+    layer="stage3",
+    shap_evals=64,
   )
   assert result["images"] == 4 and "missing.png" in result["skipped"][0]
   assert len(list((out / "panels").glob("*.png"))) == 4
   table = result["faithfulness"]
-  assert set(table) == {"gradcam", "ig", "random", "lesion_share_of_image"}
-  for method in ("gradcam", "ig", "random"):
+  assert set(table) == {*methods, "random", "lesion_share_of_image"}
+  assert (out / "shap.png").stat().st_size > 0
+  for method in (*methods, "random"):
     for value in table[method].values():
       assert 0.0 <= value <= 1.0
   assert "| random |" in (out / "faithfulness.md").read_text()
   with pytest.raises(records.DataError, match="unknown"):
     explain.explain(str(workdir), [str(tmp_path / "in.csv")], ["lime"], str(out))
+  with pytest.raises(records.DataError, match="no feature map 'stage9'; its maps: stem, stage1"):
+    explain.explain(str(workdir), [str(tmp_path / "in.csv")], ["gradcam"], str(out), layer="stage9")

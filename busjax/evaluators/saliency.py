@@ -7,9 +7,15 @@ Maps (each ``(N, H, W)`` float32, one per image, for one target class per image)
 * `integrated_gradients`: (x − x') · mean over the straight path of ∂ score / ∂ input, summed over
   channels (Sundararajan et al. 2017); signed, and its sum over pixels approximates
   score(x) − score(x') (completeness; the trapezoid rule with `steps` intervals).
-* `grad_cam` / `grad_cam_plus_plus`: channel weights from the gradient at the last feature map
-  (plain mean, or Grad-CAM++'s second-order weights), ReLU of the weighted map, bilinearly
-  upsampled to the input (Selvaraju et al. 2017; Chattopadhay et al. 2018).
+* `expected_gradients`: integrated gradients averaged over baselines drawn from a background set
+  (Erion et al. 2021), the SHAP value estimate of SHAP's GradientExplainer, in JAX.
+* `partition_shap`: Owen values from `shap`'s Partition explainer with an image masker over a
+  fixed-batch jitted predict (no recompiles per call); the optional `shap` package.
+* `grad_cam` / `grad_cam_plus_plus`: channel weights from the gradient at a feature map (plain
+  mean, or Grad-CAM++'s second-order weights), ReLU of the weighted map, bilinearly upsampled to
+  the input (Selvaraju et al. 2017; Chattopadhay et al. 2018). For a busjax model the map is any
+  of its named maps (`tapped_model(model, "stage3")`, `layer_names` lists them; the last one
+  by default), reached through `models.common.tap`: no second forward, no model surgery.
 
 The *score* of class c is its logit for a softmax head (so explaining the benign class explains
 the benign logit, never silently the malignant one); for a single-logit head it is the logit for
@@ -32,9 +38,11 @@ import numpy as np
 from flax import nnx
 
 from busjax.models import common as model_common
-from busjax.models import fusion as fusion_model
 
 ScoreFn = Callable[[jax.Array], jax.Array]  # (N, H, W, C) float input -> (N, classes) logits
+# (x, delta or None) -> (logits, the feature map Grad-CAM explains); delta (the map's shape) is
+# added to the map on the way to the logits, so d logits / d delta is the gradient at the map.
+TappedFn = Callable[[jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]
 
 
 def class_scores(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -98,16 +106,88 @@ def integrated_gradients(
   return jnp.sum((x - baseline) * total, axis=-1)
 
 
-def _cam(
-  feature_fn: ScoreFn,
-  head_fn: ScoreFn,
+def expected_gradients(
+  logit_fn: ScoreFn,
   x: jax.Array,
   targets: jax.Array,
-  plus_plus: bool,
+  background: jax.Array,
+  rng: jax.Array,
+  *,
+  samples: int = 32,
 ) -> jax.Array:
-  maps = feature_fn(x).astype(jnp.float32)  # (N, h, w, K)
-  scores_of = lambda a: class_scores(head_fn(a), targets)  # noqa: E731
-  grads = jax.grad(lambda a: scores_of(a).sum())(maps)
+  """Expected gradients (Erion et al. 2021; SHAP's GradientExplainer): integrated gradients
+  averaged over baselines drawn from `background` (M, H, W, C) and path points drawn uniformly,
+  summed over channels. Its sum over pixels approximates score(x) − E_background score, exactly
+  so for a model linear in its input."""
+  background = jnp.asarray(background, x.dtype)
+
+  def one(carry, key):
+    pick, where = jax.random.split(key)
+    base = background[jax.random.randint(pick, (x.shape[0],), 0, background.shape[0])]
+    alpha = jax.random.uniform(where, (x.shape[0], 1, 1, 1), x.dtype)
+    grads = _input_grads(logit_fn, base + alpha * (x - base), targets)
+    return carry + (x - base) * grads / samples, None
+
+  total, _ = jax.lax.scan(one, jnp.zeros_like(x), jax.random.split(rng, samples))
+  return jnp.sum(total, axis=-1)
+
+
+def partition_shap(
+  prob_fn: Callable[[np.ndarray], np.ndarray],
+  x: np.ndarray,
+  targets: np.ndarray,
+  *,
+  mask_value: float | str = 0.0,
+  max_evals: int = 500,
+  batch_size: int = 50,
+) -> np.ndarray:
+  """SHAP (Owen) values of p(target) per pixel from `shap`'s Partition explainer with an image
+  masker, summed over channels: (N, H, W). Their sum over pixels is p(target | x) minus
+  p(target | everything masked).
+
+  Args:
+    prob_fn: (B, H, W, C) float -> (B, classes) probabilities; a fixed-batch jitted predict
+      (`inference.LoadedRun.probabilities`) compiles once whatever B shap asks for.
+    mask_value: what a hidden superpixel becomes: a number (the black level, as IG's baseline
+      and the deletion curve), or a shap masker string such as "blur(16,16)" or "inpaint_telea".
+    max_evals: model evaluations per image (the partition tree's depth follows from it).
+  """
+  try:
+    import shap
+  except ImportError as error:  # An optional extra: the rest of busjax runs without it.
+    raise ImportError("SHAP needs the 'shap' package: pip install 'busjax[explain]'") from error
+  x = np.asarray(x, np.float32)
+  targets = np.asarray(targets)
+  masker = shap.maskers.Image(mask_value, x.shape[1:])
+  values = np.zeros(x.shape[:3], np.float32)
+  for target in np.unique(targets):
+    rows = np.flatnonzero(targets == target)
+    explainer = shap.Explainer(lambda b, t=int(target): prob_fn(b)[:, t : t + 1], masker)
+    explanation = explainer(x[rows], max_evals=max_evals, batch_size=batch_size, silent=True)
+    values[rows] = explanation.values[..., 0].sum(axis=-1)
+  return values
+
+
+def split_at(feature_fn: ScoreFn, head_fn: ScoreFn) -> TappedFn:
+  """A model written as (input -> feature map, feature map -> logits) as a `TappedFn`."""
+
+  def tapped(x, delta):
+    maps = feature_fn(x)
+    return head_fn(maps if delta is None else maps + delta.astype(maps.dtype)), maps
+
+  return tapped
+
+
+def _cam(tapped_fn: TappedFn, x: jax.Array, targets: jax.Array, plus_plus: bool) -> jax.Array:
+  shape = jax.eval_shape(lambda v: tapped_fn(v, None)[1], x).shape
+  if len(shape) != 4:
+    raise ValueError(f"Grad-CAM needs an (N, h, w, K) feature map; the tapped one is {shape}")
+
+  def score(delta):  # d score / d delta at 0 is the gradient at the map.
+    logits, maps = tapped_fn(x, delta)
+    return class_scores(logits, targets).sum(), maps.astype(jnp.float32)
+
+  grads, maps = jax.grad(score, has_aux=True)(jnp.zeros(shape, jnp.float32))
   if plus_plus:
     # Grad-CAM++ with the exponential score: dY/dA = e^S g, second and third derivatives by
     # powers of g (Chattopadhay et al., eq. 19).
@@ -121,14 +201,14 @@ def _cam(
   return jax.image.resize(cam, (x.shape[0], x.shape[1], x.shape[2]), "linear")
 
 
-def grad_cam(feature_fn: ScoreFn, head_fn: ScoreFn, x: jax.Array, targets: jax.Array):
-  """Grad-CAM at the map `feature_fn` returns (`head_fn` maps it to logits), input-sized."""
-  return _cam(feature_fn, head_fn, x, targets, plus_plus=False)
+def grad_cam(tapped_fn: TappedFn, x: jax.Array, targets: jax.Array) -> jax.Array:
+  """Grad-CAM at the map `tapped_fn` exposes, upsampled to the input."""
+  return _cam(tapped_fn, x, targets, plus_plus=False)
 
 
-def grad_cam_plus_plus(feature_fn: ScoreFn, head_fn: ScoreFn, x: jax.Array, targets: jax.Array):
-  """Grad-CAM++ at the map `feature_fn` returns, input-sized."""
-  return _cam(feature_fn, head_fn, x, targets, plus_plus=True)
+def grad_cam_plus_plus(tapped_fn: TappedFn, x: jax.Array, targets: jax.Array) -> jax.Array:
+  """Grad-CAM++ at the map `tapped_fn` exposes, upsampled to the input."""
+  return _cam(tapped_fn, x, targets, plus_plus=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,54 +216,72 @@ def grad_cam_plus_plus(feature_fn: ScoreFn, head_fn: ScoreFn, x: jax.Array, targ
 # ----------------------------------------------------------------------------------------------
 
 
-def model_functions(model: nnx.Module) -> tuple[ScoreFn, ScoreFn, ScoreFn]:
-  """(logits, last feature map, head) functions of a busjax classifier in evaluation mode.
+def default_layer(model: nnx.Module) -> str:
+  """The map Grad-CAM uses unless told: the model's `cam_layer`, else its last map "features"."""
+  return getattr(model, "cam_layer", "features")
 
-  The last map is ``features["features"]`` of ``model(x, return_features=True)``: ResNet,
-  DenseNet and MobileNetV2 (their `common.Head` pools it) and the fusion model (pooled, then its
-  linear head). Other models get the logits only (Grad-CAM raises for them).
-  """
+
+def tapped_model(model: nnx.Module, layer: str | None = None) -> TappedFn:
+  """A busjax classifier (evaluation mode) as a `TappedFn` at its named feature map `layer`
+  (a key of its ``return_features`` dict, e.g. "stage3"; a sub-model's maps are qualified,
+  e.g. "densenet121/block_3" in the fusion model; default: `default_layer`)."""
   model.eval()
+  layer = layer or default_layer(model)
 
-  def logits(x):
-    return model(x)
+  def tapped(x, delta):
+    with model_common.tapping(layer, delta) as seen:
+      logits = model(x)
+    if seen.value is None:
+      raise ValueError(
+        f"{type(model).__name__} has no feature map {layer!r}; its maps: {', '.join(seen.names)}"
+      )
+    return logits, seen.value
 
-  def last_map(x):
-    return model(x, return_features=True)[1]["features"]
-
-  if isinstance(getattr(model, "head", None), model_common.Head):
-    return logits, last_map, model.head
-  if isinstance(model, fusion_model.FusionModel):
-    return logits, last_map, lambda a: model.head(jnp.mean(a.astype(jnp.float32), axis=(1, 2)))
-
-  def no_cam(a):
-    raise ValueError(f"Grad-CAM needs a pooled linear head on the last map; {type(model)} has none")
-
-  return logits, last_map, no_cam
+  return tapped
 
 
-METHODS = ("gradcam", "gradcam_pp", "gradients", "smoothgrad", "ig")
+def layer_names(model: nnx.Module, x: jax.Array) -> list[str]:
+  """The named maps a Grad-CAM `layer` can be, in forward order (shapes only; nothing runs)."""
+  graph, state = nnx.split(model)
+
+  def names(state, x):
+    m = nnx.merge(graph, state)
+    m.eval()
+    with model_common.tapping("") as seen:
+      m(x)
+    return seen.names
+
+  found: list[str] = []
+  jax.eval_shape(lambda s, v: found.extend(names(s, v)), state, x)
+  return found
 
 
-def make_explainer(model: nnx.Module, method: str, **kwargs) -> Callable:
-  """A jitted ``(x float (N, H, W, C), targets (N,), rng) -> maps (N, H, W)`` for one method
-  (kwargs: smoothgrad's samples/sigma, ig's baseline/steps). Fixed shapes: one compile."""
-  if method not in METHODS:
-    raise ValueError(f"unknown saliency method {method!r}; expected one of {METHODS}")
+JAX_METHODS = ("gradcam", "gradcam_pp", "gradients", "smoothgrad", "ig", "eg")
+METHODS = (*JAX_METHODS, "shap")  # "shap": `partition_shap` (model-agnostic, numpy side).
+
+
+def make_explainer(
+  model: nnx.Module, method: str, *, layer: str | None = None, **kwargs
+) -> Callable:
+  """A jitted ``(x float (N, H, W, C), targets (N,), rng) -> maps (N, H, W)`` for one of
+  `JAX_METHODS` (`layer`: Grad-CAM's map; kwargs: smoothgrad's samples/sigma, ig's
+  baseline/steps, eg's background/samples). Fixed shapes: one compile."""
+  if method not in JAX_METHODS:
+    raise ValueError(f"unknown saliency method {method!r}; expected one of {JAX_METHODS}")
   graph, state = nnx.split(model)
 
   def explain(state, x, targets, rng):
     m = nnx.merge(graph, state)
-    logits, last_map, head = model_functions(m)
-    if method == "gradcam":
-      return grad_cam(last_map, head, x, targets)
-    if method == "gradcam_pp":
-      return grad_cam_plus_plus(last_map, head, x, targets)
+    m.eval()
+    if method in ("gradcam", "gradcam_pp"):
+      return _cam(tapped_model(m, layer), x, targets, plus_plus=method == "gradcam_pp")
     if method == "gradients":
-      return gradients(logits, x, targets)
+      return gradients(m, x, targets)
     if method == "smoothgrad":
-      return smoothgrad(logits, x, targets, rng, **kwargs)
-    return integrated_gradients(logits, x, targets, **kwargs)
+      return smoothgrad(m, x, targets, rng, **kwargs)
+    if method == "eg":
+      return expected_gradients(m, x, targets, rng=rng, **kwargs)
+    return integrated_gradients(m, x, targets, **kwargs)
 
   jitted = jax.jit(explain)
 

@@ -1,12 +1,21 @@
-"""Helpers shared by the backbones: input preprocessing, dtypes, config reading, counting.
+"""Helpers shared by the backbones: input preprocessing, dtypes, config reading, counting, taps.
 
 `preprocess` runs inside the jitted step: the pipeline ships uint8 images and the
 normalisation happens on the accelerator (see ARCHITECTURE.md, Grain).
+
+`tap` marks a named feature map inside a model's forward pass (the names of its
+``return_features`` dict). It is the identity, except inside `tapping(layer, delta)`, where the
+map called `layer` is recorded and `delta` added to it: the gradient with respect to `delta` at
+zero is the gradient at that map (Grad-CAM on any named map, `evaluators.saliency`). A model
+that runs a sub-model under `tap_scope("name/")` qualifies its sub-model's names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -29,6 +38,62 @@ NORMALIZATIONS = {
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Tapped:
+  """What one `tapping` context saw: every tapped name in order, and the map called `layer`."""
+
+  layer: str
+  delta: Any = None
+  prefix: str = ""
+  names: list[str] = dataclasses.field(default_factory=list)
+  value: Any = None
+
+
+_TAPPING: contextvars.ContextVar[Tapped | None] = contextvars.ContextVar("tapping", default=None)
+
+
+def tap(name: str, x: jax.Array) -> jax.Array:
+  """`x`, or inside `tapping(layer, delta)` and when this map is `layer`: `x + delta`."""
+  tapped = _TAPPING.get()
+  if tapped is None:
+    return x
+  full = tapped.prefix + name
+  tapped.names.append(full)
+  if full != tapped.layer:
+    return x
+  if tapped.value is not None:
+    raise ValueError(f"feature map {full!r} is tapped twice in one forward pass")
+  tapped.value = x
+  return x if tapped.delta is None else x + tapped.delta.astype(x.dtype)
+
+
+@contextlib.contextmanager
+def tapping(layer: str, delta: Any = None) -> Iterator[Tapped]:
+  """Records the map called `layer` (and every name seen) during a forward pass in this
+  context, adding `delta` (same shape) to it when given. Trace-time only: use inside the
+  function that jit/grad transform."""
+  token = _TAPPING.set(Tapped(layer, delta))
+  try:
+    yield _TAPPING.get()
+  finally:
+    _TAPPING.reset(token)
+
+
+@contextlib.contextmanager
+def tap_scope(prefix: str) -> Iterator[None]:
+  """Qualifies the names tapped inside (a sub-model's maps) with `prefix`."""
+  tapped = _TAPPING.get()
+  if tapped is None:
+    yield
+    return
+  outer = tapped.prefix
+  tapped.prefix = outer + prefix
+  try:
+    yield
+  finally:
+    tapped.prefix = outer
 
 
 def normalization_stats(name: str) -> tuple[Any, Any]:

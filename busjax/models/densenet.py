@@ -149,14 +149,15 @@ class DenseNet(nnx.Module):
     x = self.stem(jnp.asarray(x, self.dtype))
     if not self.small_stem:
       x = layers.max_pool_3x3_s2(x)
+    x = common.tap("stem", x)
     feature_maps = {"stem": x}
     for index, block in enumerate(self.blocks):
       for layer in block:
         x = layer(x)
-      feature_maps[f"block_{index + 1}"] = x
+      x = feature_maps[f"block_{index + 1}"] = common.tap(f"block_{index + 1}", x)
       if index < len(self.transitions):
         x = self.transitions[index](x)
-    feature_maps["features"] = jax.nn.relu(self.final_norm(x))
+    feature_maps["features"] = common.tap("features", jax.nn.relu(self.final_norm(x)))
     return feature_maps
 
   def __call__(self, x: jax.Array, *, return_features: bool = False):

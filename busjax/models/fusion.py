@@ -31,7 +31,7 @@ import ml_collections
 from flax import nnx
 
 from busjax.models import attention as attention_lib
-from busjax.models import layers
+from busjax.models import common, layers
 
 FUSIONS = ("concat", "add", "attention_weighted")
 
@@ -163,7 +163,8 @@ class FusionModel(nnx.Module):
     features = {}
     projected = []
     for name in self.backbone_names:
-      _, backbone_features = self.backbones[name](x, return_features=True)
+      with common.tap_scope(f"{name}/"):
+        _, backbone_features = self.backbones[name](x, return_features=True)
       last = backbone_features["features"]
       features[name] = last
       projected.append(self.projections[name](last))
@@ -179,7 +180,8 @@ class FusionModel(nnx.Module):
         for w, m in zip(jnp.moveaxis(weights, -1, 0), projected, strict=True)
       )
       features["branch_weights"] = weights
-    attended = self.attention(fused)
+    fused = common.tap("fused", fused)
+    attended = common.tap("features", self.attention(fused))
     pooled = jnp.mean(attended.astype(jnp.float32), axis=(1, 2))
     logits = self.head(self.dropout(pooled).astype(self.dtype or pooled.dtype))
     logits = logits.astype(jnp.float32)

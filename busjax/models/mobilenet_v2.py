@@ -145,11 +145,11 @@ class MobileNetV2(nnx.Module):
   def features(self, x: jax.Array) -> dict[str, jax.Array]:
     """Named NHWC feature maps: "stem", "block_0".."block_16", "features"."""
     x = self.stem(jax.numpy.asarray(x, self.dtype))
+    x = common.tap("stem", x)
     feature_maps = {"stem": x}
     for index, block in enumerate(self.blocks):
-      x = block(x)
-      feature_maps[f"block_{index}"] = x
-    feature_maps["features"] = self.last_conv(x)
+      x = feature_maps[f"block_{index}"] = common.tap(f"block_{index}", block(x))
+    feature_maps["features"] = common.tap("features", self.last_conv(x))
     return feature_maps
 
   def __call__(self, x: jax.Array, *, return_features: bool = False):

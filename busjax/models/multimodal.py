@@ -22,9 +22,14 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from busjax.models import common
+
 
 class MultimodalNet(nnx.Module):
   """Per-modality branches -> pooled features -> concatenation -> dropout -> linear head."""
+
+  # Grad-CAM's default map: the ultrasound branch's last map ("mammo/features" for the other).
+  cam_layer = "us/features"
 
   def __init__(
     self,
@@ -54,7 +59,8 @@ class MultimodalNet(nnx.Module):
       )
     features, pooled = {}, []
     for channel, modality in enumerate(self.modalities):
-      _, maps = self.branches[modality](x[..., channel : channel + 1], return_features=True)
+      with common.tap_scope(f"{modality}/"):
+        _, maps = self.branches[modality](x[..., channel : channel + 1], return_features=True)
       features[modality] = jnp.mean(maps["features"].astype(jnp.float32), axis=(1, 2))
       pooled.append(features[modality])
     fused = jnp.concatenate(pooled, axis=-1)

@@ -108,6 +108,9 @@ class CrossAttention(nnx.Module):
 class MultiscaleModel(nnx.Module):
   """Backbone stages -> projections -> cross-scale fusion -> (N, 1, 1, D) -> head."""
 
+  # Grad-CAM's default map: "features" here is the fused vector (1 x 1), not a map.
+  cam_layer = "backbone/features"
+
   def __init__(
     self,
     backbone: nnx.Module,
@@ -186,10 +189,11 @@ class MultiscaleModel(nnx.Module):
     return tokens
 
   def __call__(self, x: jax.Array, *, return_features: bool = False):
-    feature_maps = dict(self.backbone.features(x))
+    with common.tap_scope("backbone/"):
+      feature_maps = dict(self.backbone.features(x))
     projected = [
-      proj(feature_maps[name])
-      for proj, name in zip(self.projections, self.scale_names, strict=True)
+      common.tap(f"scale{i}", proj(feature_maps[name]))
+      for i, (proj, name) in enumerate(zip(self.projections, self.scale_names, strict=True))
     ]
     for i, m in enumerate(projected):
       feature_maps[f"scale{i}"] = m

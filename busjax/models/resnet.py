@@ -162,12 +162,13 @@ class ResNet(nnx.Module):
     x = self.stem(jnp.asarray(x, self.dtype))
     if not self.small_stem:
       x = layers.max_pool_3x3_s2(x)
+    x = common.tap("stem", x)
     feature_maps = {"stem": x}
     for index, stage in enumerate(self.stages):
       for block in stage:
         x = block(x)
-      feature_maps[f"stage{index + 1}"] = x
-    feature_maps["features"] = self.attention(x)
+      x = feature_maps[f"stage{index + 1}"] = common.tap(f"stage{index + 1}", x)
+    feature_maps["features"] = common.tap("features", self.attention(x))
     return feature_maps
 
   def __call__(self, x: jax.Array, *, return_features: bool = False):
