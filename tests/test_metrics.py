@@ -284,3 +284,29 @@ def test_adaptive_ece_uses_equal_mass_bins():
   assert calibration.adaptive_calibration_error(y, p, n_bins=2) == pytest.approx(0.1)
   y, probs = _overconfident(seed=2)
   assert calibration.adaptive_calibration_error(y, probs[:, 1]) > 0.1
+
+
+def test_net_benefit_and_decision_curve_by_hand():
+  y = np.array([1, 1, 0, 0, 0])
+  p = np.array([0.9, 0.3, 0.6, 0.2, 0.1])
+  # t = 0.5: called {0.9, 0.6}: TP 1, FP 1 -> 1/5 - 1/5 = 0; t = 0.25: TP 2, FP 1 -> 2/5 - 1/15.
+  np.testing.assert_allclose(metrics.net_benefit(y, p, [0.5, 0.25]), [0.0, 0.4 - 0.2 / 3])
+  curve = metrics.decision_curve(y, p)
+  t = curve["thresholds"]
+  np.testing.assert_allclose(curve["treat_all"], 0.4 - 0.6 * t / (1 - t))
+  assert t[0] == 0.05 and t[-1] == 0.95 and np.all(curve["treat_none"] == 0)
+  with pytest.raises(ValueError, match="strictly between"):
+    metrics.net_benefit(y, p, [0.0])
+
+
+def test_mcnemar_counts_discordant_images_and_matches_the_binomial():
+  y = np.array([1] * 10 + [0] * 10)
+  a = y.copy()  # Always right.
+  b = y.copy()
+  b[:7] = 0  # Wrong on 7 positives.
+  b[-1] = 1  # ...and one negative; a is wrong there too.
+  a[-1] = 1
+  result = metrics.mcnemar(y, a, b)
+  assert (result["a_only"], result["b_only"]) == (7, 0)
+  assert result["p_value"] == pytest.approx(2 * 0.5**7)
+  assert metrics.mcnemar(y, a, a)["p_value"] == 1.0

@@ -58,6 +58,7 @@ def test_write_report_writes_all_files_with_provenance(tmp_path):
   folder = tmp_path / "test"
   assert sorted(f.name for f in folder.iterdir()) == [
     "confusion.png",
+    "decision_curve.png",
     "predictions.csv",
     "reliability.png",
     "report.json",
@@ -80,7 +81,13 @@ def test_write_report_writes_all_files_with_provenance(tmp_path):
   assert data["auc"]["value"] == pytest.approx(metrics.roc_auc(y, p))
   assert data["operating_points"]["at_threshold"]["threshold"] == 0.4
   assert set(data["operating_points"]) == {"at_threshold", "at_0.5"}
-  for png in ("roc.png", "reliability.png", "confusion.png"):
+  curve = data["decision_curve"]
+  assert curve["probabilities"].startswith("raw") and len(curve["model"]) == 19
+  np.testing.assert_allclose(curve["model"], metrics.net_benefit(y, p, curve["thresholds"]))
+  np.testing.assert_allclose(
+    curve["reader"], metrics.net_benefit(y, (birads >= 4).astype(float), curve["thresholds"])
+  )
+  for png in ("roc.png", "reliability.png", "confusion.png", "decision_curve.png"):
     with Image.open(folder / png) as image:
       assert image.size[0] > 300 and image.size[1] > 300
   with open(folder / "predictions.csv", newline="") as f:
@@ -243,6 +250,13 @@ def test_report_reader_comparison_is_consistent(tmp_path):
     at_spec["sensitivity"] - reader["sensitivity"]
   )
   assert comparison["model_auc"] == pytest.approx(data["auc"]["value"])
+  # McNemar at the sensitivity-matched point counts the images each side alone gets right.
+  test = comparison["mcnemar"]["at_reader_sensitivity"]
+  model_right = (p >= test["model_threshold"]) == y
+  reader_right = (birads >= 4) == y
+  assert test["model_only_right"] == int(np.sum(model_right & ~reader_right))
+  assert test["reader_only_right"] == int(np.sum(reader_right & ~model_right))
+  assert 0.0 < test["p_value"] <= 1.0
 
 
 @pytest.mark.skipif(not (BUSBRA / "bus_data.csv").is_file(), reason="BUS-BRA dev data absent")

@@ -453,3 +453,43 @@ def sensitivity_at_specificity(
     "threshold": threshold,
     "ci": ci,
   }
+
+
+def net_benefit(y: Any, p: Any, thresholds: Any) -> np.ndarray:
+  """Net benefit of acting on ``p >= t`` at each threshold probability t (Vickers & Elkin
+  2006): TP/n - FP/n * t / (1 - t), the true positives gained per patient after charging each
+  false positive the harm that t implies. Meaningful for calibrated probabilities only."""
+  y, p = check_binary(y, p, probabilities=True)
+  t = np.asarray(thresholds, np.float64)
+  if np.any((t <= 0) | (t >= 1)):
+    raise ValueError("decision thresholds must lie strictly between 0 and 1")
+  called = p[None, :] >= t[:, None]
+  tp = np.sum(called & (y[None, :] == 1), axis=1) / y.shape[0]
+  fp = np.sum(called & (y[None, :] == 0), axis=1) / y.shape[0]
+  return tp - fp * t / (1.0 - t)
+
+
+def decision_curve(y: Any, p: Any, thresholds: Any = None) -> dict[str, np.ndarray]:
+  """Net benefit of the model, of treating everyone (biopsy all) and of treating no one (0), at
+  threshold probabilities 0.05 .. 0.95 unless given."""
+  y, p = check_binary(y, p, probabilities=True)
+  t = np.round(np.arange(0.05, 0.951, 0.05), 2) if thresholds is None else np.asarray(thresholds)
+  return {
+    "thresholds": t,
+    "model": net_benefit(y, p, t),
+    "treat_all": net_benefit(y, np.ones_like(p), t),
+    "treat_none": np.zeros_like(t, dtype=np.float64),
+  }
+
+
+def mcnemar(y: Any, calls_a: Any, calls_b: Any) -> dict[str, Any]:
+  """Exact McNemar test of two sets of 0/1 calls on the same images: ``a_only`` images called
+  right by a alone, ``b_only`` by b alone; the two-sided binomial p-value of the split of the
+  discordant images. Assumes independent images (optimistic for clustered data)."""
+  y = np.asarray(y).astype(bool)
+  right_a = np.asarray(calls_a).astype(bool) == y
+  right_b = np.asarray(calls_b).astype(bool) == y
+  a_only, b_only = int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
+  discordant = a_only + b_only
+  p_value = 1.0 if discordant == 0 else scipy.stats.binomtest(a_only, discordant).pvalue
+  return {"a_only": a_only, "b_only": b_only, "p_value": float(p_value)}

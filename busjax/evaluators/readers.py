@@ -139,6 +139,8 @@ def compare_model_to_reader(
       sensitivity / specificity, with a paired bootstrap interval in which the reader's point is
       re-measured in each resample (so it includes the reader's own uncertainty). An interval
       entirely above 0 means the model beats the reader at that operating point.
+    ``mcnemar``: at each matched point, the images only the model / only the reader calls
+      right and the exact McNemar p-value (images as independent: optimistic when clustered).
   """
   y, p = metrics.check_binary(y, p)
   reader = reader_operating_point(
@@ -161,9 +163,30 @@ def compare_model_to_reader(
     sens_diff_ci = metrics.bootstrap_ci(
       lambda yy, pp: _matched_differences(yy, pp)[1], y, model_and_calls, **boot
     )
+  # McNemar on the same images with the model thresholded at each matched point.
+  matched = {}
+  for key, point in (
+    (
+      "at_reader_sensitivity",
+      metrics.specificity_at_sensitivity_point(y, p, reader["sensitivity"]),
+    ),
+    (
+      "at_reader_specificity",
+      metrics.sensitivity_at_specificity_point(y, p, reader["specificity"]),
+    ),
+  ):
+    test = metrics.mcnemar(y, p >= point[2], calls)
+    matched[key] = {
+      "model_threshold": point[2],
+      "model_only_right": test["a_only"],
+      "reader_only_right": test["b_only"],
+      "p_value": test["p_value"],
+    }
+  matched["note"] = "exact McNemar on discordant images; assumes independent images"
   return {
     "reader": reader,
     "model_auc": metrics.roc_auc(y, p),
+    "mcnemar": matched,
     "model_specificity_at_reader_sensitivity": spec_at_sens,
     "model_sensitivity_at_reader_specificity": sens_at_spec,
     "specificity_difference": {"value": spec_diff, "ci": spec_diff_ci},

@@ -236,7 +236,8 @@ def evaluate(
     n_bins: equal-width bins of the calibration error.
     calibrated: ``{"p": p(malignant) after temperature scaling, "temperature": T, "fitted_on":
       where T was fitted}``; its calibration is reported beside the raw one (AUC and operating
-      points stay those of the raw p: scaling keeps the ranking).
+      points stay those of the raw p: scaling keeps the ranking), and the decision curve (net
+      benefit at threshold probabilities 0.05..0.95 beside biopsy-all and biopsy-none) uses it.
     subgroups: ``{"device": value per image, ...}``: each value's images get their own counts,
       AUC (clustered CI) and operating points (e.g. BUS-BRA's four scanners).
 
@@ -319,6 +320,11 @@ def evaluate(
       "fitted_on": str(calibrated["fitted_on"]),
       **_calibration_numbers(y, p_scaled, n_bins),
     }
+  p_decision, which = p, "raw p (no temperature fitted)"
+  if calibrated is not None:
+    p_decision, which = p_scaled, "temperature-scaled p"
+  if _has_both(y):
+    result["decision_curve"] = {"probabilities": which, **metrics.decision_curve(y, p_decision)}
   if probs_full is not None and labels_full is not None:
     labels_full, probs_full = calibration.check_multiclass(labels_full, probs_full)
     if probs_full.shape[0] != y.shape[0]:
@@ -525,6 +531,27 @@ def _plot_reliability(path, y, p, result, provenance, p_scaled=None) -> None:
   fig.savefig(path)
 
 
+def _plot_decision_curve(path, result, provenance) -> None:
+  curve = result["decision_curve"]
+  fig = _new_figure(provenance, "Decision curve", size=(5.6, 4.6))
+  ax = fig.add_subplot()
+  t = curve["thresholds"]
+  ax.plot(
+    t, curve["model"], "o-", color="tab:blue", ms=3, label=f"model ({curve['probabilities']})"
+  )
+  ax.plot(t, curve["treat_all"], color="tab:gray", label="biopsy all")
+  ax.plot(t, curve["treat_none"], color="black", lw=0.8, label="biopsy none")
+  if "reader" in curve:
+    ax.plot(t, curve["reader"], "--", color="tab:green", label="reader's BI-RADS calls")
+  prevalence = result["counts"]["prevalence"]
+  ax.set_ylim(-0.05, max(prevalence, 0.05) * 1.15)
+  ax.set_xlabel(f"threshold probability of {result['positive_class']}")
+  ax.set_ylabel("net benefit (true positives per patient)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.savefig(path)
+
+
 def _draw_confusion(ax, matrix, row_names, col_names, title) -> None:
   matrix = np.asarray(matrix)
   row_share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -696,6 +723,13 @@ def write_report(
     os.path.join(report_dir, files["reliability"]), y, p, result, provenance, p_scaled
   )
   _plot_confusion(os.path.join(report_dir, files["confusion"]), result, provenance)
+  if "decision_curve" in result:
+    curve = result["decision_curve"]
+    if comparison is not None:  # The reader's calls act the same at every threshold.
+      calls = readers.parse_birads(reader_spec["birads"]) >= reader_spec.get("threshold", 4)
+      curve["reader"] = metrics.net_benefit(y, calls.astype(np.float64), curve["thresholds"])
+    files["decision_curve"] = "decision_curve.png"
+    _plot_decision_curve(os.path.join(report_dir, files["decision_curve"]), result, provenance)
   report = {
     "schema": SCHEMA,
     "name": name,
