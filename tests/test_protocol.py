@@ -46,6 +46,16 @@ def test_cross_validation_pools_every_image_once_from_the_model_that_did_not_see
     fold_y = np.asarray([int(r["label"]) for r in rows])
     fold_p = np.asarray([float(r["p_malignant"]) for r in rows])
     assert summary["fold_test_auc"][f] == pytest.approx(metrics.roc_auc(fold_y, fold_p), abs=1e-9)
+    fold_report = json.loads(
+      (tmp_path / f"fold{f}" / "reports" / "test" / "report.json").read_text()
+    )
+    at = fold_report["operating_points"]["at_threshold"]
+    assert summary["per_fold"]["test"]["specificity"]["values"][f] == at["specificity"]
+  # Mean and sd over folds beside the pooled report.
+  aucs = summary["per_fold"]["test"]["auc"]
+  assert aucs["mean"] == pytest.approx(np.mean(summary["fold_test_auc"]))
+  assert aucs["sd"] == pytest.approx(np.std(summary["fold_test_auc"], ddof=1))
+  assert "ece_temperature_scaled" in summary["per_fold"]["test"]
   report = json.loads((tmp_path / "reports" / "cv_out_of_fold" / "report.json").read_text())
   assert report["synthetic"] and report["provenance"]["split"].startswith(f"{k}-fold CV")
   # Clusters resample a patient's images together: fewer clusters than images.

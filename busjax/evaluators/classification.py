@@ -232,6 +232,10 @@ def write_report(
   }
   if "subgroups" in result:
     entry["auc_by_device"] = {k: g["auc"] for k, g in result["subgroups"]["device"].items()}
+  point = result["operating_points"].get("at_threshold")
+  if point is not None:
+    for key in ("sensitivity", "specificity", "balanced_accuracy"):
+      entry[key] = point[key]
   entry["ece"] = result["calibration"]["ece"]
   if "temperature_scaled" in result["calibration"]:
     entry["ece_temperature_scaled"] = result["calibration"]["temperature_scaled"]["ece"]

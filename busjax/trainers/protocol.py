@@ -243,6 +243,37 @@ def train_and_evaluate(
   return _aggregate_folds(config, workdir, collection, summaries, tests)
 
 
+_PER_FOLD_FIELDS = (
+  "auc",
+  "sensitivity",
+  "specificity",
+  "balanced_accuracy",
+  "ece",
+  "ece_temperature_scaled",
+)
+
+
+def _mean_sd_over_folds(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+  """Per evaluated set (test and each external one), each fold's value of every headline number
+  (operating points at each fold's own validation threshold) with their mean and sd: the
+  spread between folds, beside the pooled out-of-fold report."""
+  out = {}
+  for name in summaries[0]["reports"]:
+    if name == "val":
+      continue
+    fields = {}
+    for field in _PER_FOLD_FIELDS:
+      values = [s["reports"][name].get(field) for s in summaries]
+      if all(isinstance(v, float | int) for v in values):
+        fields[field] = {
+          "values": [float(v) for v in values],
+          "mean": float(np.mean(values)),
+          "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        }
+    out[name] = fields
+  return out
+
+
 def _aggregate_folds(config, workdir, collection, summaries, tests) -> dict[str, Any]:
   """Out-of-fold report: every image predicted once by the model that did not see it."""
   pooled = classification.concatenate(tests, source=collection.name)
@@ -253,6 +284,7 @@ def _aggregate_folds(config, workdir, collection, summaries, tests) -> dict[str,
     "fold_test_auc": fold_aucs,
     "fold_test_auc_mean": float(np.mean(fold_aucs)),
     "fold_test_auc_sd": float(np.std(fold_aucs)),
+    "per_fold": _mean_sd_over_folds(summaries),
   }
   if jax.process_index() != 0:
     return summary
