@@ -310,3 +310,15 @@ def test_mcnemar_counts_discordant_images_and_matches_the_binomial():
   assert (result["a_only"], result["b_only"]) == (7, 0)
   assert result["p_value"] == pytest.approx(2 * 0.5**7)
   assert metrics.mcnemar(y, a, a)["p_value"] == 1.0
+
+
+def test_ece_if_calibrated_is_the_mean_ece_of_outcomes_drawn_from_p():
+  p = np.random.default_rng(1).random(60)
+  floor = calibration.ece_if_calibrated(p, 15, samples=50, seed=3)
+  draws = np.random.default_rng(3).random((50, 60)) < p[None, :]
+  by_hand = [calibration.expected_calibration_error(d.astype(int), p, 15) for d in draws]
+  assert floor["mean"] == pytest.approx(np.mean(by_hand))
+  assert floor["p95"] == pytest.approx(np.percentile(by_hand, 95))
+  # The floor shrinks with the set: ~0.1 on 60 images, much less on 6000.
+  big = calibration.ece_if_calibrated(np.random.default_rng(1).random(6000), 15, samples=20)
+  assert 0.05 < floor["mean"] < 0.2 and big["mean"] < 0.03

@@ -375,6 +375,8 @@ def _subgroups(y, p, values, threshold, clusters, bootstrap, alpha, seed) -> dic
 def _calibration_numbers(y: np.ndarray, p: np.ndarray, n_bins: int) -> dict[str, Any]:
   return {
     "ece": calibration.expected_calibration_error(y, p, n_bins),
+    # What a perfectly calibrated model with these p would score here: the noise floor.
+    "ece_if_calibrated": calibration.ece_if_calibrated(p, n_bins),
     "adaptive_ece": calibration.adaptive_calibration_error(y, p, n_bins),
     "n_bins": n_bins,
     "brier": calibration.brier(y, p),
@@ -511,6 +513,12 @@ def _plot_reliability(path, y, p, result, provenance, p_scaled=None) -> None:
       color=color,
       label=f"{label}, Brier {numbers['brier']:.3f}",
     )
+  floor = calib["ece_if_calibrated"]
+  ax.set_title(
+    f"a perfectly calibrated model would score ECE {floor['mean']:.3f} (95%: ≤ {floor['p95']:.3f})"
+    f" on these {len(p)} images",
+    fontsize=7,
+  )
   ax.set_ylabel(f"observed fraction {result['positive_class']}")
   ax.set_xlim(0, 1)
   ax.set_ylim(-0.02, 1.02)
