@@ -52,7 +52,8 @@ def _define_flags():
   )
 
 
-def _panel(path, image, mask, maps, p_malignant, target_name, synthetic, source) -> None:
+def write_panel(path, image, mask, maps, title, target_name, synthetic, source) -> None:
+  """One PNG: the image (lesion outlined when `mask`), then each map's positive part over it."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -63,7 +64,7 @@ def _panel(path, image, mask, maps, p_malignant, target_name, synthetic, source)
   axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
   if mask is not None:
     axes[0].contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
-  axes[0].set_title(f"p(malignant) {p_malignant:.2f}", fontsize=8)
+  axes[0].set_title(title, fontsize=8)
   for ax, (name, m) in zip(axes[1:], maps.items(), strict=True):
     ax.imshow(image, cmap="gray", vmin=0, vmax=255)
     ax.imshow(np.maximum(m, 0.0), cmap="jet", alpha=0.45)  # Evidence for the class.
@@ -118,12 +119,12 @@ def explain(
   synthetic = provenance["synthetic_training_data"]
   for i, path in enumerate(data.paths):
     name = os.path.splitext(os.path.basename(path))[0]
-    _panel(
+    write_panel(
       os.path.join(out, "panels", f"{i:04d}_{name}.png"),
       images[i, ..., 0],
       masks[i],
       {m: maps[m][i] for m in methods},
-      float(probs[i, records.MALIGNANT]),
+      f"p(malignant) {probs[i, records.MALIGNANT]:.2f}",
       run.class_names[targets[i]],
       synthetic,
       run.source,

@@ -8,7 +8,10 @@ CSV with a ``path`` (or ``image``) column. Columns: path, p_<class> for each cla
 and p_malignant_calibrated (temperature fitted on the run's val part), and the decision at the
 run's threshold (chosen on its val part). An unreadable image is named on stderr and skipped;
 the others are still predicted. A ``# provenance`` comment line heads the CSV (the run, what it
-was trained on, its threshold and temperature).
+was trained on, its threshold and temperature). With ``--overlays=DIR``, one PNG per image in DIR:
+the image and the Grad-CAM of the decided class at the model's last feature map, titled with the
+raw and calibrated p(malignant) and the decision (`busjax.explain` has every method and scores
+them against lesion masks).
 """
 
 from __future__ import annotations
@@ -26,18 +29,22 @@ from busjax.data import records
 def _define_flags():
   """Flags exist only when this module runs as the program (its siblings define the same
   names)."""
-  global _BATCH, _INPUT, _OUTPUT, _WORKDIR
+  global _BATCH, _INPUT, _OUTPUT, _OVERLAYS, _WORKDIR
   _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.", required=True)
   _INPUT = flags.DEFINE_multi_string("input", None, "Folder, image file or CSV.", required=True)
   _OUTPUT = flags.DEFINE_string("output", "predictions.csv", "The CSV to write.")
   _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per (fixed-size) batch.")
+  _OVERLAYS = flags.DEFINE_string("overlays", None, "Folder for Grad-CAM overlay PNGs.")
 
 
-def predict(workdir: str, inputs: list[str], output: str, batch_size: int = 16) -> dict:
-  """Writes `output`; returns {"predicted": n, "skipped": [one line each]}."""
+def predict(
+  workdir: str, inputs: list[str], output: str, batch_size: int = 16, overlays: str | None = None
+) -> dict:
+  """Writes `output` (and the overlay PNGs); returns {"predicted": n, "skipped": [...]}."""
   run = inference.load_run(workdir)
   data = inference.read_inputs(inputs)
-  probs, calibrated = run.predictor(batch_size)(run.prepare(data.images))
+  images = run.prepare(data.images)
+  probs, calibrated = run.predictor(batch_size)(images)
   malignant = records.MALIGNANT
   threshold = run.threshold if run.threshold is not None else 0.5
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -61,14 +68,47 @@ def predict(workdir: str, inputs: list[str], output: str, batch_size: int = 16) 
       )
       writer.writerow([path, *[f"{v:.6f}" for v in p], f"{pc[malignant]:.6f}", call])
   os.replace(tmp, output)
+  if overlays and data.paths:
+    _overlays(run, overlays, data.paths, images, probs, calibrated, threshold, batch_size)
   return {"predicted": len(data.paths), "skipped": data.skipped}
+
+
+def _overlays(run, out, paths, images, probs, calibrated, threshold, batch_size) -> None:
+  import jax.numpy as jnp
+  import numpy as np
+
+  from busjax import explain
+  from busjax.evaluators import saliency
+
+  malignant = records.MALIGNANT
+  decided = np.where(probs[:, malignant] >= threshold, malignant, 1 - malignant).astype(np.int32)
+  x = np.asarray(run.preprocess(jnp.asarray(images)), np.float32)
+  cam = saliency.make_explainer(run.model, "gradcam")
+  maps = inference.batched(
+    lambda xx, tt: cam(jnp.asarray(xx), jnp.asarray(tt)), x, decided, batch_size=batch_size
+  )
+  synthetic = inference.run_provenance(run)["synthetic_training_data"]
+  os.makedirs(out, exist_ok=True)
+  for i, path in enumerate(paths):
+    name = run.class_names[decided[i]]
+    explain.write_panel(
+      os.path.join(out, f"{i:04d}_{os.path.splitext(os.path.basename(path))[0]}.png"),
+      images[i, ..., 0],
+      None,
+      {"Grad-CAM": maps[i]},
+      f"p(malignant) {probs[i, malignant]:.2f} (calibrated {calibrated[i, malignant]:.2f})\n"
+      f"decision: {name}",
+      name,
+      synthetic,
+      run.source,
+    )
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   result = inference.run_cli(
-    lambda: predict(_WORKDIR.value, _INPUT.value, _OUTPUT.value, _BATCH.value)
+    lambda: predict(_WORKDIR.value, _INPUT.value, _OUTPUT.value, _BATCH.value, _OVERLAYS.value)
   )
   if result is None:
     return 1

@@ -57,8 +57,16 @@ def test_predict_cli_reproduces_the_runs_test_probabilities_and_skips_bad_files(
   # A CSV input: paths relative to it, the same numbers.
   listing = tmp_path / "list.csv"
   listing.write_text("path\n" + "\n".join(f"images/{n.name}" for n in names[:3]) + "\n")
-  again = predict.predict(str(workdir), [str(listing)], str(tmp_path / "again.csv"))
+  overlays = tmp_path / "overlays"
+  again = predict.predict(
+    str(workdir), [str(listing)], str(tmp_path / "again.csv"), overlays=str(overlays)
+  )
   assert again["predicted"] == 3
+  assert sorted(p.name for p in overlays.iterdir()) == [
+    "0000_000.png",
+    "0001_001.png",
+    "0002_002.png",
+  ]
   assert [r["p_malignant"] for r in _read(tmp_path / "again.csv")] == [
     r["p_malignant"] for r in rows[:3]
   ]
