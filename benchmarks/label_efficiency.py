@@ -292,6 +292,28 @@ def _markdown(result: dict) -> str:
         f"| {c['comparison']} | {c['labels_percent']}% | {names.get(c['set'], c['set'])} | "
         f"{c['seed']} | {c['auc_diff']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {c['delong_p']:.3f} |"
       )
+    lines += [
+      "",
+      "| comparison | labels | set | seeds | mean ΔAUC (range) | seeds whose paired CI is above 0 "
+      "/ below 0 |",
+      "|---|---|---|---|---|---|",
+    ]
+    groups = dict.fromkeys(
+      (c["comparison"], c["labels_percent"], c["set"]) for c in result["comparisons"]
+    )
+    for what, percent, name in groups:
+      cs = [
+        c
+        for c in result["comparisons"]
+        if (c["comparison"], c["labels_percent"], c["set"]) == (what, percent, name)
+      ]
+      deltas = [c["auc_diff"] for c in cs]
+      above = sum(c["auc_diff_ci_clustered"][0] > 0 for c in cs)
+      below = sum(c["auc_diff_ci_clustered"][1] < 0 for c in cs)
+      lines.append(
+        f"| {what} | {percent}% | {names.get(name, name)} | {len(cs)} | {np.mean(deltas):+.3f} "
+        f"({min(deltas):+.3f} to {max(deltas):+.3f}) | {above} / {below} |"
+      )
   return "\n".join(lines)
 
 
