@@ -1,0 +1,135 @@
+"""PyTorch references for `benchmarks/speed.py`: the plain torchvision formulations of the
+backbones busjax implements, written here so that no torchvision (and no download) is needed.
+
+Each matches busjax's model parameter for parameter (the benchmark checks the counts): ResNet-18
+(BasicBlock, 7x7/2 stem + max pool), MobileNetV2 (width 1.0, ReLU6, inverted residuals) and
+DenseNet121 (growth 32, bottleneck 4, compression 0.5), one input channel, a linear head. Only
+the benchmark imports torch (``pip install 'busjax[speed]'``, a CPU build).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv_bn(cin, cout, k, stride=1, groups=1, act=nn.ReLU):
+  layers = [
+    nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+    nn.BatchNorm2d(cout),
+  ]
+  return nn.Sequential(*layers, act(inplace=True)) if act else nn.Sequential(*layers)
+
+
+class _Basic(nn.Module):
+  def __init__(self, cin, cout, stride):
+    super().__init__()
+    self.conv1 = _conv_bn(cin, cout, 3, stride)
+    self.conv2 = _conv_bn(cout, cout, 3, act=None)
+    self.down = _conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout else None
+
+  def forward(self, x):
+    shortcut = x if self.down is None else self.down(x)
+    return torch.relu(self.conv2(self.conv1(x)) + shortcut)
+
+
+class ResNet18(nn.Module):
+  def __init__(self, in_channels=1, num_classes=2):
+    super().__init__()
+    self.stem = nn.Sequential(_conv_bn(in_channels, 64, 7, 2), nn.MaxPool2d(3, 2, 1))
+    blocks, cin = [], 64
+    for i, cout in enumerate((64, 128, 256, 512)):
+      for j in range(2):
+        blocks.append(_Basic(cin, cout, 2 if i > 0 and j == 0 else 1))
+        cin = cout
+    self.blocks = nn.Sequential(*blocks)
+    self.fc = nn.Linear(512, num_classes)
+
+  def forward(self, x):
+    return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class _Inverted(nn.Module):
+  def __init__(self, cin, cout, stride, t):
+    super().__init__()
+    hidden = cin * t
+    layers = [] if t == 1 else [_conv_bn(cin, hidden, 1, act=nn.ReLU6)]
+    layers += [
+      _conv_bn(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),
+      _conv_bn(hidden, cout, 1, act=None),
+    ]
+    self.body = nn.Sequential(*layers)
+    self.residual = stride == 1 and cin == cout
+
+  def forward(self, x):
+    return x + self.body(x) if self.residual else self.body(x)
+
+
+class MobileNetV2(nn.Module):
+  SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+             (6, 160, 3, 2), (6, 320, 1, 1))  # fmt: skip
+
+  def __init__(self, in_channels=1, num_classes=2):
+    super().__init__()
+    layers, cin = [_conv_bn(in_channels, 32, 3, 2, act=nn.ReLU6)], 32
+    for t, c, n, s in self.SETTING:
+      for i in range(n):
+        layers.append(_Inverted(cin, c, s if i == 0 else 1, t))
+        cin = c
+    layers.append(_conv_bn(cin, 1280, 1, act=nn.ReLU6))
+    self.features = nn.Sequential(*layers)
+    self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+  def forward(self, x):
+    return self.classifier(self.features(x).mean((2, 3)))
+
+
+class _DenseLayer(nn.Module):
+  def __init__(self, cin, growth=32, bottleneck=4):
+    super().__init__()
+    width = bottleneck * growth
+    self.body = nn.Sequential(
+      nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.Conv2d(cin, width, 1, bias=False),
+      nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.Conv2d(width, growth, 3, 1, 1, bias=False),
+    )  # fmt: skip
+
+  def forward(self, features):
+    return self.body(torch.cat(features, 1))
+
+
+class _DenseBlock(nn.Module):
+  def __init__(self, n, cin):
+    super().__init__()
+    self.layers = nn.ModuleList(_DenseLayer(cin + 32 * i) for i in range(n))
+
+  def forward(self, x):
+    features = [x]
+    for layer in self.layers:
+      features.append(layer(features))
+    return torch.cat(features, 1)
+
+
+class DenseNet121(nn.Module):
+  def __init__(self, in_channels=1, num_classes=2, blocks=(6, 12, 24, 16)):
+    super().__init__()
+    layers, c = [_conv_bn(in_channels, 64, 7, 2), nn.MaxPool2d(3, 2, 1)], 64
+    for i, n in enumerate(blocks):
+      layers.append(_DenseBlock(n, c))
+      c += 32 * n
+      if i < len(blocks) - 1:
+        layers += [nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.Conv2d(c, c // 2, 1, bias=False),
+                   nn.AvgPool2d(2, 2)]  # fmt: skip
+        c //= 2
+    layers += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+    self.features = nn.Sequential(*layers)
+    self.classifier = nn.Linear(c, num_classes)
+
+  def forward(self, x):
+    return self.classifier(self.features(x).mean((2, 3)))
+
+
+MODELS = {"resnet18": ResNet18, "mobilenet_v2": MobileNetV2, "densenet121": DenseNet121}
+
+
+def count_params(model: nn.Module) -> int:
+  return sum(p.numel() for p in model.parameters())
