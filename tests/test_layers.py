@@ -82,11 +82,13 @@ def test_pointwise_matches_nnx_conv(stride):
 
 @pytest.mark.parametrize("padding", ["symmetric", "same"])
 @pytest.mark.parametrize("kernel_size,stride", [(3, 1), (3, 2), (7, 2), (1, 2)])
-def test_conv_matches_nnx_conv(padding, kernel_size, stride):
-  x = jax.random.normal(jax.random.key(0), (2, 10, 11, 3))
-  fast = layers.Conv(3, 4, kernel_size, strides=stride, padding=padding, rngs=nnx.Rngs(1))
+# 3 input channels: the kernel gradient is one im2col matmul; 40: one matmul per tap.
+@pytest.mark.parametrize("channels", [3, 40])
+def test_conv_matches_nnx_conv(padding, kernel_size, stride, channels):
+  x = jax.random.normal(jax.random.key(0), (2, 10, 11, channels))
+  fast = layers.Conv(channels, 4, kernel_size, strides=stride, padding=padding, rngs=nnx.Rngs(1))
   reference = nnx.Conv(
-    3,
+    channels,
     4,
     (kernel_size, kernel_size),
     strides=stride,
@@ -95,6 +97,18 @@ def test_conv_matches_nnx_conv(padding, kernel_size, stride):
     rngs=nnx.Rngs(2),
   )
   _assert_same_outputs_and_grads(fast, reference, x)
+
+
+def test_kernel_gradient_paths_agree():
+  """The im2col and per-tap kernel gradients are the same sum (the switch is only speed)."""
+  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 30))
+  grad = jax.random.normal(jax.random.key(1), (2, 5, 4, 6))
+  args = ((3, 3, 30, 6), (2, 2), ((1, 1), (1, 1)))
+  per_tap = layers.kernel_gradient(x, grad, *args)  # 270 rows: one matmul per tap.
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(layers, "_IM2COL_MAX_ROWS", 10_000)
+    im2col = layers.kernel_gradient(x, grad, *args)
+  np.testing.assert_allclose(per_tap, im2col, rtol=1e-5, atol=1e-5)
 
 
 def test_same_padding_is_tensorflow_same_and_differs_from_symmetric():

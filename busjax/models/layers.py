@@ -10,8 +10,10 @@ parameters:
 * `DepthwiseConv`: a depthwise kxk convolution as a sum of k*k shifted (strided) slices times
   per-channel weights (kernel ``(kh, kw, 1, C)``, like ``nnx.Conv(C, C, k,
   feature_group_count=C)``).
-* `Conv`: any other convolution via ``lax.conv_general_dilated``; 1x1 kernels take the
-  `PointwiseConv` path automatically.
+* `Conv`: any other convolution via ``lax.conv_general_dilated`` (`conv2d`), whose kernel
+  gradient is a matmul per tap (`kernel_gradient`): XLA:CPU's own weight-gradient convolution
+  ran ResNet-18's train step at 0.31x PyTorch, the matmuls at 0.67x (docs/performance.md).
+  1x1 kernels take the `PointwiseConv` path automatically.
 
 Measured on the 2-core development box (MobileNetV2, 224 px, batch 8, SGD train step):
 10.1 img/s with these layers vs 2.8 img/s with ``nnx.Conv`` (3.6x).
@@ -29,6 +31,7 @@ All modules compute in ``dtype`` (e.g. bfloat16) and keep float32 parameters.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -137,7 +140,10 @@ def depthwise_conv2d(
   """Depthwise convolution of NHWC `x` with kernel (kh, kw, 1, C), as shifted slices.
 
   XLA fuses the k*k multiply-adds into one loop, and their gradients are plain reductions
-  and pads, where the grouped-convolution gradient is a slow generic loop on CPU.
+  and pads, where the grouped-convolution gradient is a slow generic loop on CPU (MobileNetV2
+  shapes at batch 32: forward 6-27x, backward 10-18x faster than ``feature_group_count``;
+  see docs/performance.md). A custom gradient (keeping only `x`, reducing each tap's kernel
+  gradient in other layouts) measured no faster: the per-tap reductions are memory-bound.
   """
   kh, kw = kernel.shape[:2]
   sh, sw = strides
@@ -157,6 +163,80 @@ def depthwise_conv2d(
       term = window * kernel[i, j, 0]
       y = term if y is None else y + term
   return y
+
+
+def _conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+    x, kernel, window_strides=strides, padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+
+
+# Below this many rows (kh * kw * in) the kernel gradient is one im2col matmul; above it, one
+# matmul per kernel tap (no 9x patch copy of a wide input).
+_IM2COL_MAX_ROWS = 256
+
+
+def kernel_gradient(
+  x: jax.Array,
+  grad: jax.Array,
+  kernel_shape: tuple[int, int, int, int],
+  strides: tuple[int, int],
+  padding: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
+  """d(loss)/d(kernel) of a dense NHWC convolution as matrix products over taps.
+
+  For tap (i, j) the gradient is ``window(i, j)^T @ grad`` with ``window(i, j)`` the strided
+  slice of the padded input that tap sees, flattened to (batch * out_h * out_w, in). This is
+  exactly the sum XLA's own weight-gradient convolution computes, but XLA:CPU runs that
+  convolution (a window the size of the whole image, batch as the feature axis) at ~5 GFLOP/s
+  where GEMMs reach ~100 (benchmarks/speed.py profile: 687 ms vs 100 ms for ResNet-18's first
+  stage at batch 32). Accumulates in float32.
+  """
+  kh, kw, cin, cout = kernel_shape
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  out_h, out_w = grad.shape[1:3]
+  g = grad.reshape(-1, cout)
+
+  def window(i: int, j: int) -> jax.Array:
+    limit = (xp.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, cin)
+    return jax.lax.slice(xp, (0, i, j, 0), limit, (1, sh, sw, 1)).reshape(-1, cin)
+
+  taps = [(i, j) for i in range(kh) for j in range(kw)]
+  if kh * kw * cin <= _IM2COL_MAX_ROWS:
+    patches = jnp.concatenate([window(i, j) for i, j in taps], axis=-1)
+    dk = jnp.dot(patches.T, g, preferred_element_type=jnp.float32)
+  else:
+    dk = jnp.stack(
+      [jnp.dot(window(i, j).T, g, preferred_element_type=jnp.float32) for i, j in taps]
+    )
+  return dk.reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(
+  x: jax.Array,
+  kernel: jax.Array,
+  strides: tuple[int, int],
+  padding: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
+  """Dense NHWC x HWIO convolution (explicit padding): ``lax.conv_general_dilated``'s values
+  and input gradient, with the kernel gradient from `kernel_gradient` (fast on XLA:CPU)."""
+  return _conv(x, kernel, strides, padding)
+
+
+def _conv2d_fwd(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv2d_bwd(strides, padding, residuals, grad):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda inputs: _conv(inputs, kernel, strides, padding), x)
+  dk = kernel_gradient(x, grad, kernel.shape, strides, padding)
+  return input_vjp(grad)[0], dk.astype(kernel.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 class PointwiseConv(nnx.Module):
@@ -276,13 +356,8 @@ class Conv(nnx.Module):
       sh, sw = self.strides
       y = jnp.dot(x[:, ::sh, ::sw, :], kernel[0, 0])
     else:
-      y = jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=self.strides,
-        padding=_spatial_padding(x, self.kernel_size, self.strides, self.padding),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      )
+      padding = _spatial_padding(x, self.kernel_size, self.strides, self.padding)
+      y = conv2d(x, kernel, self.strides, padding)
     if self.bias is not None:
       y = y + jnp.asarray(self.bias[...], dtype)
     return y
