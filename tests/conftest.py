@@ -18,6 +18,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
+# No on-disk data cache (near-duplicate pairs) in the user's home from tests; the tests of the
+# cache itself point it at their own temporary folder.
+os.environ["BUSJAX_CACHE_DIR"] = "none"
 
 _CACHE_ENV = "BUSJAX_TEST_COMPILATION_CACHE"
 # The first process to load this file (pytest itself, or the xdist controller) makes the folder;

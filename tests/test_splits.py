@@ -77,6 +77,31 @@ def test_search_is_deterministic_and_clusters_transitive(copies_and_lookalikes):
   assert splits.near_duplicate_clusters(collection, pairs=pairs) == [[0, 1, 5], [7, 9]]
 
 
+def test_pairs_are_cached_by_content_and_settings(copies_and_lookalikes, tmp_path, monkeypatch):
+  collection, _ = copies_and_lookalikes
+  monkeypatch.setenv("BUSJAX_CACHE_DIR", str(tmp_path))
+  first = splits.near_duplicate_pairs(collection)
+  assert len(list((tmp_path / "near_duplicates").glob("*.json"))) == 1
+
+  def no_search(*args, **kwargs):
+    raise AssertionError("searched again although the pairs are cached")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(splits, "_coarse_scores", no_search)
+    assert splits.near_duplicate_pairs(collection) == first  # Same images: read back.
+    with pytest.raises(AssertionError, match="searched again"):
+      splits.near_duplicate_pairs(collection, threshold=0.5)  # Another setting: searches.
+    images = [r.image.copy() for r in collection.records]
+    images[3][10, 10] ^= 1  # One pixel of one image.
+    with pytest.raises(AssertionError, match="searched again"):
+      splits.near_duplicate_pairs(collection, images=images)
+  # A damaged cache file is ignored and rewritten, never trusted.
+  (cached,) = (tmp_path / "near_duplicates").glob("*.json")
+  cached.write_text("{not json")
+  assert splits.near_duplicate_pairs(collection) == first
+  assert splits.near_duplicate_pairs(collection) == first
+
+
 def test_group_ids_join_patients_and_duplicates():
   collection = _collection(
     [_scan(k, 24, 24) for k in range(6)], patients=["a", "b", "a", "c", "d", "e"]
