@@ -101,9 +101,8 @@ def explain(
   size = run.image_size
   images = run.prepare(data.images)  # uint8 (N, S, S, 1), as the run evaluated them.
   probs, _ = run.predictor(batch_size)(images)
-  threshold = run.threshold if run.threshold is not None else 0.5
   if target == "predicted":
-    targets = (probs[:, records.MALIGNANT] >= threshold).astype(np.int32) * records.MALIGNANT
+    targets = run.decided_class(probs)
   else:
     targets = np.full(len(images), run.class_names.index(target), np.int32)
   masks = [None if m is None else augment.resize_pad(m, size) for m in data.masks]
@@ -111,7 +110,7 @@ def explain(
   os.makedirs(os.path.join(out, "panels"), exist_ok=True)
   maps = {}
   for method in methods:
-    maps[method] = _maps(run, method, x, targets, batch_size, layer, shap_evals)
+    maps[method] = method_maps(run, method, x, targets, batch_size, layer, shap_evals)
     if method == "shap":
       _shap_plot(os.path.join(out, "shap.png"), images, maps[method], targets, run)
 
@@ -140,8 +139,9 @@ def explain(
   return result
 
 
-def _maps(run, method, x, targets, batch_size, layer, shap_evals) -> np.ndarray:
-  """(N, S, S) maps of one method, explaining `targets`, in fixed-size jitted batches."""
+def method_maps(run, method, x, targets, batch_size, layer=None, shap_evals=300) -> np.ndarray:
+  """(N, S, S) maps of one method on the preprocessed images `x`, explaining class `targets`
+  (N,), in fixed-size jitted batches (`predict --overlays` uses it too)."""
   if method == "shap":
     prob_fn = run.probabilities(64, preprocessed=True)
     return saliency.partition_shap(

@@ -49,6 +49,17 @@ class LoadedRun:
   def image_size(self) -> int:
     return int(self.config.data.image_size)
 
+  @property
+  def decision_threshold(self) -> float:
+    """p(malignant) at or above which the run calls an image malignant (0.5 without a val)."""
+    return self.threshold if self.threshold is not None else 0.5
+
+  def decided_class(self, probs: np.ndarray) -> np.ndarray:
+    """(N,) int32 class index the run decides for each row of `probs` (N, C)."""
+    malignant = records.MALIGNANT  # Binary runs: the other index is the benign class.
+    called = probs[:, malignant] >= self.decision_threshold
+    return np.where(called, malignant, 1 - malignant).astype(np.int32)
+
   def preprocess(self, images: jax.Array) -> jax.Array:
     """uint8 (N, H, W[, 1]) -> the model's float input."""
     return supervised._preprocess(images, self.config.model)  # noqa: SLF001

@@ -46,7 +46,7 @@ def predict(
   images = run.prepare(data.images)
   probs, calibrated = run.predictor(batch_size)(images)
   malignant = records.MALIGNANT
-  threshold = run.threshold if run.threshold is not None else 0.5
+  threshold = run.decision_threshold
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   tmp = output + ".tmp"
   with open(tmp, "w", newline="") as f:
@@ -69,24 +69,20 @@ def predict(
       writer.writerow([path, *[f"{v:.6f}" for v in p], f"{pc[malignant]:.6f}", call])
   os.replace(tmp, output)
   if overlays and data.paths:
-    _overlays(run, overlays, data.paths, images, probs, calibrated, threshold, batch_size)
+    _overlays(run, overlays, data.paths, images, probs, calibrated, batch_size)
   return {"predicted": len(data.paths), "skipped": data.skipped}
 
 
-def _overlays(run, out, paths, images, probs, calibrated, threshold, batch_size) -> None:
+def _overlays(run, out, paths, images, probs, calibrated, batch_size) -> None:
   import jax.numpy as jnp
   import numpy as np
 
   from busjax import explain
-  from busjax.evaluators import saliency
 
   malignant = records.MALIGNANT
-  decided = np.where(probs[:, malignant] >= threshold, malignant, 1 - malignant).astype(np.int32)
+  decided = run.decided_class(probs)
   x = np.asarray(run.preprocess(jnp.asarray(images)), np.float32)
-  cam = saliency.make_explainer(run.model, "gradcam")
-  maps = inference.batched(
-    lambda xx, tt: cam(jnp.asarray(xx), jnp.asarray(tt)), x, decided, batch_size=batch_size
-  )
+  maps = explain.method_maps(run, "gradcam", x, decided, batch_size)
   synthetic = inference.run_provenance(run)["synthetic_training_data"]
   os.makedirs(out, exist_ok=True)
   for i, path in enumerate(paths):
