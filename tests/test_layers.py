@@ -82,8 +82,8 @@ def test_pointwise_matches_nnx_conv(stride):
 
 @pytest.mark.parametrize("padding", ["symmetric", "same"])
 @pytest.mark.parametrize("kernel_size,stride", [(3, 1), (3, 2), (7, 2), (1, 2)])
-# 3 input channels: the kernel gradient is one im2col matmul; 40: one matmul per tap.
-@pytest.mark.parametrize("channels", [3, 40])
+# 3 input channels: the kernel gradient is one im2col matmul; 40: one matmul per tap; 72: XLA's.
+@pytest.mark.parametrize("channels", [3, 40, 72])
 def test_conv_matches_nnx_conv(padding, kernel_size, stride, channels):
   x = jax.random.normal(jax.random.key(0), (2, 10, 11, channels))
   fast = layers.Conv(channels, 4, kernel_size, strides=stride, padding=padding, rngs=nnx.Rngs(1))

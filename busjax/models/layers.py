@@ -174,6 +174,12 @@ def _conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
 # Below this many rows (kh * kw * in) the kernel gradient is one im2col matmul; above it, one
 # matmul per kernel tap (no 9x patch copy of a wide input).
 _IM2COL_MAX_ROWS = 256
+# `conv2d` uses `kernel_gradient` up to this many input channels and XLA's own gradient above.
+# Kernel gradient alone, 2-core CPU (XLA's / matmuls): 32x64x64x64->64 3x3 1,916 / 354 ms;
+# 32x32x32x64->64 384 / 99; grey 7x7/2 stems 185-324 / 68-101; but 16x56x56x128->32 (DenseNet)
+# 199 / 234 and 32x16x16x128->128 62 / 62, where the matmuls' window copies only cost memory
+# (DenseNet121's step temporaries 2.9 -> 5.1 GB when every convolution took them).
+_KERNEL_GRADIENT_MAX_IN = 64
 
 
 def kernel_gradient(
@@ -221,7 +227,8 @@ def conv2d(
   padding: tuple[tuple[int, int], tuple[int, int]],
 ) -> jax.Array:
   """Dense NHWC x HWIO convolution (explicit padding): ``lax.conv_general_dilated``'s values
-  and input gradient, with the kernel gradient from `kernel_gradient` (fast on XLA:CPU)."""
+  and input gradient, with the kernel gradient from `kernel_gradient` (fast on XLA:CPU) for up
+  to `_KERNEL_GRADIENT_MAX_IN` input channels, XLA's own above."""
   return _conv(x, kernel, strides, padding)
 
 
@@ -231,6 +238,9 @@ def _conv2d_fwd(x, kernel, strides, padding):
 
 def _conv2d_bwd(strides, padding, residuals, grad):
   x, kernel = residuals
+  if kernel.shape[2] > _KERNEL_GRADIENT_MAX_IN:
+    _, vjp = jax.vjp(lambda inputs, k: _conv(inputs, k, strides, padding), x, kernel)
+    return vjp(grad)
   _, input_vjp = jax.vjp(lambda inputs: _conv(inputs, kernel, strides, padding), x)
   dk = kernel_gradient(x, grad, kernel.shape, strides, padding)
   return input_vjp(grad)[0], dk.astype(kernel.dtype)
