@@ -22,6 +22,9 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -33,29 +36,62 @@ from absl import app, flags
 from benchmarks import common
 from busjax import configlib, sharding
 from busjax.models import common as model_common
+from busjax.models import layers
 from busjax.trainers import supervised
 
 # name -> busjax model config (width 1.0, one grey channel, the configs' heads).
 MODELS = {
   "resnet18": dict(name="resnet", variant="resnet18", width=1.0),
   "mobilenet_v2": dict(name="mobilenet_v2", variant="mobilenet_v2", width=1.0, dropout=0.2),
-  "densenet121": dict(name="densenet", variant="densenet121"),
+  "densenet121": dict(name="densenet", variant="densenet121", width=1.0),
+  # configs/fusion.py's model: both backbones, 256-channel projections, concat, CBAM.
+  "fusion": dict(
+    name="fusion",
+    backbones=("mobilenet_v2", "densenet121"),
+    width=1.0,
+    projection_channels=256,
+    fusion="concat",
+    attention="cbam",
+    attention_reduction=16,
+    dropout=0.2,
+  ),
 }
-DEFAULT_ROWS = ["resnet18:128:32", "mobilenet_v2:224:32", "densenet121:224:16"]
+DEFAULT_ROWS = ["resnet18:128:32", "mobilenet_v2:224:32", "densenet121:224:16", "fusion:224:16"]
 
-_ROWS = flags.DEFINE_list("rows", DEFAULT_ROWS, f"model:side:batch, models of {list(MODELS)}.")
+_ROWS = flags.DEFINE_list(
+  "rows",
+  DEFAULT_ROWS,
+  f"model:side:batch[:dtype], models of {list(MODELS)}, dtype float32 (default) or bfloat16 "
+  "(busjax computes in bfloat16 with float32 parameters; torch under autocast). A batch sweep "
+  "is several rows: fusion:224:16,fusion:224:64,fusion:224:256:bfloat16.",
+)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per side (median reported).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Train steps (or eval batches) per timed repeat.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling, per side.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch reference too.")
+_PLAIN_CONV_GRADIENT = flags.DEFINE_bool(
+  "plain_conv_gradient",
+  False,
+  "Differentiate busjax's dense convolutions with XLA's own weight-gradient convolution instead "
+  "of `layers.kernel_gradient`'s matmuls: the 'before' of that change, for a same-run ratio.",
+)
 _OUTPUT = flags.DEFINE_string("output", None, "JSON results (rewritten after every row).")
+_E2E_DATA = flags.DEFINE_string(
+  "e2e_data", None, "Dataset_BUSI_with_GT folder: adds the end-to-end row (else skipped)."
+)
+_E2E_SPLIT = flags.DEFINE_string("e2e_split", None, "busi_breastmnist_split.tsv for --e2e_data.")
+_E2E_EPOCHS = flags.DEFINE_integer("e2e_epochs", 3, "Epochs of each side's end-to-end run.")
+_E2E_WORKDIR = flags.DEFINE_string(
+  "e2e_workdir", None, "Scratch folder for the end-to-end runs (default: a temporary one)."
+)
 
 
-def _busjax_step(model_name: str, batch: int):
+def _busjax_step(model_name: str, batch: int, dtype: str = "float32"):
   """(jitted step, state, eval fn, params) of busjax's supervised regime for one model."""
   config = configlib.base_config()
   config.model = ml_collections.ConfigDict({**config.model.to_dict(), **MODELS[model_name]})
   config.model.in_channels = 1
+  config.model.dtype = dtype
   config.train.ema_decay = 0.0  # Plain AdamW, as the reference.
   model = supervised.create_model(config.model, 2, seed=0)
   tx = supervised.create_optimizer(config.optim, total_steps=1000)
@@ -80,47 +116,65 @@ def _matmul_gflops(torch_module=None) -> dict:
     times.append(time.perf_counter() - t)
   out = {"jax": flops / statistics.median(times) / 1e9}
   if torch_module is not None:
-    b = torch_module.ones(n, n)
+    device = _torch_device(torch_module)
+    sync = torch_module.cuda.synchronize if device == "cuda" else (lambda: None)
+    b = torch_module.ones(n, n, device=device)
     b @ b
+    sync()
     times = []
     for _ in range(5):
       t = time.perf_counter()
       b @ b
+      sync()
       times.append(time.perf_counter() - t)
     out["torch"] = flops / statistics.median(times) / 1e9
   return out
 
 
-def _torch_side(torch, model_name: str, side: int, batch: int):
+def _torch_device(torch) -> str:
+  """Where the reference runs: the GPU when JAX runs on one and torch can see it, else CPU."""
+  if jax.default_backend() == "gpu" and torch.cuda.is_available():
+    return "cuda"
+  return "cpu"
+
+
+def _torch_side(torch, model_name: str, side: int, batch: int, dtype: str = "float32"):
   from benchmarks import torch_reference
 
-  model = torch_reference.MODELS[model_name]().to(memory_format=torch.channels_last)
+  device = _torch_device(torch)
+  model = torch_reference.MODELS[model_name]().to(device, memory_format=torch.channels_last)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-  x = torch.randn(batch, 1, side, side).to(memory_format=torch.channels_last)
-  y = torch.randint(0, 2, (batch,))
+  x = torch.randn(batch, 1, side, side, device=device).to(memory_format=torch.channels_last)
+  y = torch.randint(0, 2, (batch,), device=device)
   loss_fn = torch.nn.CrossEntropyLoss()
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
   def train(steps):
     model.train()
     for _ in range(steps):
       opt.zero_grad(set_to_none=True)
-      loss_fn(model(x), y).backward()
+      with autocast:
+        loss = loss_fn(model(x), y)
+      loss.backward()
       opt.step()
+    sync()
 
   def evaluate(steps):
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast:
       for _ in range(steps):
         model(x)
+    sync()
 
   return train, evaluate, torch_reference.count_params(model)
 
 
-def _row(model_name: str, side: int, batch: int, torch) -> dict:
+def _row(model_name: str, side: int, batch: int, torch, dtype: str = "float32") -> dict:
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, side, side, 1), dtype=np.uint8)
   labels = rng.integers(0, 2, (batch,)).astype(np.int32)
-  step, state, apply, mesh, params = _busjax_step(model_name, batch)
+  step, state, apply, mesh, params = _busjax_step(model_name, batch, dtype)
   global_batch = sharding.host_to_global({"image": images, "label": labels}, mesh)
   key = jax.random.key(0)
   t = time.perf_counter()
@@ -140,6 +194,8 @@ def _row(model_name: str, side: int, batch: int, torch) -> dict:
     jax.block_until_ready(metrics)
 
   eval_images = jnp.asarray(images)
+  eval_cost = apply.lower((state["params"], state["rest"]), {"image": eval_images}).cost_analysis()
+  eval_cost = eval_cost[0] if isinstance(eval_cost, list | tuple) else eval_cost
 
   def jax_eval(steps):
     variables = (holder["state"]["params"], holder["state"]["rest"])
@@ -150,7 +206,7 @@ def _row(model_name: str, side: int, batch: int, torch) -> dict:
   sides = {"busjax": (jax_train, jax_eval)}
   torch_params = None
   if torch is not None:
-    torch_train, torch_eval, torch_params = _torch_side(torch, model_name, side, batch)
+    torch_train, torch_eval, torch_params = _torch_side(torch, model_name, side, batch, dtype)
     if torch_params != params:
       raise RuntimeError(f"{model_name}: busjax {params} vs torch {torch_params} parameters")
     sides["torch"] = (torch_train, torch_eval)
@@ -168,10 +224,13 @@ def _row(model_name: str, side: int, batch: int, torch) -> dict:
     "model": model_name,
     "side": side,
     "batch": batch,
+    "dtype": dtype,
     "params": params,
     "busjax_compile_s": compile_s,
     "busjax_step_temp_mb": temp_mb,
     "gflop_per_image_train": flops_per_image / 1e9,
+    # Multiply-accumulates of one image's eval forward (XLA's count / 2): the roofline's work.
+    "gmac_per_image_forward": float(eval_cost.get("flops", float("nan"))) / 2 / batch / 1e9,
   }
   for key_name, values in times.items():
     row[f"{key_name}_img_s"] = batch * _STEPS.value / statistics.median(values)
@@ -182,6 +241,47 @@ def _row(model_name: str, side: int, batch: int, torch) -> dict:
   return row
 
 
+def _timed_command(argv: list[str]) -> tuple[float, str]:
+  t = time.perf_counter()
+  done = subprocess.run(argv, capture_output=True, text=True, check=False)
+  wall = time.perf_counter() - t
+  if done.returncode != 0:
+    raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+  return wall, done.stdout
+
+
+def _e2e_row(root: str, split_file: str, epochs: int, workdir: str) -> dict:
+  """The README's supervised BUSI command vs `benchmarks/torch_peer.py`, `epochs` each, as
+  subprocesses timed from launch to exit (imports, decoding, compiling, training, evaluation,
+  checkpoints, busjax's report). busjax runs twice: cold, then again in a fresh workdir with the
+  persistent compile cache the first run filled (what a user's second run sees)."""
+  python = sys.executable
+  peer_wall, peer_out = _timed_command(
+    [python, "-m", "benchmarks.torch_peer", f"--root={root}", f"--split_file={split_file}",
+     f"--epochs={epochs}", f"--workdir={os.path.join(workdir, 'torch')}"]
+  )  # fmt: skip
+  peer = json.loads(peer_out.strip().splitlines()[-1])
+  row = {"model": "e2e: supervised BUSI (resnet18 w0.5, 128 px)", "epochs": epochs,
+         "torch_wall_s": peer_wall, "torch": peer}  # fmt: skip
+  for attempt in ("cold", "warm"):
+    run_dir = os.path.join(workdir, f"busjax_{attempt}")
+    wall, _ = _timed_command(
+      [python, "-m", "busjax.main", "--config=configs/supervised.py:busi", f"--workdir={run_dir}",
+       f"--config.data.root={root}", f"--config.data.split_file={split_file}",
+       f"--config.train.epochs={epochs}",
+       f"--compilation_cache={os.path.join(workdir, 'jax_cache')}"]
+    )  # fmt: skip
+    with open(os.path.join(run_dir, "summary.json")) as f:
+      summary = json.load(f)
+    row[f"busjax_{attempt}_wall_s"] = wall
+    row[f"busjax_{attempt}_train_s"] = summary["train_seconds"]
+    row[f"busjax_{attempt}_steps"] = summary["steps"]
+    row[f"busjax_{attempt}_ratio"] = peer_wall / wall  # > 1: busjax finishes first.
+  with open(os.path.join(run_dir, "reports", "test", "report.json")) as f:
+    row["busjax_test_auc"] = json.load(f)["auc"]["value"]
+  return row
+
+
 def _markdown(result: dict) -> str:
   peak = result["matmul_gflop_s"]
   lines = [
@@ -189,20 +289,39 @@ def _markdown(result: dict) -> str:
     + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()),
     "",
     "| model, side, batch | train img/s busjax / torch | ratio | eval img/s busjax / torch | "
-    "ratio | compile s | GFLOP/img (train) | busjax GFLOP/s (% of matmul) |",
-    "|---|---|---|---|---|---|---|---|",
+    "ratio | compile s | GMAC/img (fwd) | GFLOP/img (train) | busjax GFLOP/s (% of matmul) |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   for r in result["rows"]:
     torch_train = f"{r['torch_train_img_s']:.1f}" if "torch_train_img_s" in r else "–"
     torch_eval = f"{r['torch_eval_img_s']:.1f}" if "torch_eval_img_s" in r else "–"
     lines.append(
-      f"| {r['model']}, {r['side']}, {r['batch']} | "
+      f"| {r['model']}, {r['side']}, {r['batch']}"
+      f"{'' if r.get('dtype', 'float32') == 'float32' else ', ' + r['dtype']} | "
       f"{r['busjax_train_img_s']:.1f} / {torch_train} | "
       f"{r.get('train_ratio', float('nan')):.2f}× | {r['busjax_eval_img_s']:.1f} / {torch_eval} | "
       f"{r.get('eval_ratio', float('nan')):.2f}× | {r['busjax_compile_s']:.1f} | "
+      f"{r.get('gmac_per_image_forward', float('nan')):.2f} | "
       f"{r['gflop_per_image_train']:.2f} | {r['busjax_train_gflop_s']:.1f} "
       f"({100 * r['busjax_train_gflop_s'] / peak['jax']:.0f}%) |"
     )
+  e2e = result.get("e2e")
+  if e2e:
+    lines += [
+      "",
+      f"End to end, {e2e['epochs']} epochs of {e2e['model']} (launch to exit, both as "
+      "subprocesses):",
+      "",
+      "| side | wall s | train(+val) s | ratio (torch wall / busjax wall) |",
+      "|---|---|---|---|",
+      f"| PyTorch peer script | {e2e['torch_wall_s']:.1f} | "
+      f"{e2e['torch']['train_and_val_s']:.1f} | – |",
+    ]
+    for attempt in ("cold", "warm"):
+      lines.append(
+        f"| busjax, {attempt} compile cache | {e2e[f'busjax_{attempt}_wall_s']:.1f} | "
+        f"{e2e[f'busjax_{attempt}_train_s']} | {e2e[f'busjax_{attempt}_ratio']:.2f}× |"
+      )
   return "\n".join(lines)
 
 
@@ -215,22 +334,39 @@ def main(argv):
     except ImportError:
       raise app.UsageError("--torch needs PyTorch: pip install -e '.[speed]'") from None
     torch.set_num_threads(os.cpu_count() or 1)
+  if _PLAIN_CONV_GRADIENT.value:
+    layers.conv2d = layers._conv  # noqa: SLF001  (Conv looks it up at call time.)
   result = {
     "benchmark": "speed",
+    "plain_conv_gradient": _PLAIN_CONV_GRADIENT.value,
     "machine": common.machine(),
     "threads": os.cpu_count(),
     "jax": jax.__version__,
     "torch": None if torch is None else torch.__version__,
+    "backend": jax.default_backend(),
+    "torch_device": None if torch is None else _torch_device(torch),
     "matmul_gflop_s": _matmul_gflops(torch),
     "rows": [],
   }
   for spec in _ROWS.value:
-    name, side, batch = spec.split(":")
-    if name not in MODELS:
-      raise app.UsageError(f"--rows: unknown model {name!r}; expected one of {list(MODELS)}")
-    result["rows"].append(_row(name, int(side), int(batch), torch))
+    name, side, batch, *rest = spec.split(":")
+    dtype = rest[0] if rest else "float32"
+    if name not in MODELS or dtype not in ("float32", "bfloat16"):
+      raise app.UsageError(
+        f"--rows: {spec!r}: expected model:side:batch[:float32|bfloat16], models {list(MODELS)}"
+      )
+    result["rows"].append(_row(name, int(side), int(batch), torch, dtype))
     common.write_json_atomic(_OUTPUT.value, result)
     print(json.dumps(result["rows"][-1]), flush=True)
+  if _E2E_DATA.value:
+    if not (_E2E_SPLIT.value and torch is not None):
+      raise app.UsageError("--e2e_data needs --e2e_split and --torch")
+    with tempfile.TemporaryDirectory() as scratch:
+      result["e2e"] = _e2e_row(
+        _E2E_DATA.value, _E2E_SPLIT.value, _E2E_EPOCHS.value, _E2E_WORKDIR.value or scratch
+      )
+    common.write_json_atomic(_OUTPUT.value, result)
+    print(json.dumps(result["e2e"]), flush=True)
   print(_markdown(result))
 
 

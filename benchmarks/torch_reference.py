@@ -3,7 +3,8 @@ backbones busjax implements, written here so that no torchvision (and no downloa
 
 Each matches busjax's model parameter for parameter (the benchmark checks the counts): ResNet-18
 (BasicBlock, 7x7/2 stem + max pool), MobileNetV2 (width 1.0, ReLU6, inverted residuals) and
-DenseNet121 (growth 32, bottleneck 4, compression 0.5), one input channel, a linear head. Only
+DenseNet121 (growth 32, bottleneck 4, compression 0.5) and the two fused with CBAM (the
+feature-fusion model), one input channel, a linear head. Only
 the benchmark imports torch (``pip install 'busjax[speed]'``, a CPU build).
 """
 
@@ -34,16 +35,18 @@ class _Basic(nn.Module):
 
 
 class ResNet18(nn.Module):
-  def __init__(self, in_channels=1, num_classes=2):
+  def __init__(self, in_channels=1, num_classes=2, width=1.0):
     super().__init__()
-    self.stem = nn.Sequential(_conv_bn(in_channels, 64, 7, 2), nn.MaxPool2d(3, 2, 1))
-    blocks, cin = [], 64
-    for i, cout in enumerate((64, 128, 256, 512)):
+    base = max(1, round(64 * width))  # busjax's `scaled_channels`.
+    self.stem = nn.Sequential(_conv_bn(in_channels, base, 7, 2), nn.MaxPool2d(3, 2, 1))
+    blocks, cin = [], base
+    for i in range(4):
+      cout = max(1, round(64 * 2**i * width))
       for j in range(2):
         blocks.append(_Basic(cin, cout, 2 if i > 0 and j == 0 else 1))
         cin = cout
     self.blocks = nn.Sequential(*blocks)
-    self.fc = nn.Linear(512, num_classes)
+    self.fc = nn.Linear(cin, num_classes)
 
   def forward(self, x):
     return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
@@ -128,7 +131,51 @@ class DenseNet121(nn.Module):
     return self.classifier(self.features(x).mean((2, 3)))
 
 
-MODELS = {"resnet18": ResNet18, "mobilenet_v2": MobileNetV2, "densenet121": DenseNet121}
+class _CBAM(nn.Module):
+  """CBAM as busjax's: a shared MLP on avg- and max-pooled channels, a 7x7 gate on [mean, max]."""
+
+  def __init__(self, c, reduction=16):
+    super().__init__()
+    self.mlp = nn.Sequential(
+      nn.Linear(c, c // reduction), nn.ReLU(inplace=True), nn.Linear(c // reduction, c)
+    )
+    self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+
+  def forward(self, x):
+    gate = torch.sigmoid(self.mlp(x.mean((2, 3))) + self.mlp(x.amax((2, 3))))
+    x = x * gate[:, :, None, None]
+    stacked = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+    return x * torch.sigmoid(self.spatial(stacked))
+
+
+class Fusion(nn.Module):
+  """Asif et al.'s fusion as busjax's `FusionModel` (configs/fusion.py): MobileNetV2 and
+  DenseNet121 last maps, each 1x1 conv + BN + ReLU to 256, concatenated, CBAM, pooled, dropout
+  0.2, linear. busjax builds each backbone with a 1-output head it never calls; so does this
+  (unused parameters get no gradient and AdamW skips them), to keep the counts equal."""
+
+  def __init__(self, in_channels=1, num_classes=2, projection=256):
+    super().__init__()
+    self.mobilenet = MobileNetV2(in_channels, 1)
+    self.densenet = DenseNet121(in_channels, 1)
+    self.project = nn.ModuleList(
+      [_conv_bn(1280, projection, 1), _conv_bn(self.densenet.classifier.in_features, projection, 1)]
+    )
+    self.attention = _CBAM(2 * projection)
+    self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(2 * projection, num_classes))
+
+  def forward(self, x):
+    maps = [self.mobilenet.features(x), self.densenet.features(x)]
+    fused = torch.cat([p(m) for p, m in zip(self.project, maps, strict=True)], 1)
+    return self.head(self.attention(fused).mean((2, 3)))
+
+
+MODELS = {
+  "resnet18": ResNet18,
+  "mobilenet_v2": MobileNetV2,
+  "densenet121": DenseNet121,
+  "fusion": Fusion,
+}
 
 
 def count_params(model: nn.Module) -> int:
