@@ -237,3 +237,29 @@ def test_bad_inputs_raise():
   bad.backend = "skimage"
   with pytest.raises(ValueError, match="backend"):
     augment.Augmenter(bad, 32)
+
+
+def test_lesion_crop_zooms_on_the_whole_lesion():
+  rng = np.random.default_rng(0)
+  image = rng.integers(40, 200, (200, 300), dtype=np.uint8)
+  mask = np.zeros_like(image)
+  mask[140:160, 40:60] = 1  # A 20 px lesion in a 300 px wide view.
+  config = _quiet_config()
+  config.lesion_crop.probability = 1.0
+  augmenter = augment.Augmenter(config, 64)
+  assert augment.uses_masks(config) and not augment.uses_masks(_quiet_config())
+  assert not augment.uses_masks(augment.default_config("none"))
+  _, plain = augment.resize_pad(image, 64, mask)
+  sides = []
+  for _ in range(30):
+    _, out = augmenter(image, rng, mask=mask)
+    rows, cols = np.flatnonzero(out.any(1)), np.flatnonzero(out.any(0))
+    height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    assert abs(height - width) <= 2  # Square stays square: the lesion is never cut.
+    sides.append(max(height, width))
+  # The crop's longer side is 1.7-5x the lesion's and fills the 64 px output.
+  assert 64 / 5 - 2 <= min(sides) and max(sides) <= 64 / 1.7 + 2
+  assert np.median(sides) > 2 * plain.any(0).sum()  # Zoomed in against the whole view.
+  # No lesion (or no mask given): the ordinary random view, no error.
+  assert augmenter(image, rng, mask=np.zeros_like(mask))[0].shape == (64, 64)
+  assert augmenter(image, rng).shape == (64, 64)
