@@ -125,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
       normalization="default",
       pretrained=optional_path(),
       pretrained_format=optional_path(),
+      # Predictions (validation, reports, predict/explain) average the image and its left-right
+      # mirror: test-time augmentation with the one flip that keeps an image possible.
+      test_time_flip=False,
     )
   )
   c.optim = ml_collections.ConfigDict(
@@ -153,6 +156,11 @@ def base_config() -> ml_collections.ConfigDict:
       ema_bn_batches=8,
       # "all", or "head": a linear probe (every other module frozen, run in evaluation mode).
       trainable="all",
+      # Mask-guided training: an auxiliary lesion-segmentation loss (per-pixel BCE + soft Dice of
+      # a 1x1-conv head on the `level` feature map against the lesion mask, area-downsampled to
+      # that map) added with this weight; images with an empty mask do not enter it. The head is
+      # trained beside the model (state["aux"]) and never used for prediction. 0 = off.
+      mask_loss=ml_collections.ConfigDict(dict(weight=0.0, level="stage3")),
     )
   )
   # Reports: percentile-bootstrap resamples behind every interval (AUC, sensitivity/specificity,
@@ -384,6 +392,11 @@ def validate_train(train: ml_collections.ConfigDict) -> None:
     "train.num_steps or train.epochs must be > 0",
   )
   _check(train.get("log_every", 1) > 0, f"train.log_every={train.get('log_every')!r}: expected > 0")
+  mask_loss = train.get("mask_loss") or {}
+  _check(
+    mask_loss.get("weight", 0.0) >= 0,
+    f"train.mask_loss.weight={mask_loss.get('weight')!r}: expected >= 0",
+  )
 
 
 def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> None:

@@ -86,7 +86,7 @@ class LoadedRun:
     @jax.jit
     def probs(state, images):
       x = images if preprocessed else self.preprocess(images)
-      return jax.nn.softmax(nnx.merge(graph, state)(x).astype(jnp.float32), axis=-1)
+      return supervised.class_probabilities(nnx.merge(graph, state), x, self.config.model)
 
     def run(images: np.ndarray) -> np.ndarray:
       return batched(
@@ -105,6 +105,26 @@ class LoadedRun:
       return p, scaled
 
     return run
+
+
+def reestimate_batchnorm(run: LoadedRun, images: np.ndarray, batch_size: int = 32) -> LoadedRun:
+  """`run` with every BatchNorm's statistics re-estimated on `images` (uint8 (N, S, S, 1), e.g.
+  another scanner's unlabelled scans): AdaBN (Li et al. 2016), the same precise-BN averaging over
+  fixed batches that evaluates EMA weights in training. Weights are unchanged; the images' labels
+  are never needed. Full batches only (a padded one would count black images), or one batch of
+  all the images when there are fewer than `batch_size`."""
+  if len(images) == 0:
+    raise ValueError("reestimate_batchnorm: no images")
+  graph, params, rest = nnx.split(run.model, nnx.Param, ...)
+  defs = supervised.ModelDefs(
+    train=None, eval=None, bn_refresh=supervised.bn_refresh_graph(run.model)
+  )
+  refresh = supervised.make_bn_refresh(defs, run.config)
+  size = min(batch_size, len(images))
+  batches = [jnp.asarray(images[i : i + size]) for i in range(0, len(images) - size + 1, size)]
+  model = nnx.merge(graph, params, refresh(params, rest, batches))
+  model.eval()
+  return dataclasses.replace(run, model=model)
 
 
 def batched(fn, *arrays: np.ndarray, batch_size: int = 16, width: int | None = None) -> np.ndarray:

@@ -114,3 +114,30 @@ def test_explain_cli_writes_panels_and_scores_maps_against_lesion_masks(smoke_ru
     explain.explain(str(workdir), [str(tmp_path / "in.csv")], ["lime"], str(out))
   with pytest.raises(records.DataError, match="no feature map 'stage9'; its maps: stem, stage1"):
     explain.explain(str(workdir), [str(tmp_path / "in.csv")], ["gradcam"], str(out), layer="stage9")
+
+
+def test_batchnorm_reestimated_on_target_images_predicts_with_their_statistics(smoke_run):
+  import jax
+  from flax import nnx
+
+  from busjax.trainers import supervised
+
+  workdir, test = smoke_run
+  run = inference.load_run(str(workdir))
+  images = run.prepare([records.load_image(r) for r in test.records])
+  shifted = (images // 2).astype(np.uint8)  # Another "scanner": half the gain.
+  before = run.probabilities()(shifted)
+  adapted = inference.reestimate_batchnorm(run, shifted, batch_size=len(shifted))
+  # Eval mode with the re-estimated statistics = training mode on that very batch (BatchNorm
+  # normalising by the batch's own statistics): the statistics are exactly the images'.
+  graph = supervised.bn_refresh_graph(run.model)
+  _, params, rest = nnx.split(nnx.clone(run.model), nnx.Param, ...)  # A copy: this updates it.
+  logits = nnx.merge(graph, params, rest)(run.preprocess(shifted))
+  np.testing.assert_allclose(
+    adapted.probabilities()(shifted), jax.nn.softmax(logits, axis=-1), atol=1e-4
+  )
+  assert np.abs(adapted.probabilities()(shifted) - before).max() > 1e-3
+  # The original run is untouched, and its weights are shared, not retrained.
+  np.testing.assert_array_equal(run.probabilities()(shifted), before)
+  with pytest.raises(ValueError, match="no images"):
+    inference.reestimate_batchnorm(run, shifted[:0])

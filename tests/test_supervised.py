@@ -12,7 +12,7 @@ from crashing import Crash, CrashingDataset
 from flax import nnx
 
 from busjax import checkpointing, configlib, sharding
-from busjax.data import pipeline, sources, splits
+from busjax.data import pipeline, records, sources, splits
 from busjax.evaluators import metrics
 from busjax.trainers import state_utils, supervised
 
@@ -319,3 +319,64 @@ def test_weight_decay_skips_norms_and_biases_by_default():
       moved = bool(np.any(np.asarray(flat_u[name]) != 0)) and bool(np.any(np.asarray(p) != 0))
       if np.any(np.asarray(p) != 0):
         assert moved == expect_decayed(p), (decay, name)
+
+
+def test_lesion_loss_rewards_the_lesion_and_skips_images_without_one():
+  masks = np.zeros((2, 16, 16, 1), np.uint8)
+  masks[0, :8, :8] = 1  # Image 0: lesion in the top-left quarter; image 1: no lesion known.
+  features = np.zeros((2, 4, 4, 1), np.float32)
+  features[:, :2, :2] = 1.0  # Both images "see" the top-left quarter.
+  blind = supervised.init_mask_head(1)
+  seeing = {"kernel": jnp.full((1, 1), 10.0), "bias": jnp.full((1,), -5.0)}
+  loss = lambda f, m, h: float(supervised.lesion_loss(jnp.asarray(f), jnp.asarray(m), h))
+  assert loss(features, masks, seeing) < 0.1 < loss(features, masks, blind)
+  # Image 1's empty mask teaches nothing: the loss is image 0's alone.
+  assert loss(features, masks, seeing) == pytest.approx(loss(features[:1], masks[:1], seeing))
+  # A mask whose side is not a multiple of the map's is resampled, not rejected.
+  odd = np.zeros((2, 15, 15, 1), np.uint8)
+  odd[0, :7, :7] = 1
+  assert loss(features, odd, seeing) < 0.5 < loss(features, odd, blind)
+
+
+def test_mask_loss_trains_a_head_that_prediction_never_needs(tmp_path):
+  from busjax import inference
+
+  config = _smoke_config()
+  config.train.mask_loss.weight = 1.0
+  config.input.augment.lesion_crop.probability = 0.5
+  summary = supervised.train_and_evaluate(config, str(tmp_path))
+  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train = [x for x in lines if x.get("split") == "train"]
+  assert train and all(np.isfinite(x["mask_loss"]) and x["mask_loss"] > 0 for x in train)
+  # The head (it starts at zero) was trained and is checkpointed beside the model.
+  channels = supervised._feature_channels(supervised.create_model(config.model, 2, 0), config)
+  head = checkpointing.load_state(
+    str(tmp_path), {"aux.kernel": np.zeros((channels, 1), np.float32)}, which="latest",
+    partial=True,
+  )  # fmt: skip
+  assert np.abs(np.asarray(head["aux.kernel"])).max() > 0
+  # The reloaded classifier (no head) gives the run's own test predictions.
+  run = inference.load_run(str(tmp_path))
+  stored = np.load(tmp_path / "reports" / "test_predictions.npz")
+  parts = splits.make_splits(sources.from_config(config.data), config.split)
+  images = run.prepare([records.load_image(r) for r in parts["test"].records])
+  np.testing.assert_allclose(run.probabilities()(images), stored["probs"], atol=1e-5)
+  assert summary["reports"]["test"]["auc"] is not None
+
+
+def test_test_time_flip_predicts_the_same_for_an_image_and_its_mirror():
+  config = _smoke_config()
+  config.model.test_time_flip = True
+  model = supervised.create_model(config.model, 2, 0)
+  model.eval()
+  images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 1), dtype=np.uint8)
+  x = supervised._preprocess(jnp.asarray(images), config.model)
+  flipped = supervised.class_probabilities(model, x[:, :, ::-1], config.model)
+  np.testing.assert_allclose(
+    supervised.class_probabilities(model, x, config.model), flipped, atol=1e-6
+  )
+  config.model.test_time_flip = False  # Without it, a random network tells them apart.
+  plain = supervised.class_probabilities(model, x, config.model)
+  assert (
+    np.abs(plain - supervised.class_probabilities(model, x[:, :, ::-1], config.model)).max() > 1e-4
+  )

@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 
 from busjax import checkpointing, configlib, sharding, writers
-from busjax.data import pipeline, records
+from busjax.data import augment, pipeline, records
 from busjax.evaluators import classification, metrics
 from busjax.models import common as model_common
 from busjax.models import contrastive as contrastive_model
@@ -111,6 +111,24 @@ def create_model(
   return model
 
 
+def _feature_channels(model: nnx.Module, config: ml_collections.ConfigDict) -> int:
+  """Channels of the mask loss's feature map (shapes only: nothing runs)."""
+  _, level = mask_loss_settings(config)
+  graph, variables = nnx.split(model)
+  size = config.data.image_size
+  images = jax.ShapeDtypeStruct((1, size, size, 1), jnp.uint8)
+
+  def feature_maps(variables, images):
+    return nnx.merge(graph, variables)(_preprocess(images, config.model), return_features=True)[1]
+
+  shapes = jax.eval_shape(feature_maps, variables, images)
+  if level not in shapes:
+    raise ValueError(
+      f"train.mask_loss.level={level!r}: {config.model.name} has feature maps {sorted(shapes)}"
+    )
+  return int(shapes[level].shape[-1])
+
+
 def _preprocess(images, model_config):
   """uint8 batch -> normalised model input, inside the jitted step."""
   mean, std = model_common.normalization_stats(model_config.get("normalization") or "default")
@@ -172,6 +190,19 @@ class ModelDefs:
   bn_refresh: Any
 
 
+def bn_refresh_graph(model: nnx.Module):
+  """The graph of `model` in BatchNorm-refresh mode: training mode with momentum 0 (running
+  statistics = the last batch's) and dropout off; `model` itself is left unchanged."""
+  refresh = nnx.clone(model)
+  refresh.train()
+  for _, module in nnx.iter_modules(refresh):
+    if isinstance(module, nnx.BatchNorm):
+      module.momentum = 0.0
+    elif isinstance(module, nnx.Dropout):
+      module.deterministic = True
+  return nnx.split(refresh, nnx.Param, ...)[0]
+
+
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, use_ema: bool):
   """Splits the model into (graphdefs, state dict of arrays) for the pure step.
 
@@ -182,14 +213,7 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, use_
   graph_train, params, rest = nnx.split(model, nnx.Param, ...)
   model.eval()
   graph_eval, _, _ = nnx.split(model, nnx.Param, ...)
-  refresh = nnx.clone(model)
-  refresh.train()
-  for _, module in nnx.iter_modules(refresh):
-    if isinstance(module, nnx.BatchNorm):
-      module.momentum = 0.0
-    elif isinstance(module, nnx.Dropout):
-      module.deterministic = True
-  graph_refresh, _, _ = nnx.split(refresh, nnx.Param, ...)
+  graph_refresh = bn_refresh_graph(model)
   state = {
     "step": jnp.zeros((), jnp.int32),
     "params": params,
@@ -225,6 +249,36 @@ def classification_loss(
   return (per_example * w).sum() / jnp.maximum(w.sum(), 1e-12)
 
 
+def mask_loss_settings(config: ml_collections.ConfigDict) -> tuple[float, str]:
+  """(weight, feature level) of the mask-guided auxiliary loss; weight 0 = off."""
+  settings = config.train.get("mask_loss") or {}
+  return float(settings.get("weight", 0.0)), str(settings.get("level", "stage3"))
+
+
+def init_mask_head(channels: int) -> dict[str, jax.Array]:
+  """The auxiliary lesion-segmentation head: a 1x1 convolution to one logit per position."""
+  return {"kernel": jnp.zeros((channels, 1), jnp.float32), "bias": jnp.zeros((1,), jnp.float32)}
+
+
+def lesion_loss(feature_map, masks, head) -> jax.Array:
+  """Per-pixel BCE + soft Dice of ``head`` on ``feature_map`` (B, h, w, C) against the lesion
+  ``masks`` (B, S, S, 1) {0, 1}, area-averaged to h x w; mean over images with a lesion (an empty
+  mask may mean "no mask known", so it teaches nothing)."""
+  logits = (feature_map.astype(jnp.float32) @ head["kernel"])[..., 0] + head["bias"][0]
+  b, h, w = logits.shape
+  target = masks[..., 0].astype(jnp.float32)
+  size = target.shape[1]
+  if size % h == 0 and target.shape[2] % w == 0:  # Exact area average (the usual case).
+    target = target.reshape(b, h, size // h, w, target.shape[2] // w).mean(axis=(2, 4))
+  else:
+    target = jax.image.resize(target, (b, h, w), "linear", antialias=True)
+  has_lesion = (target.max(axis=(1, 2)) > 0).astype(jnp.float32)
+  bce = optax.sigmoid_binary_cross_entropy(logits, target).mean(axis=(1, 2))
+  p = jax.nn.sigmoid(logits)
+  dice = 1.0 - (2.0 * (p * target).sum((1, 2)) + 1.0) / (p.sum((1, 2)) + target.sum((1, 2)) + 1.0)
+  return ((bce + dice) * has_lesion).sum() / jnp.maximum(has_lesion.sum(), 1.0)
+
+
 def head_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """`tx` on the ``head`` sub-tree, zero updates (and no optimiser state) everywhere else."""
 
@@ -238,17 +292,23 @@ def head_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
 
 
 def make_train_step(
-  defs: ModelDefs, tx, config: ml_collections.ConfigDict, loss_weights: np.ndarray
+  defs: ModelDefs,
+  tx,
+  config: ml_collections.ConfigDict,
+  loss_weights: np.ndarray,
+  aux_tx: optax.GradientTransformation | None = None,
 ):
   """The pure step `(state, batch, rng) -> (state, metrics)`; `sharding.jit_train_step` jits it.
 
   With ``train.trainable="head"`` the model runs in evaluation mode (frozen BatchNorm
-  statistics, no dropout) and `tx` must be `head_only`: a linear probe.
+  statistics, no dropout) and `tx` must be `head_only`: a linear probe. With a mask loss
+  (``state["aux"]``, the segmentation head, updated by `aux_tx`) the batch holds ``mask``.
   """
   graph = defs.eval if config.train.get("trainable", "all") == "head" else defs.train
   focal_gamma = float(config.train.get("focal_gamma", 0.0))
   label_smoothing = float(config.train.get("label_smoothing", 0.0))
   ema_decay = float(config.train.get("ema_decay", 0.0))
+  mask_weight, mask_level = mask_loss_settings(config)
   weights = jnp.asarray(loss_weights)
 
   def train_step(state, batch, rng):
@@ -258,20 +318,31 @@ def make_train_step(
     model = nnx.merge(graph, state["params"], rest)
     images = _preprocess(batch["image"], config.model)
 
-    def loss_fn(m):
-      logits = m(images)
+    def loss_fn(m, aux):
+      if aux is None:
+        logits, seg_loss = m(images), jnp.zeros((), jnp.float32)
+      else:
+        logits, feature_maps = m(images, return_features=True)
+        seg_loss = lesion_loss(feature_maps[mask_level], batch["mask"], aux)
       loss = classification_loss(
         logits, batch["label"], weights, focal_gamma=focal_gamma, label_smoothing=label_smoothing
       )
-      return loss, logits
+      return loss + mask_weight * seg_loss, (logits, loss, seg_loss)
 
-    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    (total, (logits, loss, seg_loss)), (grads, aux_grads) = nnx.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True
+    )(model, state.get("aux"))
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(
       state, step=state["step"] + 1, params=params, rest=new_rest, opt_state=opt_state
     )
+    if "aux" in state:
+      aux_updates, new_state["aux_opt_state"] = aux_tx.update(
+        aux_grads, state["aux_opt_state"], state["aux"]
+      )
+      new_state["aux"] = optax.apply_updates(state["aux"], aux_updates)
     if "ema" in state:
       # Warm-up keeps early EMA weights from being dominated by the random initialisation.
       decay = jnp.minimum(ema_decay, (1.0 + state["step"]) / (10.0 + state["step"]))
@@ -279,11 +350,13 @@ def make_train_step(
         lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params
       )
     step_metrics = {
-      "loss": loss,
+      "loss": total,
       "accuracy": (logits.argmax(-1) == batch["label"]).mean(),
       "grad_norm": optax.tree.norm(grads),
       "param_norm": optax.tree.norm(params),
     }
+    if "aux" in state:
+      step_metrics["class_loss"], step_metrics["mask_loss"] = loss, seg_loss
     return new_state, step_metrics
 
   return train_step
@@ -339,10 +412,19 @@ def make_apply(defs: ModelDefs, config: ml_collections.ConfigDict, *, features: 
     if features:
       _, feature_maps = model(images, return_features=True)
       return jnp.mean(feature_maps["features"].astype(jnp.float32), axis=(1, 2))
-    logits = model(images)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return class_probabilities(model, images, config.model)
 
   return apply
+
+
+def class_probabilities(model: nnx.Module, x: jax.Array, model_config) -> jax.Array:
+  """Softmax of the model on NHWC input `x`; with ``model.test_time_flip``, averaged with the
+  prediction on the left-right mirror image (probe orientation is arbitrary; depth is not, so
+  never up-down)."""
+  probs = jax.nn.softmax(model(x).astype(jnp.float32), axis=-1)
+  if model_config.get("test_time_flip"):
+    probs = (probs + jax.nn.softmax(model(x[:, :, ::-1]).astype(jnp.float32), axis=-1)) / 2
+  return probs
 
 
 def eval_variables(state) -> tuple[Any, Any]:
@@ -420,6 +502,8 @@ def train_split(
   )
 
   # --- Data.
+  mask_weight, _ = mask_loss_settings(config)
+
   def default_train_batches(seed):
     return iter(
       pipeline.train_dataset(
@@ -429,6 +513,7 @@ def train_split(
         seed=seed,
         augment_config=config.input.augment,
         num_workers=config.input.get("num_workers", 0),
+        with_masks=mask_weight > 0 or augment.uses_masks(config.input.augment),
       )
     )
 
@@ -442,9 +527,18 @@ def train_split(
   if frozen:
     tx = head_only(tx)
   defs, state = create_train_state(model, tx, use_ema=bool(config.train.get("ema_decay")))
+  aux_tx = None
+  if mask_weight > 0:
+    # The segmentation head's optimiser: Adam on the model's schedule (the head is tiny and not
+    # decayed); it is checkpointed with the model but never used for prediction.
+    aux_tx = optax.adam(lr_schedule(config.optim, total_steps))
+    state["aux"] = init_mask_head(_feature_channels(model, config))
+    state["aux_opt_state"] = aux_tx.init(state["aux"])
   del model
   weights = class_weights(train_set.labels, num_classes, config.train.get("class_weights"))
-  train_step = sharding.jit_train_step(make_train_step(defs, tx, config, weights), mesh, state)
+  train_step = sharding.jit_train_step(
+    make_train_step(defs, tx, config, weights, aux_tx), mesh, state
+  )
   predict = sharding.jit_predict(make_apply(defs, config), mesh)
   embed = sharding.jit_predict(make_apply(defs, config, features=True), mesh)
   refresh_bn = make_bn_refresh(defs, config)
@@ -500,7 +594,10 @@ def train_split(
     t_start = time.time()
     for step in range(start_step + 1, total_steps + 1):
       batch = next(train_iter)
-      batch = sharding.host_to_global({"image": batch["image"], "label": batch["label"]}, mesh)
+      keys = ("image", "label", "mask") if "aux" in state else ("image", "label")
+      if "aux" in state and "mask" not in batch:
+        raise ValueError("train.mask_loss needs lesion masks, but the training batches have none")
+      batch = sharding.host_to_global({k: batch[k] for k in keys}, mesh)
       state, step_metrics = train_step(state, batch, jax.random.fold_in(rng, step))
       is_eval = step % eval_every == 0 or step == total_steps
       is_ckpt = is_eval or step % ckpt_every == 0
