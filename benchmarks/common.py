@@ -44,7 +44,7 @@ def load_predictions(run_dir: str, name: str) -> dict[str, np.ndarray] | None:
   if not os.path.exists(path):
     return None
   with np.load(path, allow_pickle=False) as f:
-    keys = ("ids", "y_malignant", "p_malignant", "clusters", "copy_in_train")
+    keys = ("ids", "y_malignant", "p_malignant", "clusters", "copy_in_train", "devices")
     return {k: f[k] for k in keys if k in f}
 
 

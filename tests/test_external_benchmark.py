@@ -1,0 +1,95 @@
+"""benchmarks/external.py's statistics on synthetic predictions (the runs need real data)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import external
+
+
+def _preds(p, y, clusters, devices=None):
+  ids = np.asarray([f"img{i}" for i in range(len(y))])
+  out = {
+    "ids": ids,
+    "y_malignant": y,
+    "p_malignant": np.asarray(p, np.float64),
+    "clusters": clusters,
+  }
+  if devices is not None:
+    out["devices"] = devices
+  return out
+
+
+def _data(n=200, seed=0):
+  rng = np.random.default_rng(seed)
+  y = (rng.random(n) < 0.35).astype(np.int32)
+  clusters = np.asarray([f"c{i // 2}" for i in range(n)])  # Pairs of copies.
+  return rng, y, clusters
+
+
+def test_paired_gain_is_zero_for_identical_models_and_positive_for_a_better_one():
+  rng, y, clusters = _data()
+  base = [_preds(y + rng.normal(0, 1.0, len(y)), y, clusters) for _ in range(3)]
+  same = external.paired_gain(base, base, bootstrap=200)
+  assert same["gain"] == 0.0 and same["ci"] == [0.0, 0.0]
+  better = [_preds(y + rng.normal(0, 0.4, len(y)), y, clusters) for _ in range(3)]
+  gain = external.paired_gain(better, base, bootstrap=200)
+  assert gain["gain"] > 0.1 and 0 < gain["ci"][0] < gain["gain"] < gain["ci"][1]
+  shuffled = [dict(p, ids=p["ids"][::-1]) for p in better]
+  with pytest.raises(ValueError, match="different images"):
+    external.paired_gain(shuffled, base, bootstrap=10)
+
+
+def test_row_metrics_ensemble_operating_points_and_threshold_landing():
+  rng, y, clusters = _data()
+  devices = np.asarray(["A", "B"] * (len(y) // 2))
+  birads = np.where(y == 1, 5, 3).astype(object)  # A perfect reader.
+  birads[:20] = 4
+  per_seed = {
+    split: [_preds(y + rng.normal(0, 0.6, len(y)), y, clusters, devices) for _ in range(3)]
+    for split in ("val", "test", "busbra")
+  }
+  row = external.row_metrics(per_seed, birads, bootstrap=100)
+  assert row["seeds"] == 3 and len(row["busbra_auc_per_seed"]) == 3
+  e = row["ensemble"]
+  # Averaging three noisy copies beats the mean single model.
+  assert e["busbra_auc"] > row["busbra_auc_mean"]
+  lo, hi = e["busbra_auc_ci"]
+  assert lo < e["busbra_auc"] < hi
+  assert set(e["auc_per_device"]) == {"A", "B"}
+  assert row["reader"]["sensitivity"] == 1.0 and 0.8 < row["reader"]["specificity"] < 1.0
+  assert 0.0 <= e["spec_at_reader_sens"] <= e["spec_at_sens_target"] <= 1.0
+  # The threshold for sensitivity 0.93 on val lands near 0.93 when val and target match.
+  landing = e["busi_sens_target_on_busbra"]["sensitivity"]
+  assert abs(landing - external.TARGET_SENSITIVITY) < 0.1
+  json.dumps(row)  # The JSON the benchmark writes.
+
+
+def test_levers_load_as_valid_configs(tmp_path):
+  busi, busbra, split = tmp_path / "busi", tmp_path / "busbra", tmp_path / "split.tsv"
+  busi.mkdir(), busbra.mkdir(), split.write_text("")
+  for name, lever in external.LEVERS.items():
+    config = external.load_config(lever, 1, str(busi), str(split), str(busbra))
+    assert config.seed == 1 and config.external.busbra.root == str(busbra), name
+    assert config.external.busbra.image_size == config.data.image_size
+
+
+def test_shortcut_counts_calls_that_change_when_marks_are_removed():
+  rng, y, clusters = _data()
+  plain = {
+    s: [_preds(y + rng.normal(0, 0.6, len(y)), y, clusters)] for s in ("val", "test", "busbra")
+  }
+  same = external.shortcut(plain, plain)
+  assert same["test"]["calls_changed"] == 0.0 and same["busbra"]["auc_change"] == 0.0
+  moved = {
+    s: [dict(p, p_malignant=p["p_malignant"] + 10.0 * (y == 1)) for p in plain[s]] for s in plain
+  }
+  out = external.shortcut(moved, plain)
+  assert out["busbra"]["auc_change"] > 0 and out["busbra"]["calls_changed"] > 0.05
+
+
+def test_a_stored_run_matches_unless_a_field_it_recorded_changed():
+  stored = {"seed": 0, "train": {"epochs": 40}}
+  assert external._differences(stored, {"seed": 0, "train": {"epochs": 40, "new_option": 0}}) == []
+  assert external._differences(stored, {"seed": 1, "train": {"epochs": 40}}) == ["seed=0 -> 1"]
