@@ -239,8 +239,11 @@ def _landing(target: dict, threshold: float) -> dict:
   }
 
 
-def row_metrics(per_seed: dict[str, list[dict]], birads, bootstrap: int) -> dict:
-  """Everything a table row shows, from the per-seed predictions of val, test and busbra."""
+def row_metrics(per_seed: dict[str, list[dict]], birads, bootstrap: int, view=None) -> dict:
+  """Everything a table row shows, from the per-seed predictions of val, test and busbra.
+
+  `view`: per BUS-BRA image, its longer side over its lesion's (how tightly it is cropped); the
+  ensemble's AUC is then also given per tertile of it."""
   out = {"seeds": len(per_seed["busbra"])}
   for split in ("test", "busbra"):
     aucs = [metrics.roc_auc(p["y_malignant"], p["p_malignant"]) for p in per_seed[split]]
@@ -273,6 +276,16 @@ def row_metrics(per_seed: dict[str, list[dict]], birads, bootstrap: int) -> dict
                                                                            p[devices == d])}
       for d in sorted(set(devices.tolist()))
     }  # fmt: skip
+  if view is not None:
+    edges = np.quantile(view, [1 / 3, 2 / 3])
+    tertile = np.digitize(view, edges)
+    out["ensemble"]["auc_by_view"] = {
+      name: {
+        "view_ratio": [float(view[tertile == t].min()), float(view[tertile == t].max())],
+        "auc": metrics.roc_auc(y[tertile == t], p[tertile == t]),
+      }
+      for t, name in enumerate(("tight", "medium", "wide"))
+    }
   val = ens["val"]
   youden = float(metrics.youden_threshold(val["y_malignant"], val["p_malignant"]))
   _, _, for_target = metrics.specificity_at_sensitivity_point(
@@ -301,7 +314,21 @@ def shortcut(unmarked: dict[str, list[dict]], plain: dict[str, list[dict]]) -> d
   return out
 
 
-def table_rows(levers, variants, seeds, workdir, collections, birads_by_id, bootstrap) -> list:
+def view_ratios(collection: records.Collection) -> dict[str, float]:
+  """Image longer side / lesion-box longer side per record with a lesion mask."""
+  out = {}
+  for r in collection.records:
+    mask = records.load_mask(r)
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if rows.size:
+      lesion = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+      out[r.id] = max(mask.shape) / lesion
+  return out
+
+
+def table_rows(
+  levers, variants, seeds, workdir, collections, birads_by_id, bootstrap, view_by_id=None
+) -> list:
   """One dict per (lever, variant) with finished runs, gains against the baseline included."""
   predictions = {}
   for lever in levers:
@@ -317,7 +344,10 @@ def table_rows(levers, variants, seeds, workdir, collections, birads_by_id, boot
     ids = per_seed["busbra"][0]["ids"]
     birads = None if birads_by_id is None else np.asarray([birads_by_id[i] for i in ids], object)
     row = {"lever": lever, "variant": variant, "what": LEVERS[lever].what}
-    row.update(row_metrics(per_seed, birads, bootstrap))
+    view = None
+    if view_by_id is not None and all(i in view_by_id for i in ids):
+      view = np.asarray([view_by_id[i] for i in ids])
+    row.update(row_metrics(per_seed, birads, bootstrap, view))
     if variant == "unmarked" and (lever, "plain") in predictions:
       plain = {s: [p[s] for p in predictions[lever, "plain"]] for s in ("val", "test", "busbra")}
       row["shortcut"] = shortcut(per_seed, plain)
@@ -353,8 +383,9 @@ def markdown(rows: list[dict]) -> str:
     "BUS-BRA AUC (mean ± sd) | Δ BUS-BRA [paired 95% CI] | ensemble BUS-BRA AUC [95% CI] | "
     f"spec @ sens {TARGET_SENSITIVITY} | spec @ reader sens | sens @ reader spec | "
     f"BUSI threshold for sens {TARGET_SENSITIVITY} → BUS-BRA sens / spec | "
-    "BUSI Youden threshold → BUS-BRA sens / spec | AUC per scanner |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "BUSI Youden threshold → BUS-BRA sens / spec | AUC per scanner | AUC by view (tight / "
+    "medium / wide) |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   reader = None
   for r in rows:
@@ -365,6 +396,7 @@ def markdown(rows: list[dict]) -> str:
       f"{d} {_f(v['auc'], 2)} ({v['images']})" for d, v in (e.get("auc_per_device") or {}).items()
     )
     target, youden = e["busi_sens_target_on_busbra"], e["busi_youden_on_busbra"]
+    views = " / ".join(_f(v["auc"], 2) for v in (e.get("auc_by_view") or {}).values())
     lines.append(
       f"| {r['lever']} | {r['variant']} | {r['seeds']} | "
       f"{_f(r['test_auc_mean'])} ± {_f(r['test_auc_sd'])} | {_gain(r.get('test_gain'))} | "
@@ -372,7 +404,7 @@ def markdown(rows: list[dict]) -> str:
       f"{_f(e['busbra_auc'])} [{_f(ci[0])}, {_f(ci[1])}] | {_f(e['spec_at_sens_target'])} | "
       f"{_f(e.get('spec_at_reader_sens'))} | {_f(e.get('sens_at_reader_spec'))} | "
       f"{_f(target['sensitivity'])} / {_f(target['specificity'])} | "
-      f"{_f(youden['sensitivity'])} / {_f(youden['specificity'])} | {devices} |"
+      f"{_f(youden['sensitivity'])} / {_f(youden['specificity'])} | {devices} | {views} |"
     )
   for r in rows:
     if "shortcut" in r:
@@ -439,7 +471,14 @@ def main(argv):
   if any(v is None for v in birads.values()):
     birads = None
   result["rows"] = table_rows(
-    _LEVERS.value, _VARIANTS.value, seeds, _WORKDIR.value, collections, birads, _BOOTSTRAP.value
+    _LEVERS.value,
+    _VARIANTS.value,
+    seeds,
+    _WORKDIR.value,
+    collections,
+    birads,
+    _BOOTSTRAP.value,
+    view_ratios(busbra),
   )
   common.write_json_atomic(_OUTPUT.value, result)
   print(markdown(result["rows"]))

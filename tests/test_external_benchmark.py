@@ -50,7 +50,12 @@ def test_row_metrics_ensemble_operating_points_and_threshold_landing():
     split: [_preds(y + rng.normal(0, 0.6, len(y)), y, clusters, devices) for _ in range(3)]
     for split in ("val", "test", "busbra")
   }
-  row = external.row_metrics(per_seed, birads, bootstrap=100)
+  view = np.linspace(1.5, 6.0, len(y))
+  row = external.row_metrics(per_seed, birads, bootstrap=100, view=view)
+  tight, medium, wide = (
+    row["ensemble"]["auc_by_view"][k]["view_ratio"] for k in ("tight", "medium", "wide")
+  )
+  assert tight[0] == 1.5 and tight[1] < medium[0] <= medium[1] < wide[0] and wide[1] == 6.0
   assert row["seeds"] == 3 and len(row["busbra_auc_per_seed"]) == 3
   e = row["ensemble"]
   # Averaging three noisy copies beats the mean single model.
