@@ -60,6 +60,11 @@ LEVERS = {
     ("train.mask_loss.weight=1.0",),
     "+ lesion-mask auxiliary loss (segmentation head on stage3, BCE + Dice, weight 1)",
   ),
+  "mask_light": Lever(
+    "configs/supervised.py",
+    ("train.mask_loss.weight=0.3",),
+    "+ lesion-mask auxiliary loss at weight 0.3",
+  ),
   "lesion_crop": Lever(
     "configs/supervised.py",
     ("input.augment.lesion_crop.probability=0.5",),
@@ -84,7 +89,12 @@ BASELINE = ("baseline", "plain")
 _BUSI = flags.DEFINE_string("busi_root", None, "Dataset_BUSI_with_GT folder.")
 _SPLIT = flags.DEFINE_string("split_file", None, "busi_breastmnist_split.tsv.")
 _BUSBRA = flags.DEFINE_string("busbra_root", None, "BUS-BRA folder (Images/, bus_data.csv).")
-_LEVERS = flags.DEFINE_list("levers", ["baseline", "mask", "lesion_crop"], f"Of {list(LEVERS)}.")
+_LEVERS = flags.DEFINE_list(
+  "levers",
+  ["baseline", "mask", "lesion_crop"],
+  f"Of {list(LEVERS)}; NAME@S+S+S gives that lever its own seeds (a final configuration's fresh "
+  "seeds, e.g. generalise@10+11+12).",
+)
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (>= 3 for a row).")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Evaluation variants, of {VARIANTS}.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/external", "Runs go in WORKDIR/LEVER/seedS.")
@@ -150,11 +160,22 @@ def train(config, run_dir: str) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+_DECODED: dict = {}  # Decoded, resized images by (collection, ids, size, unmarked): every run
+# and variant evaluates the same images, and decoding BUS-BRA's full-size PNGs is the slow part.
+
+
 def _images(
   collection: records.Collection, ids: np.ndarray, image_size: int, unmarked: bool = False
 ) -> np.ndarray:
   """uint8 (N, S, S, 1) of the records `ids`, in that order, as the protocol evaluated them
   (resize_pad of the decoded file); with `unmarked`, calipers and text suppressed first."""
+  key = (collection.name, tuple(ids), image_size, unmarked)
+  if key not in _DECODED:
+    _DECODED[key] = _decode(collection, ids, image_size, unmarked)
+  return _DECODED[key]
+
+
+def _decode(collection, ids, image_size, unmarked) -> np.ndarray:
   by_id = {r.id: r for r in collection.records}
   out = np.zeros((len(ids), image_size, image_size, 1), np.uint8)
   for row, i in enumerate(ids):
@@ -326,12 +347,30 @@ def view_ratios(collection: records.Collection) -> dict[str, float]:
   return out
 
 
+def parse_levers(specs: list[str], seeds: list[int]) -> dict[str, list[int]]:
+  """`NAME` or `NAME@S+S+S` -> {name: seeds}; unknown names are an error."""
+  out = {}
+  for spec in specs:
+    name, _, own = spec.partition("@")
+    if name not in LEVERS:
+      raise ValueError(f"unknown lever {name!r}; known: {sorted(LEVERS)}")
+    out[name] = [int(s) for s in own.split("+")] if own else list(seeds)
+  return out
+
+
 def table_rows(
-  levers, variants, seeds, workdir, collections, birads_by_id, bootstrap, view_by_id=None
+  levers: dict[str, list[int]],
+  variants,
+  workdir,
+  collections,
+  birads_by_id,
+  bootstrap,
+  view_by_id=None,
 ) -> list:
-  """One dict per (lever, variant) with finished runs, gains against the baseline included."""
+  """One dict per (lever, variant) with finished runs, gains against the baseline included
+  (seeds pair up in the order given: the k-th of a lever with the baseline's k-th)."""
   predictions = {}
-  for lever in levers:
+  for lever, seeds in levers.items():
     runs = [os.path.join(workdir, lever, f"seed{s}") for s in seeds]
     runs = [r for r in runs if os.path.exists(os.path.join(r, "summary.json"))]
     for variant in variants:
@@ -436,12 +475,14 @@ def main(argv):
     return
   if not (_BUSI.value and _SPLIT.value and _BUSBRA.value):
     raise app.UsageError("--busi_root, --split_file and --busbra_root are required")
-  unknown = (set(_LEVERS.value) - set(LEVERS)) | (set(_VARIANTS.value) - set(VARIANTS))
-  if unknown:
-    raise app.UsageError(f"unknown levers/variants {sorted(unknown)}")
+  if set(_VARIANTS.value) - set(VARIANTS):
+    raise app.UsageError(f"unknown variants {sorted(set(_VARIANTS.value) - set(VARIANTS))}")
+  try:
+    levers = parse_levers(_LEVERS.value, [int(s) for s in _SEEDS.value])
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   common.start(_WORKDIR.value, None)  # Quiet logs, a compilation cache shared by the runs.
   logging.set_verbosity(logging.WARNING)
-  seeds = [int(s) for s in _SEEDS.value]
   result = {"benchmark": "external", "machine": common.machine(), "runs": [], "rows": []}
   if _OUTPUT.value and os.path.exists(_OUTPUT.value):
     with open(_OUTPUT.value) as f:
@@ -453,7 +494,7 @@ def main(argv):
     "external": f"BUS-BRA-dev ({_BUSBRA.value}): labels used for nothing but these figures",
   }
   config0 = None
-  for lever in _LEVERS.value:
+  for lever, seeds in levers.items():
     for seed in seeds:
       config = load_config(LEVERS[lever], seed, _BUSI.value, _SPLIT.value, _BUSBRA.value)
       config0 = config0 or config
@@ -471,9 +512,8 @@ def main(argv):
   if any(v is None for v in birads.values()):
     birads = None
   result["rows"] = table_rows(
-    _LEVERS.value,
+    levers,
     _VARIANTS.value,
-    seeds,
     _WORKDIR.value,
     collections,
     birads,

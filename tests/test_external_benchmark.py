@@ -98,3 +98,12 @@ def test_a_stored_run_matches_unless_a_field_it_recorded_changed():
   stored = {"seed": 0, "train": {"epochs": 40}}
   assert external._differences(stored, {"seed": 0, "train": {"epochs": 40, "new_option": 0}}) == []
   assert external._differences(stored, {"seed": 1, "train": {"epochs": 40}}) == ["seed=0 -> 1"]
+
+
+def test_levers_take_their_own_seeds():
+  assert external.parse_levers(["baseline", "mask@10+11"], [0, 1, 2]) == {
+    "baseline": [0, 1, 2],
+    "mask": [10, 11],
+  }
+  with pytest.raises(ValueError, match="unknown lever"):
+    external.parse_levers(["nope"], [0])
