@@ -80,6 +80,7 @@ LEVERS = {
     ("input.augment.policy='trivial'",),
     "generic TrivialAugment intensity policy instead of the ultrasound one",
   ),
+  "generalise": Lever("configs/generalise.py", (), "configs/generalise.py: mask loss + flip TTA"),
   "res224": Lever("configs/supervised.py", ("data.image_size=224",), "224 px instead of 128"),
 }
 VARIANTS = ("plain", "tta", "adabn", "tta+adabn", "unmarked")
