@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 import json
 import os
 import time
@@ -112,10 +111,7 @@ _RENDER = flags.DEFINE_string("render", None, "Only print the table of this --ou
 def load_config(lever: Lever, seed: int, busi_root, split_file, busbra_root):
   """The lever's config under the BUSI -> BUS-BRA protocol, with data paths and seed."""
   path, _, arg = lever.config.partition(":")
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(",".join(a for a in (arg, "busi", "busbra") if a))
+  config = configlib.load_file(path, ",".join(a for a in (arg, "busi", "busbra") if a))
   config.data.root, config.data.split_file = busi_root, split_file
   config.external.busbra.root = busbra_root
   config.seed = seed
@@ -341,10 +337,9 @@ def view_ratios(collection: records.Collection) -> dict[str, float]:
   out = {}
   for r in collection.records:
     mask = records.load_mask(r)
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if rows.size:
-      lesion = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
-      out[r.id] = max(mask.shape) / lesion
+    box = augment.lesion_box(mask)
+    if box is not None:
+      out[r.id] = max(mask.shape) / max(box[2] - box[0], box[3] - box[1])
   return out
 
 

@@ -332,7 +332,7 @@ def _merge_with_defaults(config) -> dict:
   return merged
 
 
-def _box(mask: np.ndarray | None) -> tuple[float, float, float, float] | None:
+def lesion_box(mask: np.ndarray | None) -> tuple[float, float, float, float] | None:
   """The lesion's bounding box (x0, y0, x1, y1) in pixel edges; None without a lesion."""
   if mask is None:
     return None
@@ -395,18 +395,16 @@ class Augmenter:
     y0 = rng.uniform(lo_y, max(lo_y, min(by0, height - crop_h)))
     return crop_w, crop_h, x0, y0
 
-  def _geometry(
-    self, width: int, height: int, rng: np.random.Generator, lesion_box=None
-  ) -> np.ndarray:
+  def _geometry(self, width: int, height: int, rng: np.random.Generator, box=None) -> np.ndarray:
     """Samples the input->output affine for one image (identity crop = resize_pad).
 
-    `lesion_box` (x0, y0, x1, y1): the lesion's bounding box, for `lesion_crop`.
+    `box` (x0, y0, x1, y1): the lesion's bounding box, for `lesion_crop`.
     """
     c, size = self.config, self.image_size
     # Crop box in input coordinates.
     crop_w, crop_h, x0, y0 = float(width), float(height), 0.0, 0.0
-    if lesion_box is not None and rng.random() < c["lesion_crop"]["probability"]:
-      crop_w, crop_h, x0, y0 = self._lesion_crop(width, height, lesion_box, rng)
+    if box is not None and rng.random() < c["lesion_crop"]["probability"]:
+      crop_w, crop_h, x0, y0 = self._lesion_crop(width, height, box, rng)
     elif rng.random() < c["crop"]["probability"]:
       area = rng.uniform(*c["crop"]["scale"])
       aspect = _log_uniform(rng, c["crop"]["aspect"])
@@ -516,7 +514,7 @@ class Augmenter:
       if mask is not None:
         mask = np.asarray(Image.fromarray(mask).resize(image.shape[::-1], Image.Resampling.NEAREST))
       height, width = image.shape
-    forward = self._geometry(width, height, rng, _box(mask) if self._lesion_crops else None)
+    forward = self._geometry(width, height, rng, lesion_box(mask) if self._lesion_crops else None)
     warped = _warp(image, forward, size, False, self.backend)
     warped_mask = None if mask is None else np.array(_warp(mask, forward, size, True, self.backend))
     c = self.config
