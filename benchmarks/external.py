@@ -46,11 +46,23 @@ from busjax.evaluators import metrics, readers
 
 
 @dataclasses.dataclass(frozen=True)
+class Pretraining:
+  """A run whose weights start every seed of a lever (trained once, seed 0, in LEVER/pretrain)."""
+
+  config: str  # A config file with its arguments, as given: no protocol argument is added.
+  overrides: tuple[str, ...]
+  encoder: bool  # A contrastive run: its encoder is loaded (config.init_from_encoder), not a head.
+
+
+@dataclasses.dataclass(frozen=True)
 class Lever:
   config: str  # A config file with its arguments (the protocol's are added).
   overrides: tuple[str, ...]  # `a.b=value` on top of it.
   what: str
+  pretrain: Pretraining | None = None
 
+
+SSL_STEPS = 500  # Contrastive steps of 64 pairs: ~59 epochs of BUSI's 546 non-test images.
 
 LEVERS = {
   "baseline": Lever("configs/supervised.py", (), "README's supervised ResNet-18 (w 0.5), 128 px"),
@@ -81,6 +93,36 @@ LEVERS = {
   ),
   "generalise": Lever("configs/generalise.py", (), "configs/generalise.py: mask loss + flip TTA"),
   "res224": Lever("configs/supervised.py", ("data.image_size=224",), "224 px instead of 128"),
+  "ssl": Lever(
+    "configs/supervised.py",
+    (),
+    "init: SimCLR pretraining (ultrasound views) on BUSI's non-test images, labels ignored",
+    Pretraining(
+      "configs/ssl_pretrain.py:busi,backbone=plain",
+      ("data.image_size=128", f"ssl.steps={SSL_STEPS}"),
+      encoder=True,
+    ),
+  ),
+  "ssl_busbra": Lever(
+    "configs/supervised.py",
+    (),
+    "init: SimCLR pretraining on BUSI's non-test + BUS-BRA's images (sees the target, unlabelled)",
+    Pretraining(
+      "configs/ssl_pretrain.py:busi,backbone=plain,unlabelled_busbra",
+      ("data.image_size=128", f"ssl.steps={SSL_STEPS}"),
+      encoder=True,
+    ),
+  ),
+  "phantom": Lever(
+    "configs/supervised.py",
+    (),
+    "init: supervised pretraining on 1,941 synthetic phantoms (benign vs malignant, 12 epochs)",
+    Pretraining(
+      "configs/supervised.py",
+      ("data.image_size=128", "data.phantom.counts=(1311, 630, 399)", "train.epochs=12"),
+      encoder=False,
+    ),
+  ),
 }
 VARIANTS = ("plain", "tta", "adabn", "tta+adabn", "unmarked")
 TARGET_SENSITIVITY = 0.93
@@ -108,8 +150,11 @@ _RENDER = flags.DEFINE_string("render", None, "Only print the table of this --ou
 # ----------------------------------------------------------------------------------------------
 
 
-def load_config(lever: Lever, seed: int, busi_root, split_file, busbra_root):
-  """The lever's config under the BUSI -> BUS-BRA protocol, with data paths and seed."""
+def load_config(
+  lever: Lever, seed: int, busi_root, split_file, busbra_root, pretrained: str | None = None
+):
+  """The lever's config under the BUSI -> BUS-BRA protocol, with data paths and seed; starting
+  from the `pretrained` run's weights when the lever has a pretraining."""
   path, _, arg = lever.config.partition(":")
   config = configlib.load_file(path, ",".join(a for a in (arg, "busi", "busbra") if a))
   config.data.root, config.data.split_file = busi_root, split_file
@@ -117,6 +162,27 @@ def load_config(lever: Lever, seed: int, busi_root, split_file, busbra_root):
   config.seed = seed
   common.apply_overrides(config, lever.overrides)
   config.external.busbra.image_size = config.data.image_size
+  if lever.pretrain is not None:
+    config.init_from = pretrained
+    config.init_from_encoder = lever.pretrain.encoder
+  configlib.validate(config)
+  return config
+
+
+def load_pretrain_config(pretrain: Pretraining, busi_root, split_file, busbra_root):
+  """The pretraining's config with the data paths its arguments ask for (BUSI's split when it
+  trains on BUSI: the in-domain test images stay unseen; BUS-BRA when it is an extra source)."""
+  path, _, arg = pretrain.config.partition(":")
+  config = configlib.load_file(path, arg or None)
+  common.apply_overrides(config, pretrain.overrides)
+  if "busi" in configlib.parse_arg(arg):
+    config.data.root, config.data.split_file = busi_root, split_file
+  extra = config.get("ssl", {}).get("extra_sources", {})
+  for name in ("busbra",):
+    for section in (config.external, extra):
+      if name in section:
+        section[name].root = busbra_root
+        section[name].image_size = config.data.image_size
   configlib.validate(config)
   return config
 
@@ -490,9 +556,19 @@ def main(argv):
     "external": f"BUS-BRA-dev ({_BUSBRA.value}): labels used for nothing but these figures",
   }
   config0 = None
+  data = (_BUSI.value, _SPLIT.value, _BUSBRA.value)
   for lever, seeds in levers.items():
+    pretrained = None
+    if LEVERS[lever].pretrain is not None:
+      pretrained = os.path.join(_WORKDIR.value, lever, "pretrain")
+      seconds = train(load_pretrain_config(LEVERS[lever].pretrain, *data), pretrained)
+      if (lever, "pretrain") not in runs or seconds:
+        runs[lever, "pretrain"] = {"lever": lever, "seed": "pretrain", "run_dir": pretrained,
+                                   "train_and_report_seconds": round(seconds, 1)}  # fmt: skip
+        result["runs"] = list(runs.values())
+        common.write_json_atomic(_OUTPUT.value, result)
     for seed in seeds:
-      config = load_config(LEVERS[lever], seed, _BUSI.value, _SPLIT.value, _BUSBRA.value)
+      config = load_config(LEVERS[lever], seed, *data, pretrained)
       config0 = config0 or config
       run_dir = os.path.join(_WORKDIR.value, lever, f"seed{seed}")
       seconds = train(config, run_dir)

@@ -74,10 +74,28 @@ def test_row_metrics_ensemble_operating_points_and_threshold_landing():
 def test_levers_load_as_valid_configs(tmp_path):
   busi, busbra, split = tmp_path / "busi", tmp_path / "busbra", tmp_path / "split.tsv"
   busi.mkdir(), busbra.mkdir(), split.write_text("")
+  pretrained = tmp_path / "pretrain"
+  pretrained.mkdir()
+  data = (str(busi), str(split), str(busbra))
   for name, lever in external.LEVERS.items():
-    config = external.load_config(lever, 1, str(busi), str(split), str(busbra))
+    config = external.load_config(lever, 1, *data, str(pretrained))
     assert config.seed == 1 and config.external.busbra.root == str(busbra), name
     assert config.external.busbra.image_size == config.data.image_size
+    if lever.pretrain is None:
+      assert not config.init_from and not config.init_from_encoder, name
+      continue
+    assert config.init_from == str(pretrained), name
+    assert config.init_from_encoder == lever.pretrain.encoder, name
+    pre = external.load_pretrain_config(lever.pretrain, *data)
+    # The pretraining's classifier (or encoder) is the fine-tuned model, at the same size.
+    assert pre.data.image_size == config.data.image_size, name
+    assert (pre.model.name, pre.model.variant, pre.model.width) == (
+      config.model.name, config.model.variant, config.model.width
+    ), name  # fmt: skip
+    if pre.trainer == "contrastive":  # On BUSI's split: its in-domain test images stay unseen.
+      assert pre.data.root == str(busi) and pre.data.split_file == str(split), name
+    if "busbra" in pre.get("ssl", {}).get("extra_sources", {}):
+      assert pre.ssl.extra_sources.busbra.root == str(busbra), name
 
 
 def test_shortcut_counts_calls_that_change_when_marks_are_removed():
