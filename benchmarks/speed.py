@@ -98,7 +98,7 @@ def _busjax_step(model_name: str, batch: int, dtype: str = "float32"):
   defs, state = supervised.create_train_state(model, tx, use_ema=False)
   mesh = sharding.make_mesh({"data": 1}) if jax.device_count() == 1 else sharding.make_mesh(None)
   step = sharding.jit_train_step(
-    supervised.make_train_step(defs, tx, config, np.ones(2, np.float32)), mesh, state
+    supervised.make_train_step(defs, tx, config), mesh, state, constants=(np.ones(2, np.float32),)
   )
   apply = jax.jit(supervised.make_apply(defs, config))
   return step, state, apply, mesh, model_common.count_params(model)

@@ -99,21 +99,36 @@ def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, replicated(mesh))
 
 
-def jit_train_step(step_fn, mesh: Mesh, state, *, donate: bool = True):
-  """The one place a step is jitted: `step_fn(state, batch, rng) -> (state, metrics)`.
+def jit_train_step(step_fn, mesh: Mesh, state, *, constants=(), donate: bool = True):
+  """The one place a step is jitted: `step_fn(state, batch, rng, *constants) -> (state, metrics)`.
 
   State and rng are replicated, every entry of the batch dict (any keys: one image, two
   modalities, masks) is split over the "data" axis along its first dimension, metrics come back
   replicated. The state is donated, so the caller must use the returned one.
+
+  `constants` (arrays, e.g. a fold's class weights) are replicated arguments bound here: the
+  returned function takes `(state, batch, rng)`. Passed as arguments rather than closed over, they
+  stay out of the compiled program, so runs that differ only in them (the folds of a
+  cross-validation) share one compilation through the persistent cache.
   """
   replicated_sharding = replicated(mesh)
   state_shardings = jax.tree.map(lambda _: replicated_sharding, state)
-  return jax.jit(
+  constants = tuple(jax.device_put(np.asarray(c), replicated_sharding) for c in constants)
+  jitted = jax.jit(
     step_fn,
-    in_shardings=(state_shardings, data_sharding(mesh), replicated_sharding),
+    in_shardings=(state_shardings, data_sharding(mesh), replicated_sharding)
+    + (replicated_sharding,) * len(constants),
     out_shardings=(state_shardings, replicated_sharding),
     donate_argnums=0 if donate else (),
   )
+  if not constants:
+    return jitted
+
+  def step(state, batch, rng):
+    return jitted(state, batch, rng, *constants)
+
+  step.lower = lambda state, batch, rng: jitted.lower(state, batch, rng, *constants)
+  return step
 
 
 def jit_predict(apply_fn, mesh: Mesh):

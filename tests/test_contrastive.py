@@ -1,5 +1,6 @@
 """Tests of contrastive pretraining (busjax.trainers.contrastive) and SSL fine-tuning."""
 
+import functools
 import json
 import os
 
@@ -188,7 +189,9 @@ def test_linear_probe_moves_only_the_head():
   model = supervised.create_model(config.model, 2, 0)
   tx = supervised.head_only(supervised.create_optimizer(config.optim, 10))
   defs, state = supervised.create_train_state(model, tx, use_ema=False)
-  step = jax.jit(supervised.make_train_step(defs, tx, config, np.ones(2, np.float32)))
+  step = functools.partial(
+    jax.jit(supervised.make_train_step(defs, tx, config)), weights=np.ones(2, np.float32)
+  )
   rng = np.random.default_rng(0)
   batch = {
     "image": rng.integers(0, 255, (4, 64, 64, 1), dtype=np.uint8),

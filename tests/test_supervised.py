@@ -77,7 +77,7 @@ def _one_step(config, n_devices, batch):
   tx = supervised.create_optimizer(config.optim, 10)
   defs, state = supervised.create_train_state(model, tx, use_ema=False)
   step = sharding.jit_train_step(
-    supervised.make_train_step(defs, tx, config, np.ones(2, np.float32)), mesh, state
+    supervised.make_train_step(defs, tx, config), mesh, state, constants=(np.ones(2, np.float32),)
   )
   state = sharding.replicate(state, mesh)
   before = {k: np.asarray(v) for k, v in state_utils.flatten_state(state["params"]).items()}
@@ -89,6 +89,34 @@ def _one_step(config, n_devices, batch):
 
 
 @pytest.mark.slow
+def test_class_weights_are_an_argument_so_folds_share_one_compiled_step():
+  config = _smoke_config()
+  config.optim.warmup_steps = 0
+  mesh = _mesh(1)
+  model = supervised.create_model(config.model, 2, config.seed)
+  tx = supervised.create_optimizer(config.optim, 10)
+  defs, state = supervised.create_train_state(model, tx, use_ema=False)
+  state = sharding.replicate(state, mesh)
+  rng = np.random.default_rng(0)
+  batch = sharding.host_to_global(
+    {
+      "image": rng.integers(0, 255, (8, 32, 32, 1), dtype=np.uint8),
+      "label": np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int32),
+    },
+    mesh,
+  )
+  steps = [
+    sharding.jit_train_step(
+      supervised.make_train_step(defs, tx, config), mesh, state, constants=(w,), donate=False
+    )
+    for w in (np.array([0.6, 2.0], np.float32), np.array([1.0, 1.0], np.float32))
+  ]
+  texts = [step.lower(state, batch, jax.random.key(0)).as_text() for step in steps]
+  assert texts[0] == texts[1]  # One program: the persistent cache compiles it once.
+  losses = [float(step(state, batch, jax.random.key(0))[1]["loss"]) for step in steps]
+  assert abs(losses[0] - losses[1]) > 1e-4  # Yet each step uses its own weights.
+
+
 def test_same_step_on_one_and_four_devices():
   config = _smoke_config()
   config.optim.warmup_steps = 0  # Warm-up starts at lr 0: the first step would not move.

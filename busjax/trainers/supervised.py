@@ -295,10 +295,13 @@ def make_train_step(
   defs: ModelDefs,
   tx,
   config: ml_collections.ConfigDict,
-  loss_weights: np.ndarray,
   aux_tx: optax.GradientTransformation | None = None,
 ):
-  """The pure step `(state, batch, rng) -> (state, metrics)`; `sharding.jit_train_step` jits it.
+  """The pure step `(state, batch, rng, loss_weights) -> (state, metrics)`.
+
+  `sharding.jit_train_step(step, mesh, state, constants=(loss_weights,))` jits it: the per-class
+  loss weights (`class_weights`) are an argument, not a constant of the program, so every fold
+  of a cross-validation runs the same compiled step.
 
   With ``train.trainable="head"`` the model runs in evaluation mode (frozen BatchNorm
   statistics, no dropout) and `tx` must be `head_only`: a linear probe. With a mask loss
@@ -309,9 +312,8 @@ def make_train_step(
   label_smoothing = float(config.train.get("label_smoothing", 0.0))
   ema_decay = float(config.train.get("ema_decay", 0.0))
   mask_weight, mask_level = mask_loss_settings(config)
-  weights = jnp.asarray(loss_weights)
 
-  def train_step(state, batch, rng):
+  def train_step(state, batch, rng, weights):
     # Dropout draws from the model's own RNG streams (in state["rest"]); reseed them from the
     # step's rng so that resumed runs and any device count see identical randomness.
     rest = state_utils.reseed_rng_streams(state["rest"], rng)
@@ -537,7 +539,7 @@ def train_split(
   del model
   weights = class_weights(train_set.labels, num_classes, config.train.get("class_weights"))
   train_step = sharding.jit_train_step(
-    make_train_step(defs, tx, config, weights, aux_tx), mesh, state
+    make_train_step(defs, tx, config, aux_tx), mesh, state, constants=(weights,)
   )
   predict = sharding.jit_predict(make_apply(defs, config), mesh)
   embed = sharding.jit_predict(make_apply(defs, config, features=True), mesh)
