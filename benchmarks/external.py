@@ -62,7 +62,7 @@ class Lever:
   pretrain: Pretraining | None = None
 
 
-SSL_STEPS = 500  # Contrastive steps of 64 pairs: ~59 epochs of BUSI's 546 non-test images.
+SSL_STEPS = 500  # Steps of 64 pairs: ~70 epochs of BUSI's 453 non-test benign/malignant images.
 
 LEVERS = {
   "baseline": Lever("configs/supervised.py", (), "README's supervised ResNet-18 (w 0.5), 128 px"),
