@@ -177,12 +177,9 @@ def load_pretrain_config(pretrain: Pretraining, busi_root, split_file, busbra_ro
   common.apply_overrides(config, pretrain.overrides)
   if "busi" in configlib.parse_arg(arg):
     config.data.root, config.data.split_file = busi_root, split_file
-  extra = config.get("ssl", {}).get("extra_sources", {})
-  for name in ("busbra",):
-    for section in (config.external, extra):
-      if name in section:
-        section[name].root = busbra_root
-        section[name].image_size = config.data.image_size
+  for section in (config.external, config.get("ssl", {}).get("extra_sources", {})):
+    if "busbra" in section:
+      section.busbra.root, section.busbra.image_size = busbra_root, config.data.image_size
   configlib.validate(config)
   return config
 
@@ -555,28 +552,27 @@ def main(argv):
     "on a grouped 15% of its train part; its val part is the in-domain test",
     "external": f"BUS-BRA-dev ({_BUSBRA.value}): labels used for nothing but these figures",
   }
+
+  def run(config, lever, seed, run_dir):
+    """Trains (or finds) one run and records it; the JSON is rewritten after each new one."""
+    seconds = train(config, run_dir)
+    if (lever, seed) not in runs or seconds:
+      runs[lever, seed] = {"lever": lever, "seed": seed, "run_dir": run_dir,
+                           "train_and_report_seconds": round(seconds, 1)}  # fmt: skip
+      result["runs"] = list(runs.values())
+      common.write_json_atomic(_OUTPUT.value, result)
+
   config0 = None
   data = (_BUSI.value, _SPLIT.value, _BUSBRA.value)
   for lever, seeds in levers.items():
     pretrained = None
     if LEVERS[lever].pretrain is not None:
       pretrained = os.path.join(_WORKDIR.value, lever, "pretrain")
-      seconds = train(load_pretrain_config(LEVERS[lever].pretrain, *data), pretrained)
-      if (lever, "pretrain") not in runs or seconds:
-        runs[lever, "pretrain"] = {"lever": lever, "seed": "pretrain", "run_dir": pretrained,
-                                   "train_and_report_seconds": round(seconds, 1)}  # fmt: skip
-        result["runs"] = list(runs.values())
-        common.write_json_atomic(_OUTPUT.value, result)
+      run(load_pretrain_config(LEVERS[lever].pretrain, *data), lever, "pretrain", pretrained)
     for seed in seeds:
       config = load_config(LEVERS[lever], seed, *data, pretrained)
       config0 = config0 or config
-      run_dir = os.path.join(_WORKDIR.value, lever, f"seed{seed}")
-      seconds = train(config, run_dir)
-      if (lever, seed) not in runs or seconds:
-        runs[lever, seed] = {"lever": lever, "seed": seed, "run_dir": run_dir,
-                             "train_and_report_seconds": round(seconds, 1)}  # fmt: skip
-        result["runs"] = list(runs.values())
-        common.write_json_atomic(_OUTPUT.value, result)
+      run(config, lever, seed, os.path.join(_WORKDIR.value, lever, f"seed{seed}"))
   busi = sources.from_config(config0.data)
   busbra = sources.from_config(config0.external.busbra)
   collections = {"val": busi, "test": busi, "busbra": busbra}

@@ -117,6 +117,7 @@ def test_class_weights_are_an_argument_so_folds_share_one_compiled_step():
   assert abs(losses[0] - losses[1]) > 1e-4  # Yet each step uses its own weights.
 
 
+@pytest.mark.slow
 def test_same_step_on_one_and_four_devices():
   config = _smoke_config()
   config.optim.warmup_steps = 0  # Warm-up starts at lr 0: the first step would not move.
