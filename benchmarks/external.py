@@ -18,7 +18,11 @@ For every (lever, variant) row, from the runs' stored predictions:
     radiologist's sensitivity and at sensitivity 0.93 (the issue's target), sensitivity at the
     radiologist's specificity, AUC per scanner;
   * where a threshold chosen on BUSI lands on BUS-BRA: Youden's on BUSI val, and the one meant for
-    sensitivity 0.93 on BUSI val (the target: it lands within 0.05 of 0.93).
+    sensitivity 0.93 on BUSI val (the target: it lands within 0.05 of 0.93);
+  * the ensemble's gain over the baseline's ensemble, paired as above.
+The "folds" lever is a fold ensemble: member k selects its checkpoint on grouped fold k of five of
+BUSI's train part (`split.val_fold`) and trains on the other four; its BUSI threshold is chosen on
+the members' pooled out-of-fold val predictions.
 Prints a ranked markdown table; JSON (``--output``) is rewritten after every run, and a re-run of
 the same command skips finished runs (it also resumes a killed one from its last checkpoint).
 
@@ -60,6 +64,8 @@ class Lever:
   overrides: tuple[str, ...]  # `a.b=value` on top of it.
   what: str
   pretrain: Pretraining | None = None
+  # `a.b=value` set per member, "{seed}" replaced by the member's seed (a fold ensemble's folds).
+  per_seed: tuple[str, ...] = ()
 
 
 SSL_STEPS = 500  # Steps of 64 pairs: ~70 epochs of BUSI's 453 non-test benign/malignant images.
@@ -92,6 +98,13 @@ LEVERS = {
     "generic TrivialAugment intensity policy instead of the ultrasound one",
   ),
   "generalise": Lever("configs/generalise.py", (), "configs/generalise.py: mask loss + flip TTA"),
+  "folds": Lever(
+    "configs/supervised.py",
+    ("split.val_fraction=0.2",),
+    "5-fold ensemble: member k selects its checkpoint on grouped fold k of BUSI's train part "
+    "and trains on the other four (run with folds@0+1+2+3+4)",
+    per_seed=("split.val_fold={seed}",),
+  ),
   "res224": Lever("configs/supervised.py", ("data.image_size=224",), "224 px instead of 128"),
   "ssl": Lever(
     "configs/supervised.py",
@@ -161,6 +174,7 @@ def load_config(
   config.external.busbra.root = busbra_root
   config.seed = seed
   common.apply_overrides(config, lever.overrides)
+  common.apply_overrides(config, [o.format(seed=seed) for o in lever.per_seed])
   config.external.busbra.image_size = config.data.image_size
   if lever.pretrain is not None:
     config.init_from = pretrained
@@ -292,6 +306,20 @@ def _ensemble(per_seed: list[dict]) -> dict:
   return dict(first, p_malignant=np.mean([p["p_malignant"] for p in per_seed], axis=0))
 
 
+def _pooled_val(per_seed: list[dict]) -> dict:
+  """The predictions a BUSI threshold is chosen on: the seeds' mean where they share the val
+  images; a fold ensemble's members each hold out their own fold, so their out-of-fold
+  predictions are pooled (every train image once, scored by the member that did not train on it)."""
+  ids = [p["ids"] for p in per_seed]
+  if all(np.array_equal(ids[0], i) for i in ids[1:]):
+    return _ensemble(per_seed)
+  every = np.concatenate(ids)
+  if len(np.unique(every)) != len(every):
+    raise ValueError("members' val parts overlap without being equal: no threshold set to pool")
+  keys = ("ids", "y_malignant", "p_malignant")
+  return {k: np.concatenate([p[k] for p in per_seed]) for k in keys}
+
+
 def paired_gain(lever: list[dict], base: list[dict], bootstrap: int) -> dict:
   """mean_s AUC(lever_s) - mean_s AUC(base_s) on the same images, with a clustered bootstrap CI
   (each resample draws clusters once, for every column)."""
@@ -331,7 +359,7 @@ def row_metrics(per_seed: dict[str, list[dict]], birads, bootstrap: int, view=No
     out[f"{split}_auc_per_seed"] = aucs
     out[f"{split}_auc_mean"] = float(np.mean(aucs))
     out[f"{split}_auc_sd"] = float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0
-  ens = {s: _ensemble(per_seed[s]) for s in per_seed}
+  ens = {s: _ensemble(per_seed[s]) for s in ("test", "busbra")}
   y, p, clusters = (ens["busbra"][k] for k in ("y_malignant", "p_malignant", "clusters"))
   ci = metrics.bootstrap_ci(metrics.roc_auc, y, p, clusters=clusters, n=bootstrap)
   out["ensemble"] = {"busbra_auc": metrics.roc_auc(y, p), "busbra_auc_ci": _ci(ci)}
@@ -367,7 +395,7 @@ def row_metrics(per_seed: dict[str, list[dict]], birads, bootstrap: int, view=No
       }
       for t, name in enumerate(("tight", "medium", "wide"))
     }
-  val = ens["val"]
+  val = _pooled_val(per_seed["val"])
   youden = float(metrics.youden_threshold(val["y_malignant"], val["p_malignant"]))
   _, _, for_target = metrics.specificity_at_sensitivity_point(
     val["y_malignant"], val["p_malignant"], TARGET_SENSITIVITY
@@ -381,7 +409,7 @@ def shortcut(unmarked: dict[str, list[dict]], plain: dict[str, list[dict]]) -> d
   """How much the seed ensemble's answers move when calipers and text are removed: the share of
   calls (at the BUSI-val Youden threshold of the plain ensemble) that change, the mean absolute
   change of p(malignant) and the AUC change, on BUSI test and BUS-BRA."""
-  val = _ensemble(plain["val"])
+  val = _pooled_val(plain["val"])
   threshold = float(metrics.youden_threshold(val["y_malignant"], val["p_malignant"]))
   out = {"threshold": threshold}
   for split in ("test", "busbra"):
@@ -454,6 +482,10 @@ def table_rows(
       for split in ("busbra", "test"):
         lever_preds = [p[split] for p in per_run[:n]]
         row[f"{split}_gain"] = paired_gain(lever_preds, [p[split] for p in base[:n]], bootstrap)
+      # Ensemble against ensemble, every member of each (a fold ensemble may have more).
+      row["ensemble_gain"] = paired_gain(
+        [_ensemble(per_seed["busbra"])], [_ensemble([p["busbra"] for p in base])], bootstrap
+      )
     rows.append(row)
   rows.sort(key=lambda r: -r.get("busbra_gain", {"gain": 0.0})["gain"])
   return rows
@@ -479,11 +511,12 @@ def markdown(rows: list[dict]) -> str:
   lines = [
     "| lever | eval | seeds | BUSI test AUC (mean ± sd) | Δ in-domain [paired 95% CI] | "
     "BUS-BRA AUC (mean ± sd) | Δ BUS-BRA [paired 95% CI] | ensemble BUS-BRA AUC [95% CI] | "
+    "Δ ensemble [paired 95% CI] | "
     f"spec @ sens {TARGET_SENSITIVITY} | spec @ reader sens | sens @ reader spec | "
     f"BUSI threshold for sens {TARGET_SENSITIVITY} → BUS-BRA sens / spec | "
     "BUSI Youden threshold → BUS-BRA sens / spec | AUC per scanner | AUC by view (tight / "
     "medium / wide) |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   reader = None
   for r in rows:
@@ -499,7 +532,8 @@ def markdown(rows: list[dict]) -> str:
       f"| {r['lever']} | {r['variant']} | {r['seeds']} | "
       f"{_f(r['test_auc_mean'])} ± {_f(r['test_auc_sd'])} | {_gain(r.get('test_gain'))} | "
       f"{_f(r['busbra_auc_mean'])} ± {_f(r['busbra_auc_sd'])} | {_gain(r.get('busbra_gain'))} | "
-      f"{_f(e['busbra_auc'])} [{_f(ci[0])}, {_f(ci[1])}] | {_f(e['spec_at_sens_target'])} | "
+      f"{_f(e['busbra_auc'])} [{_f(ci[0])}, {_f(ci[1])}] | {_gain(r.get('ensemble_gain'))} | "
+      f"{_f(e['spec_at_sens_target'])} | "
       f"{_f(e.get('spec_at_reader_sens'))} | {_f(e.get('sens_at_reader_spec'))} | "
       f"{_f(target['sensitivity'])} / {_f(target['specificity'])} | "
       f"{_f(youden['sensitivity'])} / {_f(youden['specificity'])} | {devices} | {views} |"

@@ -13,7 +13,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from busjax.data import augment
+from busjax.data import augment, splits
 
 SOURCES = (
   "phantom",
@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
       k=5,
       fold=0,
       val_fraction=0.15,
+      # Which of the round(1 / val_fraction) grouped parts is val (a fold ensemble's members take
+      # 0, 1, ... with val_fraction 1/k; 0 is the usual single model).
+      val_fold=0,
       near_duplicates=True,
       val_from_train=False,
       cross_validate=False,
@@ -341,6 +344,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     0.0 <= c.split.get("val_fraction", 0.0) < 1.0,
     f"split.val_fraction={c.split.get('val_fraction')!r}: expected a fraction in [0, 1)",
   )
+  if c.split.get("val_fraction", 0.0) > 0:
+    parts = splits.fraction_parts(c.split.val_fraction)
+    _check(
+      isinstance(c.split.get("val_fold", 0), int) and 0 <= c.split.get("val_fold", 0) < parts,
+      f"split.val_fold={c.split.get('val_fold')!r}: expected 0 <= val_fold < {parts} "
+      f"(val_fraction {c.split.val_fraction} cuts {parts} parts)",
+    )
   _check(
     isinstance(c.input.batch_size, int) and c.input.batch_size > 0,
     f"input.batch_size={c.input.batch_size!r}: expected a positive integer",

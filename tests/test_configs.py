@@ -92,6 +92,16 @@ def test_report_resamples_default_smoke_and_bad_values():
       configlib.validate(smoke)
 
 
+def test_val_fold_must_name_one_of_the_parts_val_fraction_cuts():
+  config = get_config("supervised", "smoke")
+  config.split.val_fraction, config.split.val_fold = 0.2, 4
+  configlib.validate(config)
+  for bad in (5, -1):
+    config.split.val_fold = bad
+    with pytest.raises(configlib.ConfigError, match="val_fold.*val_fraction 0.2 cuts 5 parts"):
+      configlib.validate(config)
+
+
 def test_pretrained_fusion_names_each_missing_weight_file(tmp_path):
   config = get_config("fusion", "pretrained")
   assert config.model.in_channels == 3 and config.model.normalization == "imagenet"

@@ -71,6 +71,28 @@ def test_row_metrics_ensemble_operating_points_and_threshold_landing():
   json.dumps(row)  # The JSON the benchmark writes.
 
 
+def test_a_fold_ensemble_pools_its_members_out_of_fold_val_predictions():
+  rng, y, clusters = _data(n=100)
+  members = [
+    {k: v[i::4] for k, v in _preds(y + rng.normal(0, 0.6, len(y)), y, clusters).items()}
+    for i in range(4)
+  ]
+  pooled = external._pooled_val(members)
+  assert sorted(pooled["ids"]) == sorted(f"img{i}" for i in range(100))
+  by_id = dict(zip(pooled["ids"], pooled["p_malignant"], strict=True))
+  assert all(
+    by_id[i] == p for m in members for i, p in zip(m["ids"], m["p_malignant"], strict=True)
+  )
+  # Seeds sharing one val part are averaged, as before.
+  shared = [members[0], dict(members[0], p_malignant=members[0]["p_malignant"] + 1.0)]
+  np.testing.assert_allclose(external._pooled_val(shared)["p_malignant"],
+                             members[0]["p_malignant"] + 0.5)  # fmt: skip
+  stray = np.concatenate([members[0]["ids"][:1], members[1]["ids"][1:]])  # One image in both.
+  overlapping = [members[0], dict(members[1], ids=stray)]
+  with pytest.raises(ValueError, match="overlap"):
+    external._pooled_val(overlapping)
+
+
 def test_levers_load_as_valid_configs(tmp_path):
   busi, busbra, split = tmp_path / "busi", tmp_path / "busbra", tmp_path / "split.tsv"
   busi.mkdir(), busbra.mkdir(), split.write_text("")
@@ -80,6 +102,8 @@ def test_levers_load_as_valid_configs(tmp_path):
   for name, lever in external.LEVERS.items():
     config = external.load_config(lever, 1, *data, str(pretrained))
     assert config.seed == 1 and config.external.busbra.root == str(busbra), name
+    if name == "folds":  # Member 1 validates on fold 1 of 5.
+      assert (config.split.val_fraction, config.split.val_fold) == (0.2, 1)
     assert config.external.busbra.image_size == config.data.image_size
     if lever.pretrain is None:
       assert not config.init_from and not config.init_from_encoder, name

@@ -205,6 +205,25 @@ def test_predefined_val_from_train_reports_val_as_test_and_groups_the_carved_val
     splits.make_splits(with_test, config)
 
 
+def test_val_folds_partition_the_train_part_for_a_fold_ensemble():
+  base = _many(60)
+  meta = [{"split": "train"}] * 48 + [{"split": "val"}] * 12
+  collection = _collection([r.image for r in base.records], base.labels, base.patient_ids, meta)
+  config = {"kind": "predefined", "val_from_train": True, "val_fraction": 0.2}
+  members = [splits.make_splits(collection, dict(config, val_fold=k)) for k in range(5)]
+  vals = [{r.id for r in m["val"].records} for m in members]
+  train_part = {f"img{k}" for k in range(48)}
+  # Five disjoint val parts that cover the train part; each member trains on the rest.
+  assert set().union(*vals) == train_part and sum(map(len, vals)) == 48
+  for m, val in zip(members, vals, strict=True):
+    assert {r.id for r in m["train"].records} == train_part - val
+    assert [r.id for r in m["test"].records] == [f"img{k}" for k in range(48, 60)]
+  # Fold 0 is the single model's val part: the default is unchanged.
+  assert vals[0] == {r.id for r in splits.make_splits(collection, config)["val"].records}
+  with pytest.raises(ValueError, match="val_fold 5 is outside 0..4"):
+    splits.make_splits(collection, dict(config, val_fold=5))
+
+
 def test_make_splits_official_folds_and_holdout():
   base = _many(40)
   meta = [{"fold5": 1 + k % 2} for k in range(40)]

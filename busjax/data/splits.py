@@ -499,14 +499,22 @@ def grouped_stratified_kfold(labels, groups, k: int, seed: int) -> np.ndarray:
   return fold_of_group[group_of]
 
 
-def _split_fraction(labels, groups, fraction: float, seed: int) -> np.ndarray:
-  """Boolean mask of a grouped, stratified ~`fraction` of the records."""
+def fraction_parts(fraction: float) -> int:
+  """How many grouped parts a `fraction` cuts the records into (one of them is the fraction)."""
+  return max(2, round(1.0 / fraction))
+
+
+def _split_fraction(labels, groups, fraction: float, seed: int, part: int = 0) -> np.ndarray:
+  """Boolean mask of a grouped, stratified ~`fraction` of the records: part `part` of the
+  `fraction_parts(fraction)` grouped folds (the parts are disjoint and cover every record)."""
   if fraction <= 0 or len(labels) == 0:
     return np.zeros(len(labels), bool)
-  k = max(2, round(1.0 / fraction))
+  k = fraction_parts(fraction)
+  if not 0 <= part < k:
+    raise ValueError(f"val_fold {part} is outside 0..{k - 1} (val_fraction {fraction})")
   if len(np.unique(groups)) < k:
     raise ValueError(f"{len(np.unique(groups))} groups are too few for a fraction of {fraction}")
-  return grouped_stratified_kfold(labels, groups, k, seed) == 0
+  return grouped_stratified_kfold(labels, groups, k, seed) == part
 
 
 def with_groups(
@@ -643,7 +651,8 @@ def _make_splits(
         e.g. BUS-BRA; val from the rest), "holdout" (grouped stratified `val_fraction` and
         `test_fraction`).
       k, fold, val_fraction, test_fraction, seed, near_duplicates (group copies of one scan; for
-        kfold/official_folds/holdout).
+        kfold/official_folds/holdout), val_fold (which of the round(1 / val_fraction) grouped
+        parts is val, 0 by default: members of a fold ensemble take 0, 1, ...).
     fold: overrides split_config.fold.
     pairs: precomputed near-duplicate pairs (otherwise searched when near_duplicates is set).
 
@@ -655,6 +664,7 @@ def _make_splits(
   seed = int(cfg.get("seed", 0))
   val_fraction = float(cfg.get("val_fraction", 0.0) or 0.0)
   fold = int(cfg.get("fold", 0) if fold is None else fold)
+  val_fold = int(cfg.get("val_fold", 0) or 0)
   labels = _strata(collection)
   # Groups over the whole collection, every kind: k-fold keeps them whole, and on a predefined
   # split they tell which evaluated images have a copy in train (BUSI's BreastMNIST split has 38
@@ -678,7 +688,7 @@ def _make_splits(
         f"({len(parts['test'])} records are marked test)"
       )
     train = np.asarray(parts["train"], np.int64)
-    val_in_train = _split_fraction(labels[train], groups[train], val_fraction, seed + 1)
+    val_in_train = _split_fraction(labels[train], groups[train], val_fraction, seed + 1, val_fold)
     indices = {"train": train[~val_in_train], "val": train[val_in_train], "test": parts["val"]}
     return _named(collection, "predefined-valtest", indices, groups)
   if kind == "kfold":
@@ -704,7 +714,7 @@ def _make_splits(
   else:
     raise ValueError(f"unknown split kind {kind!r}")
   rest = np.flatnonzero(~test)
-  val_in_rest = _split_fraction(labels[rest], groups[rest], val_fraction, seed + 1)
+  val_in_rest = _split_fraction(labels[rest], groups[rest], val_fraction, seed + 1, val_fold)
   return _named(
     collection,
     tag,
