@@ -40,6 +40,7 @@ import json
 import os
 import time
 
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
@@ -66,6 +67,9 @@ class Lever:
   pretrain: Pretraining | None = None
   # `a.b=value` set per member, "{seed}" replaced by the member's seed (a fold ensemble's folds).
   per_seed: tuple[str, ...] = ()
+  # A reference, not a lever: trained on BUS-BRA itself (cross-validated over its official
+  # patient folds), its out-of-fold predictions scored on the same images as every lever.
+  trains_on_target: bool = False
 
 
 SSL_STEPS = 500  # Steps of 64 pairs: ~70 epochs of BUSI's 453 non-test benign/malignant images.
@@ -104,6 +108,13 @@ LEVERS = {
     "5-fold ensemble: member k selects its checkpoint on grouped fold k of BUSI's train part "
     "and trains on the other four (run with folds@0+1+2+3+4)",
     per_seed=("split.val_fold={seed}",),
+  ),
+  "busbra_cv": Lever(
+    "configs/supervised.py",
+    (),
+    "reference (uses BUS-BRA's labels): the baseline recipe trained on BUS-BRA-dev itself, "
+    "cross-validated over its official patient folds, out-of-fold predictions",
+    trains_on_target=True,
   ),
   "res224": Lever("configs/supervised.py", ("data.image_size=224",), "224 px instead of 128"),
   "ssl": Lever(
@@ -176,6 +187,14 @@ def load_config(
   common.apply_overrides(config, lever.overrides)
   common.apply_overrides(config, [o.format(seed=seed) for o in lever.per_seed])
   config.external.busbra.image_size = config.data.image_size
+  if lever.trains_on_target:  # BUS-BRA becomes the training set, at the size BUSI's runs use.
+    config.data = config.external.busbra
+    config.external = ml_collections.ConfigDict()
+    folds = sources.read_busbra_folds(os.path.join(busbra_root, "5-fold-cv.csv"))
+    k = len({f for f in folds.values() if isinstance(f, int)})
+    if k < 2:
+      raise app.UsageError(f"{lever.what}: {busbra_root}/5-fold-cv.csv has {k} official folds")
+    config.split.update(kind="official_folds", k=k, val_from_train=False, cross_validate=True)
   if lever.pretrain is not None:
     config.init_from = pretrained
     config.init_from_encoder = lever.pretrain.encoder
@@ -354,17 +373,18 @@ def row_metrics(per_seed: dict[str, list[dict]], birads, bootstrap: int, view=No
   `view`: per BUS-BRA image, its longer side over its lesion's (how tightly it is cropped); the
   ensemble's AUC is then also given per tertile of it."""
   out = {"seeds": len(per_seed["busbra"])}
-  for split in ("test", "busbra"):
+  for split in set(per_seed) & {"test", "busbra"}:
     aucs = [metrics.roc_auc(p["y_malignant"], p["p_malignant"]) for p in per_seed[split]]
     out[f"{split}_auc_per_seed"] = aucs
     out[f"{split}_auc_mean"] = float(np.mean(aucs))
     out[f"{split}_auc_sd"] = float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0
-  ens = {s: _ensemble(per_seed[s]) for s in ("test", "busbra")}
+  ens = {s: _ensemble(per_seed[s]) for s in set(per_seed) & {"test", "busbra"}}
   y, p, clusters = (ens["busbra"][k] for k in ("y_malignant", "p_malignant", "clusters"))
   ci = metrics.bootstrap_ci(metrics.roc_auc, y, p, clusters=clusters, n=bootstrap)
   out["ensemble"] = {"busbra_auc": metrics.roc_auc(y, p), "busbra_auc_ci": _ci(ci)}
-  t = ens["test"]
-  out["ensemble"]["test_auc"] = metrics.roc_auc(t["y_malignant"], t["p_malignant"])
+  if "test" in ens:
+    t = ens["test"]
+    out["ensemble"]["test_auc"] = metrics.roc_auc(t["y_malignant"], t["p_malignant"])
   common_args = dict(clusters=clusters, n_bootstrap=bootstrap)
   at_target = metrics.specificity_at_sensitivity(y, p, TARGET_SENSITIVITY, **common_args)
   out["ensemble"]["spec_at_sens_target"] = at_target["specificity"]
@@ -395,6 +415,8 @@ def row_metrics(per_seed: dict[str, list[dict]], birads, bootstrap: int, view=No
       }
       for t, name in enumerate(("tight", "medium", "wide"))
     }
+  if "val" not in per_seed:  # Trained on the target: no BUSI threshold to carry over.
+    return out
   val = _pooled_val(per_seed["val"])
   youden = float(metrics.youden_threshold(val["y_malignant"], val["p_malignant"]))
   _, _, for_target = metrics.specificity_at_sensitivity_point(
@@ -445,6 +467,18 @@ def parse_levers(specs: list[str], seeds: list[int]) -> dict[str, list[int]]:
   return out
 
 
+def out_of_fold(run_dir: str, order: list[str]) -> dict:
+  """A cross-validated run's test predictions of every fold, concatenated and put in `order`."""
+  folds = sorted(d for d in os.listdir(run_dir) if d.startswith("fold"))
+  parts = [common.load_predictions(os.path.join(run_dir, d), "test") for d in folds]
+  pooled = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  where = {i: n for n, i in enumerate(pooled["ids"])}
+  if sorted(where) != sorted(order):
+    raise ValueError(f"{run_dir}: its folds' test images are not the {len(order)} evaluated")
+  index = np.asarray([where[i] for i in order])
+  return {k: v[index] for k, v in pooled.items()}
+
+
 def table_rows(
   levers: dict[str, list[int]],
   variants,
@@ -460,13 +494,17 @@ def table_rows(
   for lever, seeds in levers.items():
     runs = [os.path.join(workdir, lever, f"seed{s}") for s in seeds]
     runs = [r for r in runs if os.path.exists(os.path.join(r, "summary.json"))]
+    if runs and LEVERS[lever].trains_on_target:  # Out-of-fold on BUS-BRA; nothing else to show.
+      order = [r.id for r in collections["busbra"].records]
+      predictions[lever, "plain"] = [{"busbra": out_of_fold(r, order)} for r in runs]
+      continue
     for variant in variants:
       if runs:
         predictions[lever, variant] = [variant_predictions(r, variant, collections) for r in runs]
   rows = []
   base = predictions.get(BASELINE)
   for (lever, variant), per_run in predictions.items():
-    per_seed = {s: [p[s] for p in per_run] for s in ("val", "test", "busbra")}
+    per_seed = {s: [p[s] for p in per_run] for s in per_run[0]}
     ids = per_seed["busbra"][0]["ids"]
     birads = None if birads_by_id is None else np.asarray([birads_by_id[i] for i in ids], object)
     row = {"lever": lever, "variant": variant, "what": LEVERS[lever].what}
@@ -479,7 +517,7 @@ def table_rows(
       row["shortcut"] = shortcut(per_seed, plain)
     if base is not None and (lever, variant) != BASELINE:
       n = min(len(per_run), len(base))  # Seeds pair up in order (seed s with seed s).
-      for split in ("busbra", "test"):
+      for split in set(per_seed) & {"busbra", "test"}:
         lever_preds = [p[split] for p in per_run[:n]]
         row[f"{split}_gain"] = paired_gain(lever_preds, [p[split] for p in base[:n]], bootstrap)
       # Ensemble against ensemble, every member of each (a fold ensemble may have more).
@@ -526,11 +564,13 @@ def markdown(rows: list[dict]) -> str:
     devices = "; ".join(
       f"{d} {_f(v['auc'], 2)} ({v['images']})" for d, v in (e.get("auc_per_device") or {}).items()
     )
-    target, youden = e["busi_sens_target_on_busbra"], e["busi_youden_on_busbra"]
+    na = {"sensitivity": None, "specificity": None}  # Trained on the target: no BUSI threshold.
+    target = e.get("busi_sens_target_on_busbra", na)
+    youden = e.get("busi_youden_on_busbra", na)
     views = " / ".join(_f(v["auc"], 2) for v in (e.get("auc_by_view") or {}).values())
     lines.append(
       f"| {r['lever']} | {r['variant']} | {r['seeds']} | "
-      f"{_f(r['test_auc_mean'])} ± {_f(r['test_auc_sd'])} | {_gain(r.get('test_gain'))} | "
+      f"{_f(r.get('test_auc_mean'))} ± {_f(r.get('test_auc_sd'))} | {_gain(r.get('test_gain'))} | "
       f"{_f(r['busbra_auc_mean'])} ± {_f(r['busbra_auc_sd'])} | {_gain(r.get('busbra_gain'))} | "
       f"{_f(e['busbra_auc'])} [{_f(ci[0])}, {_f(ci[1])}] | {_gain(r.get('ensemble_gain'))} | "
       f"{_f(e['spec_at_sens_target'])} | "
@@ -596,8 +636,8 @@ def main(argv):
       result["runs"] = list(runs.values())
       common.write_json_atomic(_OUTPUT.value, result)
 
-  config0 = None
   data = (_BUSI.value, _SPLIT.value, _BUSBRA.value)
+  config0 = load_config(LEVERS["baseline"], 0, *data)  # BUSI and BUS-BRA as every lever sees them.
   for lever, seeds in levers.items():
     pretrained = None
     if LEVERS[lever].pretrain is not None:
@@ -605,7 +645,6 @@ def main(argv):
       run(load_pretrain_config(LEVERS[lever].pretrain, *data), lever, "pretrain", pretrained)
     for seed in seeds:
       config = load_config(LEVERS[lever], seed, *data, pretrained)
-      config0 = config0 or config
       run(config, lever, seed, os.path.join(_WORKDIR.value, lever, f"seed{seed}"))
   busi = sources.from_config(config0.data)
   busbra = sources.from_config(config0.external.busbra)

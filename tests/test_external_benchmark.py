@@ -93,17 +93,50 @@ def test_a_fold_ensemble_pools_its_members_out_of_fold_val_predictions():
     external._pooled_val(overlapping)
 
 
+def test_a_run_trained_on_the_target_is_scored_out_of_fold_on_the_same_images(tmp_path):
+
+  rng, y, clusters = _data(n=60)
+  devices = np.asarray(["A", "B", "C"] * 20)
+  full = _preds(y + rng.normal(0, 0.6, len(y)), y, clusters, devices)
+  for fold, rows in enumerate((np.arange(1, 60, 2), np.arange(0, 60, 2))):
+    reports = tmp_path / f"fold{fold}" / "reports"
+    reports.mkdir(parents=True)
+    np.savez(reports / "test_predictions.npz", **{k: v[rows] for k, v in full.items()})
+  order = list(full["ids"])
+  pooled = external.out_of_fold(str(tmp_path), order)
+  assert list(pooled["ids"]) == order
+  np.testing.assert_array_equal(pooled["p_malignant"], full["p_malignant"])
+  np.testing.assert_array_equal(pooled["devices"], devices)
+  with pytest.raises(ValueError, match="not the 61 evaluated"):
+    external.out_of_fold(str(tmp_path), [*order, "img60"])
+  # Its row has BUS-BRA figures only (no BUSI test, no BUSI threshold) and renders.
+  row = external.row_metrics({"busbra": [pooled, pooled]}, None, bootstrap=100)
+  assert row["busbra_auc_mean"] == pytest.approx(row["ensemble"]["busbra_auc"])
+  assert "test_auc_mean" not in row and "busi_youden_on_busbra" not in row["ensemble"]
+  table = external.markdown([dict(row, lever="busbra_cv", variant="plain")])
+  assert "| busbra_cv | plain | 2 | n/a ± n/a |" in table
+
+
 def test_levers_load_as_valid_configs(tmp_path):
   busi, busbra, split = tmp_path / "busi", tmp_path / "busbra", tmp_path / "split.tsv"
   busi.mkdir(), busbra.mkdir(), split.write_text("")
+  (busbra / "5-fold-cv.csv").write_text("ID,Pathology,kFold\nbus_1-l,benign,1\nbus_2-l,benign,2\n")
   pretrained = tmp_path / "pretrain"
   pretrained.mkdir()
   data = (str(busi), str(split), str(busbra))
   for name, lever in external.LEVERS.items():
     config = external.load_config(lever, 1, *data, str(pretrained))
-    assert config.seed == 1 and config.external.busbra.root == str(busbra), name
+    assert config.seed == 1, name
+    assert lever.trains_on_target or config.external.busbra.root == str(busbra), name
     if name == "folds":  # Member 1 validates on fold 1 of 5.
       assert (config.split.val_fraction, config.split.val_fold) == (0.2, 1)
+    if lever.trains_on_target:  # Cross-validated over BUS-BRA's own folds, nothing external.
+      assert config.data.source == "busbra" and config.data.root == str(busbra), name
+      assert (config.split.kind, config.split.k, config.split.cross_validate) == (
+        "official_folds", 2, True
+      ), name  # fmt: skip
+      assert not config.external and config.data.image_size == 128, name
+      continue
     assert config.external.busbra.image_size == config.data.image_size
     if lever.pretrain is None:
       assert not config.init_from and not config.init_from_encoder, name

@@ -426,7 +426,7 @@ def _malignant_vs_rest(collection: records.Collection) -> records.Collection:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_busbra_folds(path: str) -> dict[str, int | str]:
+def read_busbra_folds(path: str) -> dict[str, int | str]:
   """ID -> official fold (the ``kFold`` column) or the row's problem; {} when the file is absent."""
   if not os.path.isfile(path):
     logging.warning("busbra: %s not found; no official folds in meta", path)
@@ -455,8 +455,8 @@ def busbra(root: str, *, on_error: str = "raise") -> records.Collection:
     _require_dir(os.path.join(root, sub), f"BUS-BRA {sub}")
   data_csv = os.path.join(root, "bus_data.csv")
   rows = _read_csv(data_csv, ("ID", "Case", "Pathology", "BIRADS", "Device"))
-  fold5 = _read_busbra_folds(os.path.join(root, "5-fold-cv.csv"))
-  fold10 = _read_busbra_folds(os.path.join(root, "10-fold-cv.csv"))
+  fold5 = read_busbra_folds(os.path.join(root, "5-fold-cv.csv"))
+  fold10 = read_busbra_folds(os.path.join(root, "10-fold-cv.csv"))
   problems = _Problems(on_error, f"BUS-BRA folder {root}")
   candidates = []
   for line, row, problem in rows:
