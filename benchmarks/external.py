@@ -109,6 +109,13 @@ LEVERS = {
     "and trains on the other four (run with folds@0+1+2+3+4)",
     per_seed=("split.val_fold={seed}",),
   ),
+  "half_data": Lever(
+    "configs/supervised.py",
+    ("split.label_fraction=0.5",),
+    "half of BUSI's train part (whole patients and copies, per class; a different half per seed): "
+    "does cross-scanner AUC grow with more BUSI images?",
+    per_seed=("split.label_fraction_seed={seed}",),
+  ),
   "busbra_cv": Lever(
     "configs/supervised.py",
     (),
