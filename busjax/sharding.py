@@ -127,8 +127,28 @@ def jit_train_step(step_fn, mesh: Mesh, state, *, constants=(), donate: bool = T
   def step(state, batch, rng):
     return jitted(state, batch, rng, *constants)
 
-  step.lower = lambda state, batch, rng: jitted.lower(state, batch, rng, *constants)
+  step.lower = lambda state, batch, rng: _Bound(
+    jitted.lower(state, batch, rng, *constants), constants
+  )
   return step
+
+
+class _Bound:
+  """A jax stage (Lowered or Compiled) with the step's constants bound: compiled and called with
+  `(state, batch, rng)` like the step itself; anything else (cost_analysis, as_text, ...) passes
+  through."""
+
+  def __init__(self, stage, constants):
+    self._stage, self._constants = stage, constants
+
+  def __call__(self, *args):
+    return self._stage(*args, *self._constants)
+
+  def compile(self, *args, **kwargs):
+    return _Bound(self._stage.compile(*args, **kwargs), self._constants)
+
+  def __getattr__(self, name):
+    return getattr(self._stage, name)
 
 
 def jit_predict(apply_fn, mesh: Mesh):

@@ -1,7 +1,7 @@
 """Cross-scanner recipe: the supervised ResNet-18 plus the levers that helped BUSI -> BUS-BRA.
 
 Chosen once (2026-12-03), from the ablation of benchmarks/external.py on BUS-BRA-dev, before this
-configuration's own evaluation run on fresh seeds (docs/quality/external.md):
+configuration's own evaluation run on fresh seeds (docs/quality/external_ablation.md):
   * lesion-mask auxiliary loss, weight 1.0 (`train.mask_loss`): BUS-BRA AUC +0.023 [-0.001, +0.047]
     over the baseline (3 seeds, paired clustered bootstrap); at weight 0.3 it did nothing (+0.001);
   * left-right flip test-time augmentation (`model.test_time_flip`): +0.034 [+0.010, +0.057] with
