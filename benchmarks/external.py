@@ -101,7 +101,11 @@ LEVERS = {
     ("input.augment.policy='trivial'",),
     "generic TrivialAugment intensity policy instead of the ultrasound one",
   ),
-  "generalise": Lever("configs/generalise.py", (), "configs/generalise.py: mask loss + flip TTA"),
+  "generalise": Lever(
+    "configs/generalise.py",
+    ("ensemble.members=1",),  # Its seed ensemble is this benchmark's, over the lever's seeds.
+    "configs/generalise.py: mask loss + flip TTA",
+  ),
   "folds": Lever(
     "configs/supervised.py",
     ("split.val_fraction=0.2",),

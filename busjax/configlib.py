@@ -169,6 +169,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Reports: percentile-bootstrap resamples behind every interval (AUC, sensitivity/specificity,
   # reader comparison), patient-clustered when patient ids are known.
   c.report = ml_collections.ConfigDict(dict(bootstrap_resamples=2000))
+  # A seed ensemble: `members` models trained alike with seeds seed, seed + 1, ... (each in
+  # WORKDIR/memberK, resumable on its own), reported as one model (mean probability; threshold
+  # and temperature chosen on val from the ensemble's own predictions). Supervised regime only.
+  c.ensemble = ml_collections.ConfigDict(dict(members=1))
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   return c
 
@@ -360,6 +364,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     isinstance(resamples, int) and not isinstance(resamples, bool) and resamples >= 100,
     f"report.bootstrap_resamples={resamples!r}: expected an integer >= 100 (fewer gives "
     "unstable 95% interval ends)",
+  )
+  members = c.get("ensemble", {}).get("members", 1)
+  _check(
+    isinstance(members, int) and not isinstance(members, bool) and members >= 1,
+    f"ensemble.members={members!r}: expected an integer >= 1",
+  )
+  _check(
+    members == 1 or c.trainer == "supervised",
+    f"ensemble.members={members}: seed ensembles are for the supervised trainer, not {c.trainer!r}",
   )
   fraction = c.split.get("label_fraction", 1.0)
   _check(

@@ -95,6 +95,11 @@ def explain(
   if unknown:
     raise records.DataError(f"--methods: unknown {sorted(unknown)}; expected {saliency.METHODS}")
   run = inference.load_run(workdir)
+  if run.ensemble:  # A map explains one model's gradients; the members' would differ.
+    raise records.DataError(
+      f"{workdir} is a seed ensemble of {len(run.ensemble) + 1} models: explain one member, "
+      f"e.g. --workdir={os.path.join(workdir, 'member0')}"
+    )
   data = inference.read_inputs(inputs)
   if not data.paths:
     raise records.DataError(f"no readable image in {inputs}: {'; '.join(data.skipped)}")

@@ -44,6 +44,9 @@ class LoadedRun:
   threshold: float | None  # Chosen on the run's val part (Youden); None if it had none.
   temperature: float | None  # Fitted on the run's val part; None if it had none.
   source: str  # What it was trained on (its summary's `trained_on`).
+  # A seed ensemble's other members (same architecture): probabilities are the mean over
+  # `model` and these, as the run's reports computed them.
+  ensemble: tuple[nnx.Module, ...] = ()
 
   @property
   def image_size(self) -> int:
@@ -82,15 +85,19 @@ class LoadedRun:
     compile whatever N is. Images are uint8 (N, S, S, 1), or with `preprocessed` the model's
     float input (what saliency maps and deletion curves perturb)."""
     graph, state = nnx.split(self.model)
+    states = [state] + [nnx.split(m)[1] for m in self.ensemble]
 
     @jax.jit
-    def probs(state, images):
+    def probs(states, images):
       x = images if preprocessed else self.preprocess(images)
-      return supervised.class_probabilities(nnx.merge(graph, state), x, self.config.model)
+      members = [
+        supervised.class_probabilities(nnx.merge(graph, s), x, self.config.model) for s in states
+      ]
+      return sum(members) / len(members)
 
     def run(images: np.ndarray) -> np.ndarray:
       return batched(
-        lambda b: probs(state, b), images, batch_size=batch_size, width=len(self.class_names)
+        lambda b: probs(states, b), images, batch_size=batch_size, width=len(self.class_names)
       )
 
     return run
@@ -115,16 +122,22 @@ def reestimate_batchnorm(run: LoadedRun, images: np.ndarray, batch_size: int = 3
   all the images when there are fewer than `batch_size`."""
   if len(images) == 0:
     raise ValueError("reestimate_batchnorm: no images")
-  graph, params, rest = nnx.split(run.model, nnx.Param, ...)
   defs = supervised.ModelDefs(
     train=None, eval=None, bn_refresh=supervised.bn_refresh_graph(run.model)
   )
   refresh = supervised.make_bn_refresh(defs, run.config)
   size = min(batch_size, len(images))
   batches = [jnp.asarray(images[i : i + size]) for i in range(0, len(images) - size + 1, size)]
-  model = nnx.merge(graph, params, refresh(params, rest, batches))
-  model.eval()
-  return dataclasses.replace(run, model=model)
+
+  def refreshed(model):
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    model = nnx.merge(graph, params, refresh(params, rest, batches))
+    model.eval()
+    return model
+
+  return dataclasses.replace(
+    run, model=refreshed(run.model), ensemble=tuple(refreshed(m) for m in run.ensemble)
+  )
 
 
 def batched(fn, *arrays: np.ndarray, batch_size: int = 16, width: int | None = None) -> np.ndarray:
@@ -164,14 +177,35 @@ def load_run(workdir: str) -> LoadedRun:
   if os.path.isfile(summary_path):
     with open(summary_path) as f:
       summary = json.load(f)
-  run_dir = workdir
+  # (checkpoint folder, the summary entry that says which checkpoint was reported) per model.
+  runs = [(workdir, summary)]
   if summary.get("rounds"):  # GAN rebalancing: the last round's classifier is the reported one.
-    run_dir = os.path.join(workdir, f"round{summary['rounds'][-1]['round']}", "classifier")
+    runs = [
+      (os.path.join(workdir, f"round{summary['rounds'][-1]['round']}", "classifier"), summary)
+    ]
+  if summary.get("ensemble_members", 1) > 1:  # A seed ensemble: every member, in its folder.
+    runs = [(os.path.join(workdir, f"member{k}"), m) for k, m in enumerate(summary["members"])]
+  class_names = sources.class_names(config.data.get("classes", "binary"))
+  models = [_load_model(config, run_dir, entry, len(class_names)) for run_dir, entry in runs]
+  return LoadedRun(
+    workdir=workdir,
+    config=config,
+    model=models[0],
+    class_names=class_names,
+    threshold=summary.get("threshold"),
+    temperature=summary.get("temperature"),
+    source=_trained_on(workdir, summary),
+    ensemble=tuple(models[1:]),
+  )
+
+
+def _load_model(config, run_dir: str, summary: dict, num_classes: int) -> nnx.Module:
+  """The model of `config` with the weights its reports evaluated, from `run_dir`'s checkpoints
+  (`summary["selected_checkpoint"]` says best or latest)."""
   model_config = config.model
   if model_config.get("pretrained"):
     model_config.pretrained = None  # The run's own weights replace them.
-  class_names = sources.class_names(config.data.get("classes", "binary"))
-  model = supervised.create_model(model_config, len(class_names), int(config.get("seed", 0)))
+  model = supervised.create_model(model_config, num_classes, int(config.get("seed", 0)))
   model.eval()
   graph, params, rest = nnx.split(model, nnx.Param, ...)
   state = {"params": params, "rest": rest}
@@ -185,15 +219,7 @@ def load_run(workdir: str) -> LoadedRun:
   model = nnx.merge(graph, restored["params"], restored["rest"])
   model.eval()
   logging.info("Loaded %s (%s checkpoint) from %s.", model_config.name, which, run_dir)
-  return LoadedRun(
-    workdir=workdir,
-    config=config,
-    model=model,
-    class_names=class_names,
-    threshold=summary.get("threshold"),
-    temperature=summary.get("temperature"),
-    source=_trained_on(workdir, summary),
-  )
+  return model
 
 
 def _trained_on(workdir: str, summary: dict) -> str:
@@ -304,4 +330,5 @@ def run_provenance(run: LoadedRun) -> dict[str, Any]:
     "synthetic_training_data": "SYNTHETIC" in run.source.upper() or "phantom" in run.source,
     "threshold": run.threshold,
     "temperature": run.temperature,
+    "ensemble_members": 1 + len(run.ensemble),
   }

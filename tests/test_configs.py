@@ -36,6 +36,8 @@ def get_config(name, arg=""):
     ("ssl_pretrain", "backbone=plain"),
     ("ssl_finetune", "scratch"),
     ("ssl_finetune", "smoke,scratch,probe,labels=10,fusion=concat"),
+    ("generalise", ""),
+    ("generalise", "smoke"),
   ],
 )
 def test_phantom_configs_validate(name, arg):

@@ -393,6 +393,40 @@ def test_mask_loss_trains_a_head_that_prediction_never_needs(tmp_path):
   assert summary["reports"]["test"]["auc"] is not None
 
 
+def test_a_seed_ensemble_reports_and_reloads_as_the_mean_of_its_members(tmp_path):
+  from busjax import explain, inference
+
+  config = _smoke_config()
+  config.seed, config.ensemble.members = 5, 2
+  summary = supervised.train_and_evaluate(config, str(tmp_path))
+  assert summary["ensemble_members"] == 2 and "x2 seed ensemble" in summary["model"]
+  members = [inference.load_run(str(tmp_path / f"member{k}")) for k in range(2)]
+  assert [m.config.seed for m in members] == [5, 6]
+  parts = splits.make_splits(sources.from_config(config.data), config.split)
+  images = members[0].prepare([records.load_image(r) for r in parts["test"].records])
+  member_probs = [m.probabilities()(images) for m in members]
+  assert np.abs(member_probs[0] - member_probs[1]).max() > 1e-4  # Two different models.
+  # The reports score the mean probability; each member's own AUC is kept beside it.
+  stored = np.load(tmp_path / "reports" / "test_predictions.npz")
+  np.testing.assert_allclose(stored["probs"], np.mean(member_probs, axis=0), atol=1e-5)
+  y = stored["y_malignant"]
+  np.testing.assert_allclose(
+    summary["member_auc"]["test"],
+    [metrics.roc_auc(y, p[:, records.MALIGNANT]) for p in member_probs],
+  )
+  report = json.loads((tmp_path / "reports" / "test" / "report.json").read_text())
+  assert report["provenance"]["ensemble_members"] == 2
+  # Loaded back, the ensemble predicts what its reports used, with the ensemble's threshold.
+  run = inference.load_run(str(tmp_path))
+  assert len(run.ensemble) == 1 and run.threshold == summary["threshold"]
+  np.testing.assert_allclose(run.probabilities()(images), stored["probs"], atol=1e-5)
+  with pytest.raises(records.DataError, match="seed ensemble of 2 models: explain one member"):
+    explain.explain(str(tmp_path), [str(tmp_path)], ["gradcam"], str(tmp_path / "maps"))
+  config.trainer = "gan_rebalance"
+  with pytest.raises(configlib.ConfigError, match="seed ensembles are for the supervised"):
+    configlib.validate(config)
+
+
 def test_test_time_flip_predicts_the_same_for_an_image_and_its_mirror():
   config = _smoke_config()
   config.model.test_time_flip = True

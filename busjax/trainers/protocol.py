@@ -116,6 +116,8 @@ def _provenance(config, preds: classification.Predictions, split: str, trained_o
     "step": int(info.get("selected_step", info.get("steps", 0))),
     "images": len(preds),
     "config_seed": int(config.seed),
+    # A seed ensemble: this many models (seeds config_seed, config_seed + 1, ...), mean probability.
+    "ensemble_members": int(info.get("ensemble_members", 1)),
   }
 
 
@@ -162,10 +164,11 @@ def run_split(
   external: dict[str, records.Collection],
   train_split: TrainSplit,
 ) -> tuple[dict[str, Any], dict[str, classification.Predictions]]:
-  """Trains one split, reports on val/test/external; (summary, predictions by report name)."""
+  """Trains one split (one model or a seed ensemble), reports on val/test/external;
+  (summary, predictions by report name)."""
   os.makedirs(workdir, exist_ok=True)
-  trained = train_split(config, workdir, data)
-  info = dict(trained.info)
+  members = _train_members(config, workdir, data, train_split)
+  info = dict(members[0].info) if len(members) == 1 else _ensemble_info(config, workdir, members)
   summary = {"workdir": workdir, **info, "reports": {}}
   threshold = temperature = None
   evaluations = [("val", data.get("val")), ("test", data.get("test")), *external.items()]
@@ -174,8 +177,13 @@ def run_split(
   for name, collection in evaluations:
     if collection is None or len(collection) == 0:
       continue
-    preds = classification.predictions(collection, trained.predict(collection))
+    member_probs = [m.predict(collection) for m in members]
+    preds = classification.predictions(collection, np.mean(member_probs, axis=0))
     all_preds[name] = preds
+    if len(members) > 1:  # Each member's own AUC beside the ensemble's.
+      summary.setdefault("member_auc", {})[name] = [
+        metrics.roc_auc(preds.y_malignant, p[:, records.MALIGNANT]) for p in member_probs
+      ]
     if name == "val" and 0 < preds.y_malignant.sum() < len(preds):
       threshold = float(metrics.youden_threshold(preds.y_malignant, preds.p_malignant))
       summary["threshold"] = threshold
@@ -202,6 +210,45 @@ def run_split(
   if is_writer:
     report.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary, all_preds
+
+
+def _train_members(config, workdir, data, train_split) -> list[Trained]:
+  """The model, or with `config.ensemble.members` > 1 every member of a seed ensemble (seeds
+  seed, seed + 1, ...), each trained (or resumed) in WORKDIR/memberK."""
+  count = int(config.get("ensemble", {}).get("members", 1) or 1)
+  if count == 1:
+    return [train_split(config, workdir, data)]
+  members = []
+  for k in range(count):
+    member = config.copy_and_resolve_references()
+    member.seed = int(config.seed) + k
+    member.ensemble.members = 1
+    member_dir = os.path.join(workdir, f"member{k}")
+    os.makedirs(member_dir, exist_ok=True)
+    if jax.process_index() == 0:
+      with open(os.path.join(member_dir, "config.json"), "w") as f:
+        f.write(member.to_json_best_effort(indent=2))
+    members.append(train_split(member, member_dir, data))
+    if jax.process_index() == 0:  # What a member's own loading (predict, explain) needs.
+      report.write_json(os.path.join(member_dir, "summary.json"), dict(members[-1].info))
+  return members
+
+
+def _ensemble_info(config, workdir, members: list[Trained]) -> dict[str, Any]:
+  """summary.json's facts for a seed ensemble: per member its own, in `members`."""
+  first = members[0].info
+  return {
+    "model": f"{first.get('model') or _model_name(config)} x{len(members)} seed ensemble",
+    "ensemble_members": len(members),
+    "members": [
+      dict(m.info, seed=int(config.seed) + k, workdir=os.path.join(workdir, f"member{k}"))
+      for k, m in enumerate(members)
+    ],
+    "steps": int(first.get("steps", 0)),  # Per member (every member trains alike).
+    "train_seconds": sum(float(m.info.get("train_seconds", 0.0)) for m in members),
+    "selected_checkpoint": ", ".join(str(m.info.get("selected_checkpoint", "")) for m in members),
+    **{k: first[k] for k in ("trained_on", "synthetic_train_images") if k in first},
+  }
 
 
 # ----------------------------------------------------------------------------------------------
