@@ -22,7 +22,9 @@ For every (lever, variant) row, from the runs' stored predictions:
   * the ensemble's gain over the baseline's ensemble, paired as above.
 The "folds" lever is a fold ensemble: member k selects its checkpoint on grouped fold k of five of
 BUSI's train part (`split.val_fold`) and trains on the other four; its BUSI threshold is chosen on
-the members' pooled out-of-fold val predictions.
+the members' pooled out-of-fold val predictions. "busbra_cv" is a reference, not a lever: the
+baseline recipe trained on BUS-BRA itself (cross-validated over its official patient folds) and
+scored out of fold on the same images, i.e. how far in-domain training gets on this model and data.
 Prints a ranked markdown table; JSON (``--output``) is rewritten after every run, and a re-run of
 the same command skips finished runs (it also resumes a killed one from its last checkpoint).
 
