@@ -11,12 +11,14 @@ the others are still predicted. A ``# provenance`` comment line heads the CSV (t
 was trained on, its threshold and temperature). With ``--overlays=DIR``, one PNG per image in DIR:
 the image and the Grad-CAM of the decided class at the model's last feature map, titled with the
 raw and calibrated p(malignant) and the decision (`busjax.explain` has every method and scores
-them against lesion masks).
+them against lesion masks). A seed ensemble's run predicts with the mean of its members and
+overlays the mean of their Grad-CAMs.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 
@@ -82,7 +84,11 @@ def _overlays(run, out, paths, images, probs, calibrated, batch_size) -> None:
   malignant = records.MALIGNANT
   decided = run.decided_class(probs)
   x = np.asarray(run.preprocess(jnp.asarray(images)), np.float32)
-  maps = explain.method_maps(run, "gradcam", x, decided, batch_size)
+  # A seed ensemble's map is the mean of its members' (each normalised as one model's would be).
+  members = [dataclasses.replace(run, model=m, ensemble=()) for m in (run.model, *run.ensemble)]
+  maps = np.mean(
+    [explain.method_maps(m, "gradcam", x, decided, batch_size) for m in members], axis=0
+  )
   synthetic = inference.run_provenance(run)["synthetic_training_data"]
   os.makedirs(out, exist_ok=True)
   for i, path in enumerate(paths):

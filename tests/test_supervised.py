@@ -394,7 +394,9 @@ def test_mask_loss_trains_a_head_that_prediction_never_needs(tmp_path):
 
 
 def test_a_seed_ensemble_reports_and_reloads_as_the_mean_of_its_members(tmp_path):
-  from busjax import explain, inference
+  from PIL import Image
+
+  from busjax import explain, inference, predict
 
   config = _smoke_config()
   config.seed, config.ensemble.members = 5, 2
@@ -420,6 +422,20 @@ def test_a_seed_ensemble_reports_and_reloads_as_the_mean_of_its_members(tmp_path
   run = inference.load_run(str(tmp_path))
   assert len(run.ensemble) == 1 and run.threshold == summary["threshold"]
   np.testing.assert_allclose(run.probabilities()(images), stored["probs"], atol=1e-5)
+  # The predict CLI: the ensemble's probabilities, and an overlay per image.
+  folder = tmp_path / "scans"
+  folder.mkdir()
+  for i, record in enumerate(parts["test"].records[:2]):
+    Image.fromarray(records.load_image(record)).save(folder / f"{i}.png")
+  result = predict.predict(
+    str(tmp_path), [str(folder)], str(tmp_path / "p.csv"), overlays=str(tmp_path / "overlays")
+  )
+  assert result["predicted"] == 2 and len(list((tmp_path / "overlays").iterdir())) == 2
+  with open(tmp_path / "p.csv") as f:
+    rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+  np.testing.assert_allclose(
+    [float(r["p_malignant"]) for r in rows], stored["p_malignant"][:2], atol=2e-5
+  )
   with pytest.raises(records.DataError, match="seed ensemble of 2 models: explain one member"):
     explain.explain(str(tmp_path), [str(tmp_path)], ["gradcam"], str(tmp_path / "maps"))
   config.trainer = "gan_rebalance"
