@@ -338,6 +338,11 @@ def _ensemble(per_seed: list[dict]) -> dict:
   return dict(first, p_malignant=np.mean([p["p_malignant"] for p in per_seed], axis=0))
 
 
+def _present(per_seed: dict, splits: tuple[str, ...]) -> list[str]:
+  """The `splits` a row has predictions for, in that order (a target-trained row has no BUSI)."""
+  return [s for s in splits if s in per_seed]
+
+
 def _pooled_val(per_seed: list[dict]) -> dict:
   """The predictions a BUSI threshold is chosen on: the seeds' mean where they share the val
   images; a fold ensemble's members each hold out their own fold, so their out-of-fold
@@ -386,12 +391,12 @@ def row_metrics(per_seed: dict[str, list[dict]], birads, bootstrap: int, view=No
   `view`: per BUS-BRA image, its longer side over its lesion's (how tightly it is cropped); the
   ensemble's AUC is then also given per tertile of it."""
   out = {"seeds": len(per_seed["busbra"])}
-  for split in set(per_seed) & {"test", "busbra"}:
+  for split in _present(per_seed, ("test", "busbra")):
     aucs = [metrics.roc_auc(p["y_malignant"], p["p_malignant"]) for p in per_seed[split]]
     out[f"{split}_auc_per_seed"] = aucs
     out[f"{split}_auc_mean"] = float(np.mean(aucs))
     out[f"{split}_auc_sd"] = float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0
-  ens = {s: _ensemble(per_seed[s]) for s in set(per_seed) & {"test", "busbra"}}
+  ens = {s: _ensemble(per_seed[s]) for s in _present(per_seed, ("test", "busbra"))}
   y, p, clusters = (ens["busbra"][k] for k in ("y_malignant", "p_malignant", "clusters"))
   ci = metrics.bootstrap_ci(metrics.roc_auc, y, p, clusters=clusters, n=bootstrap)
   out["ensemble"] = {"busbra_auc": metrics.roc_auc(y, p), "busbra_auc_ci": _ci(ci)}
@@ -530,7 +535,7 @@ def table_rows(
       row["shortcut"] = shortcut(per_seed, plain)
     if base is not None and (lever, variant) != BASELINE:
       n = min(len(per_run), len(base))  # Seeds pair up in order (seed s with seed s).
-      for split in set(per_seed) & {"busbra", "test"}:
+      for split in _present(per_seed, ("busbra", "test")):
         lever_preds = [p[split] for p in per_run[:n]]
         row[f"{split}_gain"] = paired_gain(lever_preds, [p[split] for p in base[:n]], bootstrap)
       # Ensemble against ensemble, every member of each (a fold ensemble may have more).

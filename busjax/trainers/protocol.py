@@ -224,14 +224,19 @@ def _train_members(config, workdir, data, train_split) -> list[Trained]:
     member.seed = int(config.seed) + k
     member.ensemble.members = 1
     member_dir = os.path.join(workdir, f"member{k}")
-    os.makedirs(member_dir, exist_ok=True)
-    if jax.process_index() == 0:
-      with open(os.path.join(member_dir, "config.json"), "w") as f:
-        f.write(member.to_json_best_effort(indent=2))
+    _write_config(member, member_dir)
     members.append(train_split(member, member_dir, data))
     if jax.process_index() == 0:  # What a member's own loading (predict, explain) needs.
       report.write_json(os.path.join(member_dir, "summary.json"), dict(members[-1].info))
   return members
+
+
+def _write_config(config, workdir: str) -> None:
+  """`workdir`/config.json (process 0), what `busjax.inference.load_run` rebuilds the model from."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
 
 def _ensemble_info(config, workdir, members: list[Trained]) -> dict[str, Any]:
@@ -268,10 +273,7 @@ def train_and_evaluate(
   `loaded`: `load_data(config)`'s result when the regime already has it (no second near-duplicate
   search).
   """
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  _write_config(config, workdir)
   collection, pairs = loaded or load_data(config)
   external = load_external(config)
   if not config.split.get("cross_validate"):
