@@ -7,12 +7,16 @@ exactly what a run executes) and the eval forward, beside PyTorch's
 `torch.set_num_threads` = the machine's cores).
 Timed runs alternate between the two (warm-up excluded, median of `--repeats`), so a noisy shared
 machine slows both alike: the ratio is the figure, absolute images/s drift between days. Also the
-busjax step's compile time, its FLOPs per image (XLA's cost analysis) and achieved FLOP/s against a
-plain float32 matmul measured in the same run, and the compiled step's memory.
+busjax step's compile time, its FLOPs per image (XLA:CPU's cost analysis; XLA:GPU's leaves out
+cuDNN's convolutions, so none is recorded there) and achieved FLOP/s against a matmul measured in
+the same run, and the compiled step's memory. On a GPU both sides move there by themselves (JAX's
+default backend; torch follows when it sees CUDA); `benchmarks/accelerator.sh` is the whole
+accelerator run.
 
   pip install -e '.[speed]'   # torch, CPU build (benchmark only)
   python -m benchmarks.speed --output=speed.json
   python -m benchmarks.speed --rows=resnet18:128:32 --repeats=7
+  python -m benchmarks.speed --rows=resnet18:128:32:float32:cpu,resnet18:128:32:float32:xla
 
 Prints a markdown table and writes JSON after every row (``--output``).
 """
@@ -20,6 +24,7 @@ Prints a markdown table and writes JSON after every row (``--output``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -61,20 +66,16 @@ DEFAULT_ROWS = ["resnet18:128:32", "mobilenet_v2:224:32", "densenet121:224:16", 
 _ROWS = flags.DEFINE_list(
   "rows",
   DEFAULT_ROWS,
-  f"model:side:batch[:dtype], models of {list(MODELS)}, dtype float32 (default) or bfloat16 "
-  "(busjax computes in bfloat16 with float32 parameters; torch under autocast). A batch sweep "
-  "is several rows: fusion:224:16,fusion:224:64,fusion:224:256:bfloat16.",
+  f"model:side:batch[:dtype[:conv]], models of {list(MODELS)}, dtype float32 (default) or "
+  "bfloat16 (busjax computes in bfloat16 with float32 parameters; torch under autocast), conv "
+  "auto (default), cpu or xla: the convolution formulation busjax traces (layers.conv_formulation; "
+  "'xla' on the CPU is the 'before' of the CPU rewrites). A batch sweep is several rows: "
+  "fusion:224:16,fusion:224:64,fusion:224:256:bfloat16.",
 )
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per side (median reported).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Train steps (or eval batches) per timed repeat.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling, per side.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch reference too.")
-_PLAIN_CONV_GRADIENT = flags.DEFINE_bool(
-  "plain_conv_gradient",
-  False,
-  "Differentiate busjax's dense convolutions with XLA's own weight-gradient convolution instead "
-  "of `layers.kernel_gradient`'s matmuls: the 'before' of that change, for a same-run ratio.",
-)
 _OUTPUT = flags.DEFINE_string("output", None, "JSON results (rewritten after every row).")
 _E2E_DATA = flags.DEFINE_string(
   "e2e_data", None, "Dataset_BUSI_with_GT folder: adds the end-to-end row (else skipped)."
@@ -84,6 +85,29 @@ _E2E_EPOCHS = flags.DEFINE_integer("e2e_epochs", 3, "Epochs of each side's end-t
 _E2E_WORKDIR = flags.DEFINE_string(
   "e2e_workdir", None, "Scratch folder for the end-to-end runs (default: a temporary one)."
 )
+
+
+def parse_row(spec: str) -> tuple[str, int, int, str, str]:
+  """'model:side:batch[:dtype[:conv]]' -> (model, side, batch, dtype, conv); UsageError if bad."""
+  name, *fields = spec.split(":")
+  defaults = ["float32", "auto"]
+  try:
+    side, batch, dtype, conv = fields[:2] + (fields[2:] + defaults[len(fields) - 2 :])
+    side, batch = int(side), int(batch)
+  except ValueError:
+    side = None
+  if (
+    side is None
+    or len(fields) > 4
+    or name not in MODELS
+    or dtype not in ("float32", "bfloat16")
+    or conv not in layers.CONV_FORMULATIONS
+  ):
+    raise app.UsageError(
+      f"--rows: {spec!r}: expected model:side:batch[:float32|bfloat16[:auto|cpu|xla]], "
+      f"models {list(MODELS)}"
+    )
+  return name, side, batch, dtype, conv
 
 
 def _busjax_step(model_name: str, batch: int, dtype: str = "float32"):
@@ -105,29 +129,32 @@ def _busjax_step(model_name: str, batch: int, dtype: str = "float32"):
 
 
 def _matmul_gflops(torch_module=None) -> dict:
-  """Float32 2048² matmul GFLOP/s of jnp (and torch): the machine's dense peak, this run."""
-  n, flops = 2048, 2 * 2048**3
-  a = jnp.ones((n, n), jnp.float32)
-  jax.block_until_ready(a @ a)
-  times = []
-  for _ in range(5):
-    t = time.perf_counter()
-    jax.block_until_ready(a @ a)
-    times.append(time.perf_counter() - t)
-  out = {"jax": flops / statistics.median(times) / 1e9}
-  if torch_module is not None:
-    device = _torch_device(torch_module)
-    sync = torch_module.cuda.synchronize if device == "cuda" else (lambda: None)
-    b = torch_module.ones(n, n, device=device)
-    b @ b
-    sync()
+  """Matmul GFLOP/s of jnp (and torch), the machine's dense peak this run: float32 2048² on a
+  CPU; on an accelerator 8192², float32 (the backends' default precision) and bfloat16."""
+  on_cpu = jax.default_backend() == "cpu"
+  n = 2048 if on_cpu else 8192
+  flops = 2 * n**3
+  dtypes = ("float32",) if on_cpu else ("float32", "bfloat16")
+
+  def median_seconds(run) -> float:  # `run` blocks until its product is done.
+    run()
     times = []
     for _ in range(5):
       t = time.perf_counter()
-      b @ b
-      sync()
+      run()
       times.append(time.perf_counter() - t)
-    out["torch"] = flops / statistics.median(times) / 1e9
+    return statistics.median(times)
+
+  out = {}
+  for dtype in dtypes:
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    a = jnp.ones((n, n), dtype)
+    out[f"jax{suffix}"] = flops / median_seconds(lambda a=a: jax.block_until_ready(a @ a)) / 1e9
+    if torch_module is not None:
+      device = _torch_device(torch_module)
+      sync = torch_module.cuda.synchronize if device == "cuda" else (lambda: None)
+      b = torch_module.ones(n, n, device=device, dtype=getattr(torch_module, dtype))
+      out[f"torch{suffix}"] = flops / median_seconds(lambda b=b, sync=sync: (b @ b, sync())) / 1e9
   return out
 
 
@@ -142,6 +169,9 @@ def _torch_side(torch, model_name: str, side: int, batch: int, dtype: str = "flo
   from benchmarks import torch_reference
 
   device = _torch_device(torch)
+  # What a tuned PyTorch GPU script sets: cuDNN picks each convolution's fastest algorithm
+  # (XLA autotunes its own on a GPU).
+  torch.backends.cudnn.benchmark = device == "cuda"
   model = torch_reference.MODELS[model_name]().to(device, memory_format=torch.channels_last)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
   x = torch.randn(batch, 1, side, side, device=device).to(memory_format=torch.channels_last)
@@ -170,6 +200,15 @@ def _torch_side(torch, model_name: str, side: int, batch: int, dtype: str = "flo
   return train, evaluate, torch_reference.count_params(model)
 
 
+def _counted_flops(cost: dict) -> float:
+  """XLA's FLOP count of a program, NaN off the CPU: XLA:GPU's cost analysis leaves out the
+  convolutions it hands to cuDNN (an H200 run counted 0.035 GFLOP for a ResNet-18 train step
+  XLA:CPU counts at 2.99), so FLOPs per image come from a CPU run of the same row."""
+  if jax.default_backend() != "cpu":
+    return float("nan")
+  return float(cost.get("flops", float("nan")))
+
+
 def _row(model_name: str, side: int, batch: int, torch, dtype: str = "float32") -> dict:
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, side, side, 1), dtype=np.uint8)
@@ -181,9 +220,9 @@ def _row(model_name: str, side: int, batch: int, torch, dtype: str = "float32") 
   lowered = step.lower(state, global_batch, key)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
+  cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, list | tuple) else cost
-  flops_per_image = float(cost.get("flops", float("nan"))) / batch
+  flops_per_image = _counted_flops(cost) / batch
   memory = compiled.memory_analysis()
   temp_mb = getattr(memory, "temp_size_in_bytes", 0) / 2**20 if memory is not None else None
   holder = {"state": state}
@@ -194,13 +233,18 @@ def _row(model_name: str, side: int, batch: int, torch, dtype: str = "float32") 
     jax.block_until_ready(metrics)
 
   eval_images = jnp.asarray(images)
-  eval_cost = apply.lower((state["params"], state["rest"]), {"image": eval_images}).cost_analysis()
-  eval_cost = eval_cost[0] if isinstance(eval_cost, list | tuple) else eval_cost
+  eval_stage = {}
 
   def jax_eval(steps):
     variables = (holder["state"]["params"], holder["state"]["rest"])
+    if not eval_stage:  # Compiled once, for the trained state's placement (the mesh's).
+      lowered = apply.lower(variables, {"image": eval_images})
+      eval_stage["compiled"] = lowered.compile()
+      # XLA:CPU counts the lowered program; on a GPU only the compiled one has a cost analysis.
+      cost = lowered.cost_analysis() or eval_stage["compiled"].cost_analysis() or {}
+      eval_stage["cost"] = cost[0] if isinstance(cost, list | tuple) else cost
     for _ in range(steps):
-      out = apply(variables, {"image": eval_images})
+      out = eval_stage["compiled"](variables, {"image": eval_images})
     jax.block_until_ready(out)
 
   sides = {"busjax": (jax_train, jax_eval)}
@@ -225,12 +269,13 @@ def _row(model_name: str, side: int, batch: int, torch, dtype: str = "float32") 
     "side": side,
     "batch": batch,
     "dtype": dtype,
+    "conv": layers.resolved_formulation(),
     "params": params,
     "busjax_compile_s": compile_s,
     "busjax_step_temp_mb": temp_mb,
     "gflop_per_image_train": flops_per_image / 1e9,
     # Multiply-accumulates of one image's eval forward (XLA's count / 2): the roofline's work.
-    "gmac_per_image_forward": float(eval_cost.get("flops", float("nan"))) / 2 / batch / 1e9,
+    "gmac_per_image_forward": _counted_flops(eval_stage["cost"]) / 2 / batch / 1e9,
   }
   for key_name, values in times.items():
     row[f"{key_name}_img_s"] = batch * _STEPS.value / statistics.median(values)
@@ -282,28 +327,36 @@ def _e2e_row(root: str, split_file: str, epochs: int, workdir: str) -> dict:
   return row
 
 
+def _number(value, spec: str) -> str:
+  """A table cell: the number, or '–' where it was not measured (None or NaN)."""
+  return "–" if value is None or math.isnan(value) else format(value, spec)
+
+
 def _markdown(result: dict) -> str:
   peak = result["matmul_gflop_s"]
   lines = [
-    f"Machine: {result['machine']['platform']}, {result['threads']} threads; float32 matmul "
+    f"Machine: {result['machine']['platform']}, {result['threads']} threads, JAX backend "
+    f"{result['backend']}, torch on {result['torch_device']}; matmul (float32 unless named) "
     + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()),
     "",
-    "| model, side, batch | train img/s busjax / torch | ratio | eval img/s busjax / torch | "
-    "ratio | compile s | GMAC/img (fwd) | GFLOP/img (train) | busjax GFLOP/s (% of matmul) |",
+    "| model, side, batch | train img/s busjax / torch | ratio (×) | eval img/s busjax / torch | "
+    "ratio (×) | compile s | GMAC/img (fwd) | GFLOP/img (train) | busjax GFLOP/s (% of matmul) |",
     "|---|---|---|---|---|---|---|---|---|",
   ]
   for r in result["rows"]:
+    row_peak = peak.get(f"jax_{r.get('dtype')}", peak["jax"])  # bfloat16 rows: its own peak.
     torch_train = f"{r['torch_train_img_s']:.1f}" if "torch_train_img_s" in r else "–"
     torch_eval = f"{r['torch_eval_img_s']:.1f}" if "torch_eval_img_s" in r else "–"
     lines.append(
       f"| {r['model']}, {r['side']}, {r['batch']}"
-      f"{'' if r.get('dtype', 'float32') == 'float32' else ', ' + r['dtype']} | "
+      f"{'' if r.get('dtype', 'float32') == 'float32' else ', ' + r['dtype']}"
+      f"{', conv ' + r['conv'] if 'conv' in r else ''} | "
       f"{r['busjax_train_img_s']:.1f} / {torch_train} | "
-      f"{r.get('train_ratio', float('nan')):.2f}× | {r['busjax_eval_img_s']:.1f} / {torch_eval} | "
-      f"{r.get('eval_ratio', float('nan')):.2f}× | {r['busjax_compile_s']:.1f} | "
-      f"{r.get('gmac_per_image_forward', float('nan')):.2f} | "
-      f"{r['gflop_per_image_train']:.2f} | {r['busjax_train_gflop_s']:.1f} "
-      f"({100 * r['busjax_train_gflop_s'] / peak['jax']:.0f}%) |"
+      f"{_number(r.get('train_ratio'), '.2f')} | {r['busjax_eval_img_s']:.1f} / {torch_eval} | "
+      f"{_number(r.get('eval_ratio'), '.2f')} | {r['busjax_compile_s']:.1f} | "
+      f"{_number(r.get('gmac_per_image_forward'), '.2f')} | "
+      f"{_number(r['gflop_per_image_train'], '.2f')} | {_number(r['busjax_train_gflop_s'], '.1f')} "
+      f"({_number(100 * r['busjax_train_gflop_s'] / row_peak, '.0f')}%) |"
     )
   e2e = result.get("e2e")
   if e2e:
@@ -334,28 +387,29 @@ def main(argv):
     except ImportError:
       raise app.UsageError("--torch needs PyTorch: pip install -e '.[speed]'") from None
     torch.set_num_threads(os.cpu_count() or 1)
-  if _PLAIN_CONV_GRADIENT.value:
-    layers.conv2d = layers._conv  # noqa: SLF001  (Conv looks it up at call time.)
   result = {
     "benchmark": "speed",
-    "plain_conv_gradient": _PLAIN_CONV_GRADIENT.value,
     "machine": common.machine(),
     "threads": os.cpu_count(),
     "jax": jax.__version__,
     "torch": None if torch is None else torch.__version__,
     "backend": jax.default_backend(),
     "torch_device": None if torch is None else _torch_device(torch),
+    # Float32 convolutions at the backends' defaults: TF32 on an NVIDIA GPU for XLA (default
+    # precision) and for cuDNN (torch.backends.cudnn.allow_tf32); torch's matmuls are full fp32.
+    "torch_tf32": None
+    if torch is None
+    else {
+      "cudnn": torch.backends.cudnn.allow_tf32,
+      "matmul": torch.backends.cuda.matmul.allow_tf32,
+    },
     "matmul_gflop_s": _matmul_gflops(torch),
     "rows": [],
   }
   for spec in _ROWS.value:
-    name, side, batch, *rest = spec.split(":")
-    dtype = rest[0] if rest else "float32"
-    if name not in MODELS or dtype not in ("float32", "bfloat16"):
-      raise app.UsageError(
-        f"--rows: {spec!r}: expected model:side:batch[:float32|bfloat16], models {list(MODELS)}"
-      )
-    result["rows"].append(_row(name, int(side), int(batch), torch, dtype))
+    name, side, batch, dtype, conv = parse_row(spec)
+    with layers.conv_formulation(conv):  # Read when the step and eval are traced, in _row.
+      result["rows"].append(_row(name, side, batch, torch, dtype))
     common.write_json_atomic(_OUTPUT.value, result)
     print(json.dumps(result["rows"][-1]), flush=True)
   if _E2E_DATA.value:

@@ -1,6 +1,7 @@
 """Layer rewrites in busjax.models.layers match nnx.Conv: outputs and gradients, both paddings."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,10 +46,17 @@ def _assert_same_outputs_and_grads(fast, reference, x):
     np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())), rtol=1e-5)
 
 
+@pytest.fixture(params=["cpu", "xla"])
+def formulation(request):
+  """Each parity test runs with both formulations `Conv`/`DepthwiseConv` can trace."""
+  with layers.conv_formulation(request.param):
+    yield request.param
+
+
 @pytest.mark.parametrize("padding", ["symmetric", "same"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [8, 9])
-def test_depthwise_matches_grouped_nnx_conv(padding, stride, size):
+def test_depthwise_matches_grouped_nnx_conv(padding, stride, size, formulation):
   channels = 6
   x = jax.random.normal(jax.random.key(0), (2, size, size + 1, channels))
   fast = layers.DepthwiseConv(
@@ -70,7 +78,7 @@ def test_depthwise_matches_grouped_nnx_conv(padding, stride, size):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_pointwise_matches_nnx_conv(stride):
+def test_pointwise_matches_nnx_conv(stride, formulation):
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 5))
   fast = layers.PointwiseConv(5, 7, strides=stride, rngs=nnx.Rngs(1))
   reference = nnx.Conv(
@@ -84,7 +92,7 @@ def test_pointwise_matches_nnx_conv(stride):
 @pytest.mark.parametrize("kernel_size,stride", [(3, 1), (3, 2), (7, 2), (1, 2)])
 # 3 input channels: the kernel gradient is one im2col matmul; 40: one matmul per tap; 72: XLA's.
 @pytest.mark.parametrize("channels", [3, 40, 72])
-def test_conv_matches_nnx_conv(padding, kernel_size, stride, channels):
+def test_conv_matches_nnx_conv(padding, kernel_size, stride, channels, formulation):
   x = jax.random.normal(jax.random.key(0), (2, 10, 11, channels))
   fast = layers.Conv(channels, 4, kernel_size, strides=stride, padding=padding, rngs=nnx.Rngs(1))
   reference = nnx.Conv(
@@ -97,6 +105,64 @@ def test_conv_matches_nnx_conv(padding, kernel_size, stride, channels):
     rngs=nnx.Rngs(2),
   )
   _assert_same_outputs_and_grads(fast, reference, x)
+
+
+def _primitives(module, x) -> set[str]:
+  """Names of the primitives in the jaxpr of module(x)'s gradient w.r.t. x and the kernel."""
+  graphdef, state = nnx.split(module)
+
+  def loss(state, x):
+    return jnp.sum(nnx.merge(graphdef, state)(x) ** 2)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(state, x)
+  names = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      names.add(eqn.primitive.name)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jaxpr.jaxpr)
+  return names
+
+
+def test_auto_formulation_follows_the_backend_and_the_environment(monkeypatch):
+  """ "auto" is the CPU rewrites on the CPU, XLA's own convolutions elsewhere; BUSJAX_CONV and
+  `conv_formulation` override it, and a bad name is a one-line error naming its source."""
+  monkeypatch.delenv("BUSJAX_CONV", raising=False)
+  assert layers.resolved_formulation() == ("cpu" if jax.default_backend() == "cpu" else "xla")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert layers.resolved_formulation() == "xla"
+  monkeypatch.setenv("BUSJAX_CONV", "cpu")
+  assert layers.resolved_formulation() == "cpu"
+  with layers.conv_formulation("xla"):
+    assert layers.resolved_formulation() == "xla"
+  assert layers.resolved_formulation() == "cpu"
+  monkeypatch.setenv("BUSJAX_CONV", "cudnn")
+  with pytest.raises(ValueError, match="BUSJAX_CONV='cudnn': expected one of auto, cpu, xla"):
+    layers.resolved_formulation()
+  with pytest.raises(ValueError, match="conv_formulation='fast'"), layers.conv_formulation("fast"):
+    pass
+
+
+def test_formulations_trace_different_programs():
+  """ "cpu" traces the rewrites (shifted slices; the kernel gradient as matmuls), "xla" XLA's own
+  convolutions: the switch is real, not a name."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
+  depthwise = layers.DepthwiseConv(6, kernel_size=3, rngs=nnx.Rngs(0))
+  conv = layers.Conv(6, 4, 3, rngs=nnx.Rngs(0))
+  pointwise = layers.PointwiseConv(6, 4, strides=2, rngs=nnx.Rngs(0))
+  with layers.conv_formulation("cpu"):
+    assert "conv_general_dilated" not in _primitives(depthwise, x)
+    assert "conv_general_dilated" not in _primitives(pointwise, x)
+    assert "dot_general" in _primitives(conv, x)  # The kernel gradient as matmuls.
+  with layers.conv_formulation("xla"):
+    assert "conv_general_dilated" in _primitives(depthwise, x)
+    assert "dot_general" not in _primitives(pointwise, x)
+    conv_primitives = _primitives(conv, x)
+    assert "conv_general_dilated" in conv_primitives
+    assert "dot_general" not in conv_primitives
 
 
 def test_kernel_gradient_paths_agree():

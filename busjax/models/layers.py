@@ -15,6 +15,14 @@ parameters:
   ran ResNet-18's train step at 0.26x PyTorch, the matmuls at 0.73x (docs/performance.md).
   1x1 kernels take the `PointwiseConv` path automatically.
 
+These rewrites are for XLA:CPU. On a GPU their strided 1x1 matmuls aborted jaxlib 0.11.2's
+compiler, where XLA's own convolutions (cuDNN's) compiled and ran 1.5-1.9x PyTorch's speed
+(docs/performance.md, "Accelerators"), so `Conv`, `PointwiseConv` and `DepthwiseConv` trace one of two formulations (`conv_formulation`):
+"cpu" (the rewrites) or "xla" (``lax.conv_general_dilated``, a grouped one for depthwise, with
+XLA's own gradients: what ``nnx.Conv`` computes). The default, "auto", takes "cpu" when JAX's
+default backend is the CPU and "xla" otherwise; ``BUSJAX_CONV=cpu|xla|auto`` overrides it for a
+process. Both compute the same function and parameters (tests/test_layers.py).
+
 Measured on the 2-core development box (MobileNetV2, 224 px, batch 8, SGD train step):
 10.1 img/s with these layers vs 2.8 img/s with ``nnx.Conv`` (3.6x).
 
@@ -31,15 +39,48 @@ All modules compute in ``dtype`` (e.g. bfloat16) and keep float32 parameters.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 PADDING_ALIASES = {"symmetric": "symmetric", "torch": "symmetric", "same": "same", "keras": "same"}
+
+CONV_FORMULATIONS = ("auto", "cpu", "xla")
+_formulation: str | None = None  # None: BUSJAX_CONV, else "auto".
+
+
+def _checked_formulation(name: str, source: str) -> str:
+  if name not in CONV_FORMULATIONS:
+    raise ValueError(f"{source}={name!r}: expected one of {', '.join(CONV_FORMULATIONS)}")
+  return name
+
+
+def resolved_formulation() -> str:
+  """ "cpu" or "xla": what the convolution layers trace now (read at trace time, so set it
+  before a jitted function is first called; a compiled function keeps the one it was traced
+  with)."""
+  name = _formulation or _checked_formulation(os.environ.get("BUSJAX_CONV", "auto"), "BUSJAX_CONV")
+  if name == "auto":
+    return "cpu" if jax.default_backend() == "cpu" else "xla"
+  return name
+
+
+@contextlib.contextmanager
+def conv_formulation(name: str) -> Iterator[None]:
+  """Traces the convolution layers as "cpu", "xla" or "auto" inside the block (see the module
+  docstring); e.g. a benchmark timing both on one backend."""
+  global _formulation
+  previous, _formulation = _formulation, _checked_formulation(name, "conv_formulation")
+  try:
+    yield
+  finally:
+    _formulation = previous
 
 
 def _normal_draws(key: jax.Array, size: int) -> jax.Array:
@@ -144,7 +185,8 @@ def _tap_window(x: jax.Array, i: int, j: int, out_hw: tuple[int, int], strides) 
 def depthwise_conv2d(
   x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: str
 ) -> jax.Array:
-  """Depthwise convolution of NHWC `x` with kernel (kh, kw, 1, C), as shifted slices.
+  """Depthwise convolution of NHWC `x` with kernel (kh, kw, 1, C), as shifted slices (the
+  "cpu" formulation) or XLA's grouped convolution ("xla"; see `conv_formulation`).
 
   XLA fuses the k*k multiply-adds into one loop, and their gradients are plain reductions
   and pads, where the grouped-convolution gradient is a slow generic loop on CPU (MobileNetV2
@@ -155,6 +197,15 @@ def depthwise_conv2d(
   kh, kw = kernel.shape[:2]
   sh, sw = strides
   pad_h, pad_w = _spatial_padding(x, (kh, kw), strides, padding)
+  if resolved_formulation() == "xla":  # A grouped convolution, one group per channel.
+    return jax.lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=strides,
+      padding=(pad_h, pad_w),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1],
+    )
   x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
   out_h = (x.shape[1] - kh) // sh + 1
   out_w = (x.shape[2] - kw) // sw + 1
@@ -218,6 +269,19 @@ def kernel_gradient(
   return dk.reshape(kernel_shape)
 
 
+def pointwise_conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+  """1x1 convolution of NHWC `x` with kernel (1, 1, in, out): a matmul over the channel axis
+  after subsampling for a stride ("cpu": XLA emits one GEMM for the forward and both
+  gradients), or XLA's own convolution ("xla"; cuDNN's on a GPU, which also keeps jaxlib 0.11's
+  GPU compiler off a strided slice feeding a GEMM fusion, on which it aborted)."""
+  if resolved_formulation() == "xla":
+    return _conv(x, kernel, strides, ((0, 0), (0, 0)))
+  sh, sw = strides
+  if sh > 1 or sw > 1:
+    x = x[:, ::sh, ::sw, :]
+  return jnp.dot(x, kernel[0, 0])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(
   x: jax.Array,
@@ -277,12 +341,7 @@ class PointwiseConv(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
-    sh, sw = self.strides
-    if sh > 1 or sw > 1:
-      x = x[:, ::sh, ::sw, :]
-    kernel = jnp.asarray(self.kernel[...][0, 0], dtype)
-    # dot over the last axis: XLA emits one GEMM for forward and both gradients.
-    y = jnp.dot(jnp.asarray(x, dtype), kernel)
+    y = pointwise_conv2d(jnp.asarray(x, dtype), jnp.asarray(self.kernel[...], dtype), self.strides)
     if self.bias is not None:
       y = y + jnp.asarray(self.bias[...], dtype)
     return y
@@ -362,11 +421,11 @@ class Conv(nnx.Module):
     x = jnp.asarray(x, dtype)
     kernel = jnp.asarray(self.kernel[...], dtype)
     if self.kernel_size == (1, 1):
-      sh, sw = self.strides
-      y = jnp.dot(x[:, ::sh, ::sw, :], kernel[0, 0])
+      y = pointwise_conv2d(x, kernel, self.strides)
     else:
       padding = _spatial_padding(x, self.kernel_size, self.strides, self.padding)
-      y = conv2d(x, kernel, self.strides, padding)
+      convolve = _conv if resolved_formulation() == "xla" else conv2d
+      y = convolve(x, kernel, self.strides, padding)
     if self.bias is not None:
       y = y + jnp.asarray(self.bias[...], dtype)
     return y

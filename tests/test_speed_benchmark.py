@@ -1,0 +1,63 @@
+"""benchmarks/speed.py: its row specs and one tiny row per convolution formulation (no torch)."""
+
+import math
+
+import pytest
+from absl import app, flags
+from absl.testing import flagsaver
+
+from benchmarks import speed
+from busjax.models import layers
+
+
+def test_row_specs_default_to_float32_and_auto_and_reject_bad_fields():
+  assert speed.parse_row("resnet18:128:32") == ("resnet18", 128, 32, "float32", "auto")
+  assert speed.parse_row("fusion:224:64:bfloat16") == ("fusion", 224, 64, "bfloat16", "auto")
+  assert speed.parse_row("mobilenet_v2:224:32:float32:cpu")[3:] == ("float32", "cpu")
+  for bad in (
+    "resnet18:128",
+    "resnet18:a:32",
+    "vgg16:128:32",
+    "resnet18:128:32:float16",
+    "resnet18:128:32:float32:cudnn",
+    "resnet18:128:32:float32:xla:extra",
+  ):
+    with pytest.raises(app.UsageError, match="expected model:side:batch"):
+      speed.parse_row(bad)
+
+
+@pytest.mark.parametrize("conv", ["cpu", "xla"])
+def test_a_row_times_the_formulation_it_names(conv):
+  """A row compiles busjax's real train step and eval with the formulation it was asked for
+  and reports finite speeds, FLOPs and the formulation (what a GPU session reads back)."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(repeats=1, steps=1, warmup=1), layers.conv_formulation(conv):
+    row = speed._row("resnet18", 32, 4, torch=None)  # 4: the tests run 4 CPU devices.
+  assert row["conv"] == conv and row["dtype"] == "float32"
+  assert row["params"] == 11_171_266  # ResNet-18 w1.0, one grey channel, two classes.
+  for key in ("busjax_train_img_s", "busjax_eval_img_s", "busjax_compile_s"):
+    assert row[key] > 0
+  assert math.isfinite(row["gflop_per_image_train"]) and row["gflop_per_image_train"] > 0
+  assert 0 < row["gmac_per_image_forward"] < row["gflop_per_image_train"]
+  assert "train_ratio" not in row  # No reference timed, no ratio invented.
+
+
+def test_the_table_marks_what_was_not_measured():
+  """A GPU row has no FLOP count (XLA:GPU leaves cuDNN's convolutions out) and a busjax-only
+  row no ratio: the table shows '–' there, never 'nan'."""
+  row = {
+    "model": "resnet18", "side": 128, "batch": 32, "dtype": "bfloat16", "conv": "xla",
+    "busjax_train_img_s": 6000.0, "busjax_eval_img_s": 27000.0, "busjax_compile_s": 9.0,
+    "gflop_per_image_train": float("nan"), "gmac_per_image_forward": float("nan"),
+    "busjax_train_gflop_s": float("nan"),
+  }  # fmt: skip
+  result = {
+    "machine": {"platform": "test"}, "threads": 16, "backend": "gpu", "torch_device": None,
+    "matmul_gflop_s": {"jax": 380_000.0, "jax_bfloat16": 700_000.0}, "rows": [row],
+  }  # fmt: skip
+  table = speed._markdown(result)
+  assert "nan" not in table
+  assert (
+    "| resnet18, 128, 32, bfloat16, conv xla | 6000.0 / – | – | 27000.0 / – | – | 9.0 |" in table
+  )
