@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from absl import flags
 
 from busjax.evaluators import metrics
 
@@ -103,3 +104,11 @@ def machine() -> dict[str, Any]:
   import jax
 
   return {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()]}
+
+
+def output_flag(help_text: str) -> flags.FlagHolder:
+  """Every benchmark's ``--output``, defined once per process: a test module importing two
+  benchmarks (both defining it) shares one flag instead of failing at import."""
+  if "output" in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS["output"])
+  return flags.DEFINE_string("output", None, help_text)

@@ -130,6 +130,12 @@ LEVERS = {
     trains_on_target=True,
   ),
   "res224": Lever("configs/supervised.py", ("data.image_size=224",), "224 px instead of 128"),
+  "bf16": Lever(
+    "configs/supervised.py",
+    ("model.dtype='bfloat16'",),
+    "bfloat16 compute (float32 parameters, BatchNorm statistics and loss): what an "
+    "accelerator run would use, its accuracy effect",
+  ),
   "ssl": Lever(
     "configs/supervised.py",
     (),
@@ -177,7 +183,7 @@ _LEVERS = flags.DEFINE_list(
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (>= 3 for a row).")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Evaluation variants, of {VARIANTS}.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/external", "Runs go in WORKDIR/LEVER/seedS.")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON, rewritten after every run.")
+_OUTPUT = common.output_flag("JSON, rewritten after every run.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Resamples behind every interval.")
 _RENDER = flags.DEFINE_string("render", None, "Only print the table of this --output JSON.")
 

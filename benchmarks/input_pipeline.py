@@ -21,6 +21,7 @@ import time
 
 from absl import app, flags
 
+from benchmarks import common
 from busjax.data import augment, phantom, pipeline, records, sources
 
 _SOURCE = flags.DEFINE_enum("source", "phantom", ["phantom", "busi", "busbra"], "Data source.")
@@ -36,7 +37,7 @@ _BACKENDS = flags.DEFINE_list(
 )
 _PHANTOM_COUNT = flags.DEFINE_integer("phantom_count", 240, "Phantom images (3 classes).")
 _PHANTOM_SIZE = flags.DEFINE_integer("phantom_size", 256, "Phantom image side.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON (default: print only).")
+_OUTPUT = common.output_flag("Where to write the JSON (default: print only).")
 
 
 def _collection() -> records.Collection:

@@ -63,7 +63,7 @@ _OVERRIDES = flags.DEFINE_multi_string("set", [], "Fine-tune overrides `a.b=valu
 _PRETRAIN_OVERRIDES = flags.DEFINE_multi_string("pretrain_set", [], "Pretraining overrides.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/busjax_ssl", "Where runs go.")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON results (also the resume record).")
+_OUTPUT = common.output_flag("JSON results (also the resume record).")
 _RENDER = flags.DEFINE_list("render", [], "Only print the tables of these --output files.")
 
 

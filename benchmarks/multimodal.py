@@ -57,7 +57,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (phantom draw, split
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Extra overrides `a.b=value` (Python literal).")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/busjax_multimodal", "Where runs go.")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON results (also the resume record).")
+_OUTPUT = common.output_flag("JSON results (also the resume record).")
 _RENDER = flags.DEFINE_list("render", [], "Only print the tables of these --output files.")
 
 

@@ -58,7 +58,7 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Input side for every mode
 _EPOCHS = flags.DEFINE_integer("epochs", 0, "Override train.epochs (0: the config's).")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds; each is a separate run.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/busjax_quality", "Where runs and reports go.")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the JSON here.")
+_OUTPUT = common.output_flag("Write the JSON here.")
 _CACHE = flags.DEFINE_string(
   "compilation_cache",
   "",

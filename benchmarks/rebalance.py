@@ -60,7 +60,7 @@ _CONFIG_ARGS = flags.DEFINE_string("config_args", "", "Extra config arguments, e
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Extra overrides `a.b=value` (Python literal).")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Paired bootstrap resamples.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/busjax_rebalance", "Where runs go.")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON results (also the resume record).")
+_OUTPUT = common.output_flag("JSON results (also the resume record).")
 _RENDER = flags.DEFINE_list("render", [], "Only print the tables of these --output files.")
 
 

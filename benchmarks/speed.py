@@ -76,7 +76,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per side (median re
 _STEPS = flags.DEFINE_integer("steps", 3, "Train steps (or eval batches) per timed repeat.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling, per side.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch reference too.")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON results (rewritten after every row).")
+_OUTPUT = common.output_flag("JSON results (rewritten after every row).")
 _E2E_DATA = flags.DEFINE_string(
   "e2e_data", None, "Dataset_BUSI_with_GT folder: adds the end-to-end row (else skipped)."
 )

@@ -61,3 +61,12 @@ def test_the_table_marks_what_was_not_measured():
   assert (
     "| resnet18, 128, 32, bfloat16, conv xla | 6000.0 / – | – | 27000.0 / – | – | 9.0 |" in table
   )
+
+
+def test_the_benchmarks_the_tests_import_share_one_output_flag():
+  """The test modules import speed and external into one process: both define `--output`,
+  which once failed the whole test collection (absl DuplicateFlagError)."""
+  from benchmarks import external
+
+  assert speed._OUTPUT.name == external._OUTPUT.name == "output"
+  assert flags.FLAGS["output"].default is None

@@ -17,9 +17,10 @@ parameters:
 
 These rewrites are for XLA:CPU. On a GPU their strided 1x1 matmuls aborted jaxlib 0.11.2's
 compiler, where XLA's own convolutions (cuDNN's) compiled and ran 1.5-1.9x PyTorch's speed
-(docs/performance.md, "Accelerators"), so `Conv`, `PointwiseConv` and `DepthwiseConv` trace one of two formulations (`conv_formulation`):
-"cpu" (the rewrites) or "xla" (``lax.conv_general_dilated``, a grouped one for depthwise, with
-XLA's own gradients: what ``nnx.Conv`` computes). The default, "auto", takes "cpu" when JAX's
+(docs/performance.md, "Accelerators"), so `Conv`, `PointwiseConv` and `DepthwiseConv` trace
+one of two formulations (`conv_formulation`): "cpu" (the rewrites) or "xla"
+(``lax.conv_general_dilated``, a grouped one for depthwise, with XLA's own gradients: what
+``nnx.Conv`` computes). The default, "auto", takes "cpu" when JAX's
 default backend is the CPU and "xla" otherwise; ``BUSJAX_CONV=cpu|xla|auto`` overrides it for a
 process. Both compute the same function and parameters (tests/test_layers.py).
 
