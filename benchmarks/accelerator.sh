@@ -7,17 +7,20 @@
 #      (speed_formulations.json). jaxlib 0.11.2's GPU compiler aborts on the rewrites' strided
 #      1x1 matmuls (a Triton GEMM fusion check, docs/performance.md), so this stage alone runs
 #      with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false, for both rows alike;
-#   3. the README's main job (configs/gan_rebalance.py on the synthetic phantoms), end to end.
+#   3. the README's main job (configs/gan_rebalance.py on the synthetic phantoms), end to end;
+#      MAIN_CONFIG=configs/gan_rebalance.py:gpu runs its accelerator-sized variant instead.
 # Each stage has its own time limit, and speed.py rewrites its JSON after every row, so a stage
-# that runs out of time still leaves what it finished. On an H200 (2026-12-04) stage 1 needed
-# ~40 s per ResNet-18/MobileNetV2 row and over 100 s for DenseNet121's compile.
+# that runs out of time still leaves what it finished. The default limits add up to 9.5 minutes
+# (one 10-minute device call). On an H200 (2026-12-04) stage 1 needed ~40 s per
+# ResNet-18/MobileNetV2 row and over 100 s for DenseNet121's compile; stage 3 took 150 s.
 #
 #   bash benchmarks/accelerator.sh OUTDIR [SPEED_S] [FORMULATIONS_S] [MAIN_S]
 set -u
 out=${1:?usage: bash benchmarks/accelerator.sh OUTDIR [SPEED_S] [FORMULATIONS_S] [MAIN_S]}
-speed_s=${2:-420}
-formulations_s=${3:-150}
-main_s=${4:-200}
+speed_s=${2:-300}
+formulations_s=${3:-90}
+main_s=${4:-170}
+main_config=${MAIN_CONFIG:-configs/gan_rebalance.py}
 python=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -55,9 +58,9 @@ echo "formulations: exit $? after $(($(date +%s) - start)) s" | tee -a "$out/spe
 
 start=$(date +%s)
 rm -rf /tmp/busjax_accelerator_run
-timeout "$main_s" "$python" -m busjax.main --config=configs/gan_rebalance.py \
+timeout "$main_s" "$python" -m busjax.main --config="$main_config" \
   --workdir=/tmp/busjax_accelerator_run >"$out/main.log" 2>&1
-echo "main: exit $? after $(($(date +%s) - start)) s" | tee -a "$out/main.log"
+echo "main ($main_config): exit $? after $(($(date +%s) - start)) s" | tee -a "$out/main.log"
 for f in summary.json reports/test/report.json; do
   [ -f "/tmp/busjax_accelerator_run/$f" ] && cp "/tmp/busjax_accelerator_run/$f" "$out/main_${f//\//_}"
 done
