@@ -1,5 +1,7 @@
 """Layer rewrites in busjax.models.layers match nnx.Conv: outputs and gradients, both paddings."""
 
+import warnings
+
 import jax
 import jax.extend.core
 import jax.numpy as jnp
@@ -134,6 +136,7 @@ def test_auto_formulation_follows_the_backend_and_the_environment(monkeypatch):
   assert layers.resolved_formulation() == ("cpu" if jax.default_backend() == "cpu" else "xla")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert layers.resolved_formulation() == "xla"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")  # No warning here.
   monkeypatch.setenv("BUSJAX_CONV", "cpu")
   assert layers.resolved_formulation() == "cpu"
   with layers.conv_formulation("xla"):
@@ -144,6 +147,24 @@ def test_auto_formulation_follows_the_backend_and_the_environment(monkeypatch):
     layers.resolved_formulation()
   with pytest.raises(ValueError, match="conv_formulation='fast'"), layers.conv_formulation("fast"):
     pass
+
+
+def test_the_rewrites_on_a_gpu_warn_once_unless_the_flag_is_set(monkeypatch):
+  """jaxlib 0.11.2's GPU compiler aborted (a fatal error, no traceback) on the rewrites: asking
+  for them on a GPU says so once, with the flag that made them compile."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setenv("BUSJAX_CONV", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "")
+  layers._warn_rewrites_on_gpu.cache_clear()
+  with pytest.warns(UserWarning, match="--xla_gpu_enable_triton_gemm=false"):
+    assert layers.resolved_formulation() == "cpu"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert layers.resolved_formulation() == "cpu"  # Once per process, not once per layer.
+    layers._warn_rewrites_on_gpu.cache_clear()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")
+    assert layers.resolved_formulation() == "cpu"
+  layers._warn_rewrites_on_gpu.cache_clear()
 
 
 def test_formulations_trace_different_programs():

@@ -44,6 +44,7 @@ import contextlib
 import functools
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -69,7 +70,21 @@ def resolved_formulation() -> str:
   name = _formulation or _checked_formulation(os.environ.get("BUSJAX_CONV", "auto"), "BUSJAX_CONV")
   if name == "auto":
     return "cpu" if jax.default_backend() == "cpu" else "xla"
+  if name == "cpu" and jax.default_backend() == "gpu":
+    _warn_rewrites_on_gpu()
   return name
+
+
+@functools.cache
+def _warn_rewrites_on_gpu() -> None:
+  """Once per process: the rewrites on a GPU needed a flag with jaxlib 0.11.2."""
+  if "xla_gpu_enable_triton_gemm=false" not in os.environ.get("XLA_FLAGS", ""):
+    warnings.warn(
+      "the 'cpu' convolution formulation on a GPU: jaxlib 0.11.2's compiler aborted on its "
+      "strided 1x1 matmuls (Triton GEMM fusion); if yours does, set "
+      "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false or use 'auto' (docs/performance.md)",
+      stacklevel=3,
+    )
 
 
 @contextlib.contextmanager
