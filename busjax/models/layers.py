@@ -214,14 +214,7 @@ def depthwise_conv2d(
   sh, sw = strides
   pad_h, pad_w = _spatial_padding(x, (kh, kw), strides, padding)
   if resolved_formulation() == "xla":  # A grouped convolution, one group per channel.
-    return jax.lax.conv_general_dilated(
-      x,
-      kernel,
-      window_strides=strides,
-      padding=(pad_h, pad_w),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=x.shape[-1],
-    )
+    return _conv(x, kernel, strides, (pad_h, pad_w), groups=x.shape[-1])
   x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
   out_h = (x.shape[1] - kh) // sh + 1
   out_w = (x.shape[2] - kw) // sw + 1
@@ -233,9 +226,14 @@ def depthwise_conv2d(
   return y
 
 
-def _conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+def _conv(x: jax.Array, kernel: jax.Array, strides, padding, groups: int = 1) -> jax.Array:
   return jax.lax.conv_general_dilated(
-    x, kernel, window_strides=strides, padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    x,
+    kernel,
+    window_strides=strides,
+    padding=padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=groups,
   )
 
 
