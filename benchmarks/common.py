@@ -74,7 +74,15 @@ def paired_auc_difference(a: dict, b: dict, bootstrap: int) -> dict | None:
     return None
   y = a["y_malignant"]
   scores = np.stack([a["p_malignant"], b["p_malignant"]], axis=1)
-  diff = lambda y_, s: metrics.roc_auc(y_, s[:, 0]) - metrics.roc_auc(y_, s[:, 1])
+
+  def diff(y_, s):
+    return metrics.roc_auc(y_, s[:, 0]) - metrics.roc_auc(y_, s[:, 1])
+
+  def diff_resampled(y_, s, counts):  # All resamples at once (`metrics.bootstrap_ci`).
+    aucs = metrics.roc_auc_resampled(y_, s, counts)
+    return aucs[:, 0] - aucs[:, 1]
+
+  diff.resampled = diff_resampled
   ci = metrics.bootstrap_ci(diff, y, scores, clusters=a["clusters"], n=bootstrap)
   test = metrics.delong_test(y, scores[:, 0], scores[:, 1])
   return {

@@ -377,6 +377,11 @@ def paired_gain(lever: list[dict], base: list[dict], bootstrap: int) -> dict:
     aucs = [metrics.roc_auc(y_, s[:, j]) for j in range(s.shape[1])]
     return float(np.mean(aucs[:k]) - np.mean(aucs[k:]))
 
+  def gain_resampled(y_, s, counts):  # All resamples at once (`metrics.bootstrap_ci`).
+    aucs = metrics.roc_auc_resampled(y_, s, counts)
+    return aucs[:, :k].mean(axis=1) - aucs[:, k:].mean(axis=1)
+
+  gain.resampled = gain_resampled
   ci = metrics.bootstrap_ci(gain, y, scores, clusters=clusters, n=bootstrap)
   return {"gain": gain(y, scores), "ci": _ci(ci)}
 

@@ -41,6 +41,31 @@ def test_paired_gain_is_zero_for_identical_models_and_positive_for_a_better_one(
     external.paired_gain(shuffled, base, bootstrap=10)
 
 
+def test_paired_gain_interval_is_the_per_resample_loops():
+  from benchmarks import common
+  from busjax.evaluators import metrics
+
+  rng, y, clusters = _data(seed=3)
+  lever = [_preds(y + rng.normal(0, 0.5, len(y)), y, clusters) for _ in range(2)]
+  base = [_preds(y + rng.normal(0, 0.8, len(y)), y, clusters) for _ in range(2)]
+  scores = np.stack([p["p_malignant"] for p in (*lever, *base)], axis=1)
+
+  def loop_gain(y_, s):
+    aucs = [metrics.roc_auc(y_, s[:, j]) for j in range(4)]
+    return np.mean(aucs[:2]) - np.mean(aucs[2:])
+
+  want = metrics.bootstrap_ci(loop_gain, y, scores, clusters=clusters, n=150)
+  assert external.paired_gain(lever, base, bootstrap=150)["ci"] == pytest.approx(
+    list(want), abs=1e-12
+  )
+  diff = common.paired_auc_difference(lever[0], base[0], bootstrap=150)
+  want = metrics.bootstrap_ci(
+    lambda y_, s: metrics.roc_auc(y_, s[:, 0]) - metrics.roc_auc(y_, s[:, 1]),
+    y, scores[:, [0, 2]], clusters=clusters, n=150,
+  )  # fmt: skip
+  assert diff["auc_diff_ci_clustered"] == pytest.approx(list(want), abs=1e-12)
+
+
 def test_row_metrics_ensemble_operating_points_and_threshold_landing():
   rng, y, clusters = _data()
   devices = np.asarray(["A", "B"] * (len(y) // 2))

@@ -122,6 +122,102 @@ def test_one_class_resamples_are_skipped_and_counted():
   assert np.isnan(ppv_ci.lo) and np.isnan(ppv_ci.hi)
 
 
+def test_bootstrap_counts_are_the_resamples_of_bootstrap_indices():
+  patients = np.array(["a", "a", "a", "b", "c", "c", "d"])
+  for clusters in (None, patients):
+    counts = metrics.bootstrap_counts(7, clusters=clusters, n_resamples=30, seed=4)
+    indices = metrics.bootstrap_indices(7, clusters=clusters, n_resamples=30, seed=4)
+    assert counts.shape == (30, 7)
+    for row, idx in zip(counts, indices, strict=True):
+      np.testing.assert_array_equal(row, np.bincount(idx, minlength=7))
+
+
+def test_resampled_auc_equals_the_auc_of_each_resample():
+  y, p = _scores_with_ties(n=90, seed=8)  # Ties within and across classes.
+  y[:3] = 1  # A few positives so that some tiny resamples can still miss a class.
+  counts = metrics.bootstrap_counts(90, clusters=np.arange(90) // 4, n_resamples=40, seed=2)
+  counts[0] = 0
+  counts[0, np.flatnonzero(y == 0)[:5]] = 1  # One resample of negatives only: undefined.
+  aucs = metrics.roc_auc_resampled(y, p, counts)
+  assert np.isnan(aucs[0])
+  for row, auc in zip(counts[1:], aucs[1:], strict=True):
+    idx = np.repeat(np.arange(90), row)
+    assert auc == pytest.approx(metrics.roc_auc(y[idx], p[idx]), abs=1e-12)
+  both = metrics.roc_auc_resampled(y, np.stack([p, -p], axis=1), counts[1:])
+  np.testing.assert_allclose(both, np.stack([aucs[1:], 1.0 - aucs[1:]], axis=1), atol=1e-12)
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_vectorised_bootstrap_gives_the_loops_interval(clustered):
+  rng = np.random.default_rng(11)
+  y, p = _scores_with_ties(n=150, seed=12)
+  clusters = rng.integers(0, 60, 150) if clustered else None
+  common = dict(clusters=clusters, n=300, seed=5)
+  cases = [(metrics.roc_auc, lambda yy, pp: metrics.roc_auc(yy, pp))]
+  for name, threshold in (("sensitivity", 0.4), ("balanced_accuracy", 0.6), ("ppv", 0.9)):
+    metric = metrics.threshold_metric(name, threshold)
+    cases.append(
+      (metric, lambda yy, pp, t=threshold, k=name: metrics.threshold_metrics(yy, pp, t)[k])
+    )
+  for fast, loop in cases:
+    assert hasattr(fast, "resampled") and not hasattr(loop, "resampled")
+    got, want = (
+      metrics.bootstrap_ci(fast, y, p, **common),
+      metrics.bootstrap_ci(loop, y, p, **common),
+    )
+    assert got.lo == pytest.approx(want.lo, abs=1e-12) and got.hi == pytest.approx(
+      want.hi, abs=1e-12
+    )
+    assert got.details == want.details
+  y_rare = np.array([1] + [0] * 19)  # Many one-class resamples, and ppv nan when none is called.
+  p_rare = np.linspace(0, 1, 20)
+  for fast, loop in cases:
+    got = metrics.bootstrap_ci(fast, y_rare, p_rare, n=200, seed=1)
+    want = metrics.bootstrap_ci(loop, y_rare, p_rare, n=200, seed=1)
+    assert got.details == want.details and got.n_skipped_one_class > 0
+    np.testing.assert_allclose(tuple(got), tuple(want), atol=1e-12)
+
+
+def test_resampled_operating_points_equal_each_resamples_point():
+  y, p = _scores_with_ties(n=120, seed=13)
+  counts = metrics.bootstrap_counts(120, clusters=np.arange(120) // 3, n_resamples=60, seed=9)
+  targets = np.linspace(0.05, 1.0, 60)  # One target per resample, 1.0 included.
+  spec = metrics.specificity_at_sensitivity_resampled(y, p, counts, targets)
+  sens = metrics.sensitivity_at_specificity_resampled(y, p, counts, targets)
+  spec_fixed = metrics.specificity_at_sensitivity_resampled(y, p, counts, 0.8)
+  for b, row in enumerate(counts):
+    idx = np.repeat(np.arange(120), row)
+    yy, pp = y[idx], p[idx]
+    assert spec[b] == metrics.specificity_at_sensitivity_point(yy, pp, targets[b])[0]
+    assert sens[b] == metrics.sensitivity_at_specificity_point(yy, pp, targets[b])[0]
+    assert spec_fixed[b] == metrics.specificity_at_sensitivity_point(yy, pp, 0.8)[0]
+  both = metrics.threshold_metrics_resampled(y, p, counts, 0.45)
+  for b, row in enumerate(counts[:10]):
+    idx = np.repeat(np.arange(120), row)
+    for name, value in metrics.threshold_metrics(y[idx], p[idx], 0.45).items():
+      assert both[name][b] == pytest.approx(value, nan_ok=True)
+
+
+def test_operating_point_intervals_match_the_loop():
+  y, p = _scores_with_ties(n=200, seed=14)
+  clusters = np.arange(200) // 2
+  for function, point in (
+    (metrics.specificity_at_sensitivity, metrics.specificity_at_sensitivity_point),
+    (metrics.sensitivity_at_specificity, metrics.sensitivity_at_specificity_point),
+  ):
+    got = function(y, p, 0.7, clusters=clusters, n_bootstrap=200, seed=3)["ci"]
+    want = metrics.bootstrap_ci(
+      lambda yy, pp, point=point: point(yy, pp, 0.7)[0], y, p, clusters=clusters, n=200, seed=3
+    )
+    assert tuple(got) == pytest.approx(tuple(want), abs=1e-12) and got.details == want.details
+
+
+def test_threshold_metric_names_a_known_metric():
+  assert metrics.threshold_metric("specificity", 0.5)([0, 1, 0], [0.2, 0.9, 0.7]) == 0.5
+  with pytest.raises(ValueError, match="unknown threshold metric 'sens'"):
+    metrics.threshold_metric("sens", 0.5)
+
+
 # ------------------------------------------------------------------------------------- DeLong
 
 

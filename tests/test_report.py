@@ -259,6 +259,20 @@ def test_report_reader_comparison_is_consistent(tmp_path):
   assert 0.0 < test["p_value"] <= 1.0
 
 
+def test_reader_difference_intervals_match_the_per_resample_loop():
+  y, p, patients, birads = _predictions(seed=5)
+  comparison = readers.compare_model_to_reader(y, p, birads, patients, n_bootstrap=150, seed=2)
+  calls = (readers.parse_birads(birads) >= 4).astype(float)
+  both = np.stack([p, calls], axis=1)
+  for key, which in (("specificity_difference", 0), ("sensitivity_difference", 1)):
+    loop = metrics.bootstrap_ci(
+      lambda yy, ss, which=which: readers._matched_differences(yy, ss)[which],
+      y, both, clusters=patients, n=150, seed=2,
+    )  # fmt: skip
+    got = comparison[key]["ci"]
+    assert tuple(got) == pytest.approx(tuple(loop), abs=1e-12) and got.details == loop.details
+
+
 @pytest.mark.skipif(not (BUSBRA / "bus_data.csv").is_file(), reason="BUS-BRA dev data absent")
 def test_busbra_reader_point_on_real_data():
   with open(BUSBRA / "bus_data.csv", newline="") as f:

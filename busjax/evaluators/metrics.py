@@ -121,6 +121,54 @@ def _auc_unchecked(y: np.ndarray, p: np.ndarray) -> float:
   return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+# Resamples evaluated together by the vectorised metrics: blocks of at most this many
+# (resample, image) cells keep their float64 temporaries near 32 MB.
+_CELLS_PER_BLOCK = 1 << 22
+
+
+def roc_auc_resampled(y: np.ndarray, p: np.ndarray, counts: np.ndarray) -> np.ndarray:
+  """AUC of every bootstrap resample at once, from how often each image was drawn.
+
+  Args:
+    y: truth 0/1, shape (n,).
+    p: scores, shape (n,) or (n, k) (one AUC per column).
+    counts: (B, n) times each image appears in each resample.
+
+  Returns:
+    (B,) or (B, k) AUCs, nan where a resample holds one class only. Equal (to float rounding) to
+    `roc_auc` on the resampled images: an image drawn twice weighs 2 in the Mann-Whitney sum and
+    a tie between classes counts 1/2. Each positive's negatives below and tied come from one
+    sort (searchsorted), each resample's from prefix sums of its negatives' counts: O(B n) array
+    work where the loop it replaces ranked every resample in Python.
+  """
+  y = np.asarray(y)
+  p = np.asarray(p, dtype=np.float64)
+  counts = np.asarray(counts)
+  if p.ndim == 2:
+    return np.stack([roc_auc_resampled(y, p[:, j], counts) for j in range(p.shape[1])], axis=1)
+  positive = y == 1
+  negative_order = np.flatnonzero(~positive)[np.argsort(p[~positive], kind="stable")]
+  negative_scores = p[negative_order]
+  below = np.searchsorted(negative_scores, p[positive], side="left")  # Negatives scored lower.
+  up_to = np.searchsorted(negative_scores, p[positive], side="right")  # ... lower or tied.
+  out = np.empty(counts.shape[0])
+  step = max(1, _CELLS_PER_BLOCK // max(1, y.shape[0]))
+  for b in range(0, counts.shape[0], step):
+    # Images along axis 0 (resamples along axis 1): the gathers below copy whole rows.
+    block = np.ascontiguousarray(counts[b : b + step].T, dtype=np.float64)
+    w_pos = block[positive]
+    prefix = np.zeros((negative_order.shape[0] + 1, block.shape[1]))
+    np.cumsum(block[negative_order], axis=0, out=prefix[1:])  # prefix[j]: the j lowest negatives.
+    wins = 0.5 * np.einsum("ib,ib->b", w_pos, prefix[below] + prefix[up_to])
+    pairs = w_pos.sum(axis=0) * prefix[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+      out[b : b + step] = np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1.0), np.nan)
+  return out
+
+
+roc_auc.resampled = roc_auc_resampled
+
+
 def bootstrap_indices(
   n: int, *, clusters: Any = None, n_resamples: int = 2000, seed: int = 0
 ) -> Any:
@@ -144,6 +192,29 @@ def bootstrap_indices(
   for _ in range(n_resamples):
     times_drawn = np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters)
     yield np.repeat(image_index, times_drawn[cluster_of_image])
+
+
+def bootstrap_counts(
+  n: int, *, clusters: Any = None, n_resamples: int = 2000, seed: int = 0
+) -> np.ndarray:
+  """(n_resamples, n) times each image appears in each resample of `bootstrap_indices` with the
+  same arguments (the same random draws, so both give the same intervals)."""
+  rng = np.random.default_rng(seed)
+  if clusters is None:
+    draws, cluster_of_image = rng.integers(0, n, (n_resamples, n)), None
+  else:
+    clusters = np.asarray(clusters)
+    if clusters.shape != (n,):
+      raise ValueError(f"clusters must have shape ({n},), got {clusters.shape}")
+    _, cluster_of_image = np.unique(clusters, return_inverse=True)
+    n_clusters = int(cluster_of_image.max()) + 1
+    draws = rng.integers(0, n_clusters, (n_resamples, n_clusters))
+  # One bincount for all rows: row r's draws are offset by r * (units per row).
+  units = draws.shape[1]
+  offsets = np.arange(n_resamples)[:, None] * units
+  times_drawn = np.bincount((draws + offsets).ravel(), minlength=n_resamples * units)
+  times_drawn = times_drawn.reshape(n_resamples, units).astype(np.int32)
+  return times_drawn if cluster_of_image is None else times_drawn[:, cluster_of_image]
 
 
 def bootstrap_ci(
@@ -171,21 +242,35 @@ def bootstrap_ci(
   Returns:
     An `Interval`. Resamples holding one class only, or where the metric is nan, are skipped and
     counted (``n_skipped_one_class``, ``n_skipped_nan``); if none remain the interval is (nan, nan).
+
+  A ``metric_fn`` that carries ``metric_fn.resampled(y, p, counts) -> (B,) values`` (``counts``
+  from `bootstrap_counts`) is evaluated for all resamples at once: `roc_auc`, `threshold_metric`,
+  the operating points of `specificity_at_sensitivity` and `sensitivity_at_specificity`. Any
+  other is called once per resample. Both give the same interval.
   """
   y, p = check_binary(y, p)
-  values = []
-  skipped_one_class = skipped_nan = 0
-  for idx in bootstrap_indices(y.shape[0], clusters=clusters, n_resamples=n, seed=seed):
-    y_resampled = y[idx]
-    if not _has_both_classes(y_resampled):
-      skipped_one_class += 1
-      continue
-    value = float(metric_fn(y_resampled, p[idx]))
-    if np.isnan(value):
-      skipped_nan += 1
-      continue
-    values.append(value)
-  if values:
+  resampled = getattr(metric_fn, "resampled", None)
+  if resampled is not None:
+    counts = bootstrap_counts(y.shape[0], clusters=clusters, n_resamples=n, seed=seed)
+    positives = counts @ y.astype(np.int64)
+    one_class = (positives == 0) | (positives == counts.sum(axis=1))
+    drawn = np.asarray(resampled(y, p, counts[~one_class]), dtype=np.float64)
+    values = drawn[~np.isnan(drawn)]
+    skipped_one_class, skipped_nan = int(one_class.sum()), int(np.isnan(drawn).sum())
+  else:
+    values = []
+    skipped_one_class = skipped_nan = 0
+    for idx in bootstrap_indices(y.shape[0], clusters=clusters, n_resamples=n, seed=seed):
+      y_resampled = y[idx]
+      if not _has_both_classes(y_resampled):
+        skipped_one_class += 1
+        continue
+      value = float(metric_fn(y_resampled, p[idx]))
+      if np.isnan(value):
+        skipped_nan += 1
+        continue
+      values.append(value)
+  if len(values):
     lo, hi = np.quantile(np.asarray(values), [alpha / 2.0, 1.0 - alpha / 2.0])
   else:
     lo = hi = float("nan")
@@ -300,6 +385,46 @@ def _roc_points_unchecked(y: np.ndarray, p: np.ndarray):
   return fpr, tpr, np.r_[np.inf, p_sorted[last_of_each_score]]
 
 
+def _roc_resampled(y: np.ndarray, p: np.ndarray, counts: np.ndarray):
+  """(fpr, tpr) of every resample's ROC curve, each (G + 1, B): the curve of
+  `_roc_points_unchecked` at all G distinct scores of `p` (descending, (0, 0) first). A score no
+  image of a resample holds repeats the previous point, which moves no operating point below.
+  Resamples must hold both classes (else their rates are nan)."""
+  order = np.argsort(-p, kind="mergesort")
+  scores = p[order]
+  starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
+  weights = np.asarray(counts).T[order].astype(np.float64)  # (n, B): images in score order.
+  positive = (np.asarray(y)[order] == 1)[:, None]
+  rates = []
+  for in_class in (~positive, positive):
+    cumulative = np.zeros((starts.shape[0] + 1, weights.shape[1]))
+    np.cumsum(np.add.reduceat(np.where(in_class, weights, 0.0), starts, axis=0), axis=0,
+              out=cumulative[1:])  # fmt: skip
+    with np.errstate(invalid="ignore", divide="ignore"):
+      rates.append(cumulative / cumulative[-1])
+  return rates[0], rates[1]
+
+
+def specificity_at_sensitivity_resampled(
+  y: np.ndarray, p: np.ndarray, counts: np.ndarray, target_sens: Any
+) -> np.ndarray:
+  """`specificity_at_sensitivity_point(...)[0]` of every resample (rows of `counts`) at once;
+  `target_sens` is one number or one per resample."""
+  fpr, tpr = _roc_resampled(y, p, counts)
+  first = np.argmax(tpr >= np.asarray(target_sens) - _TARGET_TOLERANCE, axis=0)
+  return 1.0 - fpr[first, np.arange(fpr.shape[1])]
+
+
+def sensitivity_at_specificity_resampled(
+  y: np.ndarray, p: np.ndarray, counts: np.ndarray, target_spec: Any
+) -> np.ndarray:
+  """`sensitivity_at_specificity_point(...)[0]` of every resample at once (see above)."""
+  fpr, tpr = _roc_resampled(y, p, counts)
+  reached = (1.0 - fpr) >= np.asarray(target_spec) - _TARGET_TOLERANCE
+  last = reached.shape[0] - 1 - np.argmax(reached[::-1], axis=0)  # (0, 0) always qualifies.
+  return tpr[last, np.arange(tpr.shape[1])]
+
+
 def youden_threshold(y: Any, p: Any) -> float:
   """The score threshold maximising sensitivity + specificity - 1 (Youden's J).
 
@@ -345,6 +470,60 @@ def threshold_metrics(y: Any, p: Any, threshold: float) -> dict[str, float]:
     "tn": tn,
     "fn": fn,
   }
+
+
+def threshold_metrics_resampled(
+  y: np.ndarray, p: np.ndarray, counts: np.ndarray, threshold: float
+) -> dict[str, np.ndarray]:
+  """`threshold_metrics` of every resample at once, from how often each image was drawn
+  (`counts`, (B, n)): a dict of (B,) arrays, nan where a denominator is zero."""
+  called = np.asarray(p) >= threshold
+  truth = np.asarray(y) == 1
+  counts = np.asarray(counts, np.int64)
+  tp, fp, tn, fn = (
+    counts @ (a & b).astype(np.int64)
+    for a, b in ((called, truth), (called, ~truth), (~called, ~truth), (~called, truth))
+  )
+
+  def ratio(numerator, denominator):
+    with np.errstate(invalid="ignore", divide="ignore"):
+      return np.where(denominator > 0, numerator / np.maximum(denominator, 1), np.nan)
+
+  sensitivity, specificity = ratio(tp, tp + fn), ratio(tn, tn + fp)
+  return {
+    "accuracy": ratio(tp + tn, tp + fp + tn + fn),
+    "sensitivity": sensitivity,
+    "specificity": specificity,
+    "ppv": ratio(tp, tp + fp),
+    "npv": ratio(tn, tn + fn),
+    "f1": ratio(2 * tp, 2 * tp + fp + fn),
+    "balanced_accuracy": (sensitivity + specificity) / 2.0,
+    "tp": tp,
+    "fp": fp,
+    "tn": tn,
+    "fn": fn,
+  }
+
+
+def threshold_metric(name: str, threshold: float) -> Callable[[Any, Any], float]:
+  """``(y, p) -> threshold_metrics(y, p, threshold)[name]``, which `bootstrap_ci` evaluates for
+  all resamples at once."""
+  if name not in _THRESHOLD_METRIC_NAMES:
+    raise ValueError(
+      f"unknown threshold metric {name!r}; expected one of {_THRESHOLD_METRIC_NAMES}"
+    )
+
+  def metric(y: Any, p: Any) -> float:
+    return threshold_metrics(y, p, threshold)[name]
+
+  metric.resampled = lambda y, p, counts: threshold_metrics_resampled(y, p, counts, threshold)[name]
+  return metric
+
+
+_THRESHOLD_METRIC_NAMES = (
+  "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy",
+  "tp", "fp", "tn", "fn",
+)  # fmt: skip
 
 
 def specificity_at_sensitivity_point(
@@ -397,8 +576,15 @@ def specificity_at_sensitivity(
   spec, sens, threshold = specificity_at_sensitivity_point(y, p, target_sens)
   ci = None
   if n_bootstrap:
+
+    def metric(yy, pp):
+      return specificity_at_sensitivity_point(yy, pp, target_sens)[0]
+
+    metric.resampled = lambda yy, pp, counts: specificity_at_sensitivity_resampled(
+      yy, pp, counts, target_sens
+    )
     ci = bootstrap_ci(
-      lambda yy, pp: specificity_at_sensitivity_point(yy, pp, target_sens)[0],
+      metric,
       y,
       p,
       clusters=clusters,
@@ -437,8 +623,15 @@ def sensitivity_at_specificity(
   sens, spec, threshold = sensitivity_at_specificity_point(y, p, target_spec)
   ci = None
   if n_bootstrap:
+
+    def metric(yy, pp):
+      return sensitivity_at_specificity_point(yy, pp, target_spec)[0]
+
+    metric.resampled = lambda yy, pp, counts: sensitivity_at_specificity_resampled(
+      yy, pp, counts, target_spec
+    )
     ci = bootstrap_ci(
-      lambda yy, pp: sensitivity_at_specificity_point(yy, pp, target_spec)[0],
+      metric,
       y,
       p,
       clusters=clusters,

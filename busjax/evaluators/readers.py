@@ -50,12 +50,9 @@ def _threshold_value(threshold: Any) -> float:
   return float(parse_birads([threshold])[0])
 
 
-def _sensitivity_of_calls(y: np.ndarray, calls: np.ndarray) -> float:
-  return metrics.threshold_metrics(y, calls, 0.5)["sensitivity"]
-
-
-def _specificity_of_calls(y: np.ndarray, calls: np.ndarray) -> float:
-  return metrics.threshold_metrics(y, calls, 0.5)["specificity"]
+# A reader's calls are 0/1: called malignant at >= 0.5.
+_sensitivity_of_calls = metrics.threshold_metric("sensitivity", 0.5)
+_specificity_of_calls = metrics.threshold_metric("specificity", 0.5)
 
 
 def reader_operating_point(
@@ -113,6 +110,25 @@ def _matched_differences(y: np.ndarray, model_and_calls: np.ndarray) -> tuple[fl
   return spec - reader["specificity"], sens - reader["sensitivity"]
 
 
+def _matched_differences_resampled(y, model_and_calls, counts) -> tuple[np.ndarray, np.ndarray]:
+  """`_matched_differences` of every bootstrap resample (rows of `counts`) at once."""
+  scores, calls = model_and_calls[:, 0], model_and_calls[:, 1]
+  reader = metrics.threshold_metrics_resampled(y, calls, counts, 0.5)
+  spec = metrics.specificity_at_sensitivity_resampled(y, scores, counts, reader["sensitivity"])
+  sens = metrics.sensitivity_at_specificity_resampled(y, scores, counts, reader["specificity"])
+  return spec - reader["specificity"], sens - reader["sensitivity"]
+
+
+def _matched_difference(which: int):
+  """Item `which` of `_matched_differences` as a metric `metrics.bootstrap_ci` vectorises."""
+
+  def difference(y, model_and_calls):
+    return _matched_differences(y, model_and_calls)[which]
+
+  difference.resampled = lambda y, s, counts: _matched_differences_resampled(y, s, counts)[which]
+  return difference
+
+
 def compare_model_to_reader(
   y: Any,
   p: Any,
@@ -157,12 +173,8 @@ def compare_model_to_reader(
   spec_diff_ci = sens_diff_ci = None
   if n_bootstrap:
     boot = dict(clusters=clusters, n=n_bootstrap, alpha=alpha, seed=seed)
-    spec_diff_ci = metrics.bootstrap_ci(
-      lambda yy, pp: _matched_differences(yy, pp)[0], y, model_and_calls, **boot
-    )
-    sens_diff_ci = metrics.bootstrap_ci(
-      lambda yy, pp: _matched_differences(yy, pp)[1], y, model_and_calls, **boot
-    )
+    spec_diff_ci = metrics.bootstrap_ci(_matched_difference(0), y, model_and_calls, **boot)
+    sens_diff_ci = metrics.bootstrap_ci(_matched_difference(1), y, model_and_calls, **boot)
   # McNemar on the same images with the model thresholded at each matched point.
   matched = {}
   for key, point in (

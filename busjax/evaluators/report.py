@@ -148,7 +148,7 @@ def _operating_point(y, p, threshold, chosen, clusters, bootstrap, alpha, seed) 
   if bootstrap:
     point["ci"] = {
       name: metrics.bootstrap_ci(
-        lambda yy, pp, name=name: metrics.threshold_metrics(yy, pp, threshold)[name],
+        metrics.threshold_metric(name, threshold),
         y,
         p,
         clusters=clusters,
