@@ -4,6 +4,8 @@ import glob
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -91,6 +93,30 @@ def test_tensorboard_event_file_holds_scalars(tmp_path):
   scalars, texts = _read_tensorboard_scalars(tmp_path)
   assert scalars == {("train/loss", 3): 0.25, ("val/auc", 3): 0.5, ("val/ece", 3): 0.125}
   assert any(tag.startswith("hparams") for tag in texts)
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+  # A stand-in torch on the path (tensorboardX imports the real one, where installed, at import
+  # time: ~1 s of every launch); the writer must neither import it nor block it afterwards.
+  fake = tmp_path / "site" / "torch"
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text("Tensor = type('Tensor', (), {})\n")
+  script = f"""
+import sys
+sys.path.insert(0, {str(tmp_path / "site")!r})
+from busjax import writers
+with writers.MetricWriter({str(tmp_path / "run")!r}) as writer:
+  writer.write_scalars(1, {{"loss": 0.5}})
+assert "torch" not in sys.modules, "tensorboardX imported torch"
+import torch
+assert torch.Tensor.__name__ == "Tensor"
+print("ok")
+"""
+  done = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=120
+  )
+  assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+  assert _read_tensorboard_scalars(tmp_path / "run")[0] == {("train/loss", 1): 0.5}
 
 
 def test_write_hparams_from_config_dict(tmp_path):
