@@ -210,6 +210,20 @@ def test_bad_file_fails_at_build_with_its_name(tmp_path):
     _take(iterator, 2)
 
 
+def test_cached_files_decode_in_threads_to_the_uncached_batches(tmp_path):
+  recs = []
+  for i in range(10):  # Distinct files, so a mix-up between records would show.
+    path = tmp_path / f"img{i}.png"
+    Image.fromarray(np.full((24 + i, 30), 10 * i, np.uint8)).save(path)
+    recs.append(records.Record(id=str(i), label=i % 2, patient_id=str(i), image=str(path)))
+  collection = records.Collection(name="files", records=tuple(recs))
+  cached = _take(iter(_train(collection, augment_config=None)), 5)
+  uncached = _take(iter(_train(collection, cache=False, augment_config=None)), 5)
+  _assert_batches_equal(cached, uncached)
+  for batch in cached:  # Each image still shows its own record's grey level.
+    np.testing.assert_array_equal(batch["image"].max(axis=(1, 2, 3)), 10 * batch["index"])
+
+
 def test_batch_size_must_divide_over_processes():
   with pytest.raises(ValueError, match="divisible"):
     pipeline.train_dataset(

@@ -24,6 +24,7 @@ its name (records.DataError), not in a worker process hours later.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -102,8 +103,11 @@ class _RecordSource:
     self._with_masks = with_masks
     self._source_id = source_id
     self._decoded = None
-    if cache:
-      self._decoded = [_decode(r, working_size, with_masks) for r in self._records]
+    if cache:  # In threads (see `records.decode_threads`); the first bad record in order raises.
+      with concurrent.futures.ThreadPoolExecutor(records.decode_threads()) as pool:
+        self._decoded = list(
+          pool.map(lambda r: _decode(r, working_size, with_masks), self._records)
+        )
 
   def __len__(self) -> int:
     return len(self._records)

@@ -155,11 +155,6 @@ def _check(candidate: _Candidate) -> tuple[records.Record | None, str | None]:
   return dataclasses.replace(record, mask=mask_value, meta=meta), None
 
 
-def _num_threads() -> int:
-  # PIL releases the GIL while inflating PNGs, so threads scale a little beyond the core count.
-  return min(16, 2 * (os.cpu_count() or 1))
-
-
 def _mark_duplicates(candidates: Sequence[_Candidate]) -> None:
   """Marks every candidate whose image file was already listed (same real path)."""
   seen: dict[str, str] = {}
@@ -186,7 +181,7 @@ def _finish(
   # Rows already dropped (e.g. a CSV row with extra fields) never became candidates.
   total = len(candidates) + problems.skipped_images
   _mark_duplicates(candidates)
-  with concurrent.futures.ThreadPoolExecutor(_num_threads()) as pool:
+  with concurrent.futures.ThreadPoolExecutor(records.decode_threads()) as pool:
     checked = list(pool.map(_check, candidates))
   kept = []
   for record, problem in checked:  # In listing order, so the error lists them deterministically.
