@@ -186,6 +186,24 @@ def test_formulations_trace_different_programs():
     assert "dot_general" not in conv_primitives
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 8, 5), (3, 10, 7, 4)])
+def test_max_pool_gradient_matches_select_and_scatter(shape, formulation):
+  """The masked-tap gradient ("cpu") is ``select_and_scatter_add``'s: every output's gradient to
+  the first maximum of its window, also among ties (the zeros after a ReLU, equal plateaus)."""
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
+  x = x.at[0, :4, :4, 0].set(1.5)  # A plateau: all nine taps tie.
+  reference = lambda v: nnx.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  y, vjp = jax.vjp(layers.max_pool_3x3_s2, x)
+  y_ref, vjp_ref = jax.vjp(reference, x)
+  np.testing.assert_array_equal(y, y_ref)
+  grad = jax.random.normal(jax.random.key(1), y.shape)
+  np.testing.assert_allclose(vjp(grad)[0], vjp_ref(grad)[0], rtol=1e-6, atol=1e-6)
+  ones = vjp(jnp.ones_like(y))[0]  # Each output sends exactly one 1 somewhere.
+  assert float(ones.sum()) == y.size and float(ones[0, 0, 0, 0]) >= 1.0
+  primitives = str(jax.make_jaxpr(jax.grad(lambda v: layers.max_pool_3x3_s2(v).sum()))(x))
+  assert ("select_and_scatter_add" in primitives) == (layers.resolved_formulation() == "xla")
+
+
 def test_kernel_gradient_paths_agree():
   """The im2col and per-tap kernel gradients are the same sum (the switch is only speed)."""
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 30))
