@@ -204,6 +204,58 @@ def test_max_pool_gradient_matches_select_and_scatter(shape, formulation):
   assert ("select_and_scatter_add" in primitives) == (layers.resolved_formulation() == "xla")
 
 
+def _bn_train_step(make_bn):
+  """A jitted step through three BatchNorms: (output, new running means and variances)."""
+  bns = [make_bn() for _ in range(3)]
+  graphdef, state = nnx.split(nnx.List(bns))
+
+  @jax.jit
+  def step(state, x):
+    model = nnx.merge(graphdef, state)
+
+    def loss(model):
+      h = x
+      for bn in model:
+        h = jnp.tanh(bn(h))
+      return jnp.sum(h**2)
+
+    value, _ = nnx.value_and_grad(loss)(model)
+    return value, nnx.state(model, nnx.BatchStat)
+
+  return step, state
+
+
+def test_batch_norm_running_stats_update_like_flax_without_tracer_errors(monkeypatch):
+  """`layers.BatchNorm` = ``nnx.BatchNorm`` (outputs, running statistics) but its statistics'
+  update never asks a tracer for its sharding, which made JAX walk the whole trace once per
+  BatchNorm to word an error message (quadratic tracing, docs/performance.md)."""
+  from jax._src.interpreters import partial_eval
+
+  x = jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) * 3 + 1
+  ours_step, ours_state = _bn_train_step(lambda: layers.batch_norm(6, rngs=nnx.Rngs(0)))
+  flax_step, flax_state = _bn_train_step(lambda: nnx.BatchNorm(6, momentum=0.9, rngs=nnx.Rngs(0)))
+  origin_messages = []
+  real = partial_eval.DynamicJaxprTracer._origin_msg
+  monkeypatch.setattr(
+    partial_eval.DynamicJaxprTracer,
+    "_origin_msg",
+    lambda self: origin_messages.append(1) or real(self),
+  )
+  ours_loss, ours_stats = ours_step(ours_state, x)
+  assert origin_messages == []
+  flax_loss, flax_stats = flax_step(flax_state, x)
+  np.testing.assert_allclose(ours_loss, flax_loss, rtol=1e-6)
+  ours_leaves, flax_leaves = jax.tree.leaves(ours_stats), jax.tree.leaves(flax_stats)
+  assert len(ours_leaves) == len(flax_leaves) == 6
+  for a, b in zip(ours_leaves, flax_leaves, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert not np.allclose(ours_leaves[0], 0.0)  # The means moved.
+  bn = layers.batch_norm(6, rngs=nnx.Rngs(0))
+  assert isinstance(bn, nnx.BatchNorm) and isinstance(bn.mean, nnx.BatchStat)
+  bn.var[...] = jnp.full(6, 2.0)  # Outside a trace flax's own path runs.
+  np.testing.assert_array_equal(bn.var.get_value(), np.full(6, 2.0))
+
+
 def test_kernel_gradient_paths_agree():
   """The im2col and per-tap kernel gradients are the same sum (the switch is only speed)."""
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 30))

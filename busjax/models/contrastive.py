@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from busjax.models import common
+from busjax.models import common, layers
 
 
 class ProjectionHead(nnx.Module):
@@ -22,7 +22,7 @@ class ProjectionHead(nnx.Module):
 
   def __init__(self, in_features: int, hidden: int, out_features: int, *, rngs: nnx.Rngs):
     self.fc1 = nnx.Linear(in_features, hidden, use_bias=False, rngs=rngs)
-    self.bn = nnx.BatchNorm(hidden, momentum=0.9, rngs=rngs)
+    self.bn = layers.BatchNorm(hidden, momentum=0.9, rngs=rngs)
     self.fc2 = nnx.Linear(hidden, out_features, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:

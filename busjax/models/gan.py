@@ -14,10 +14,10 @@ hundred ultrasound images per class):
   the R1 gradient penalty (Mescheder et al. 2018).
 
 Spectral normalisation is implemented here (`SpectralNorm`) rather than taken from
-``nnx.SpectralNorm``: in flax 0.12.8 that wrapper writes ``W / sigma`` back into the wrapped
-layer's Param on every call, so the trained parameter drifts from the raw weight and an
-optimiser would update an already-normalised copy. Here the Param stays the raw weight, the
-power-iteration vector ``u`` is a non-trainable `SpectralVector` (a ``nnx.BatchStat``, so it
+``nnx.SpectralNorm``: in flax 0.12.8 that wrapper writes ``W / sigma`` back into the wrapped layer's
+Param on every call, so the trained parameter drifts from the raw weight and an optimiser would
+update an already-normalised copy. Here the Param stays the raw weight, the power-iteration vector
+``u`` is a non-trainable `SpectralVector` (a ``nnx.BatchStat``, via `layers.RunningStat`, so it
 travels with the BatchNorm statistics in ``nnx.split(model, nnx.Param, ...)``), and it is updated
 only in training mode (``model.train()``; ``model.eval()`` freezes it). A training-mode
 discriminator must therefore be an argument of any gradient that runs it (``nnx.value_and_grad``
@@ -99,7 +99,7 @@ def _avg_pool2x(x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-class SpectralVector(nnx.BatchStat):
+class SpectralVector(layers.RunningStat):
   """The power-iteration vector ``u`` of `SpectralNorm`: state, not a trained parameter."""
 
 
@@ -278,7 +278,7 @@ class ConditionalBatchNorm(nnx.Module):
   enters through the generator's input until these learn."""
 
   def __init__(self, features: int, embed_dim: int, *, dtype: Any = None, rngs: nnx.Rngs):
-    self.bn = nnx.BatchNorm(
+    self.bn = layers.BatchNorm(
       features, use_scale=False, use_bias=False, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs
     )
     zeros = nnx.initializers.zeros_init()
