@@ -64,7 +64,9 @@ def main(argv):
   if FLAGS.compilation_cache != "none":
     cache = FLAGS.compilation_cache or os.path.join(FLAGS.workdir, "jax_cache")
     jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # Every program, even the eager ops' 5-100 ms ones: a launch compiles ~100 of them (model
+    # initialisation, optimizer state, metrics), 2.4 s of a warm BUSI run (docs/performance.md).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   logging.info(
     "JAX %s, process %d/%d, %d local / %d global devices: %s",
     jax.__version__,

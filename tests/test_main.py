@@ -119,6 +119,10 @@ def test_smoke_run_from_the_command_line_reports_and_stays_quiet(tmp_path):
     assert f"{split}: AUC" in result.stderr
   assert "SYNTHETIC" in result.stderr
   assert "step 4/4" in result.stderr
+  # The compile cache keeps the eager ops' small programs too (the next launch reads them back).
+  cached = os.listdir(tmp_path / "jax_cache")
+  assert any(name.startswith("jit_train_step") for name in cached)
+  assert sum(name.startswith("jit__normal") for name in cached) >= 1, sorted(cached)[:20]
   # Orbax's INFO chatter is filtered: every INFO line comes from a busjax file. Library warnings
   # stay visible (e.g. Orbax's "Waiting for previous save", which a fast smoke run can trigger).
   own_files = {
