@@ -344,3 +344,7 @@ def test_initialiser_values_are_the_device_formula(shape, dtype):
   got = layers.default_kernel_init(key, shape, dtype)
   assert got.dtype == dtype and isinstance(got, jax.Array)
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+  # Under a trace (a jitted initialisation, nnx.eval_shape) the same values, as JAX ops.
+  traced = jax.jit(lambda k: layers.default_kernel_init(k, shape, dtype))(key)
+  np.testing.assert_array_equal(np.asarray(traced, np.float32), np.asarray(expected, np.float32))
+  assert jax.eval_shape(lambda k: layers.default_kernel_init(k, shape, dtype), key).shape == shape

@@ -100,18 +100,23 @@ def conv_formulation(name: str) -> Iterator[None]:
     _formulation = previous
 
 
-def _normal_draws(key: jax.Array, size: int) -> np.ndarray:
-  """`size` standard normals (float32, on the host) from one draw whose length is a power of two.
+def _scaled_normals(key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
+  """Normals of standard deviation `std`, from one draw whose length is a power of two.
 
   Eager `jax.random.normal` compiles one threefry program per distinct shape, about a second
   each on a busy 2-core CPU: a network with 50 kernel shapes took a minute to initialise.
   Drawing a power-of-two length shares those programs across all shapes (and all models in a
-  process); the draws are still i.i.d. normal and depend only on the key. Slicing, reshaping and
-  scaling then happen in NumPy: as eager JAX ops each compiled a program per kernel shape too
-  (~100 for DenseNet121, ~1 s), for the same float32 values.
+  process); the draws are still i.i.d. normal and depend only on the key. Eagerly, slicing,
+  reshaping and scaling then happen in NumPy: as eager JAX ops each compiled a program per kernel
+  shape too (~100 for DenseNet121, ~1 s); the float32 values are the same bits. Under a trace
+  (`nnx.eval_shape`, a jitted initialisation) they stay JAX ops.
   """
+  size = math.prod(shape)
   bucket = max(256, 1 << (size - 1).bit_length())
-  return np.asarray(jax.random.normal(key, (bucket,), jnp.float32))[:size]
+  draws = jax.random.normal(key, (bucket,), jnp.float32)
+  if isinstance(draws, jax.core.Tracer):
+    return (draws[:size].reshape(shape) * std).astype(dtype)
+  return jnp.asarray(np.asarray(draws)[:size].reshape(shape) * np.float32(std), dtype)
 
 
 def he_normal(
@@ -137,7 +142,7 @@ def he_normal(
     fan_out = size // max(1, math.prod(shape[a] for a in in_axes))
     fan = fan_in if mode == "fan_in" else fan_out
     std = (scale / max(1, fan)) ** 0.5
-    return jnp.asarray(_normal_draws(key, size).reshape(shape) * np.float32(std), dtype)
+    return _scaled_normals(key, shape, std, dtype)
 
   return init
 
