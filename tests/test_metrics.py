@@ -122,7 +122,9 @@ def test_one_class_resamples_are_skipped_and_counted():
   assert np.isnan(ppv_ci.lo) and np.isnan(ppv_ci.hi)
 
 
-def test_bootstrap_counts_are_the_resamples_of_bootstrap_indices():
+@pytest.mark.parametrize("cells_per_block", [1 << 22, 20])  # One block; blocks of 2-3 rows.
+def test_bootstrap_counts_are_the_resamples_of_bootstrap_indices(cells_per_block, monkeypatch):
+  monkeypatch.setattr(metrics, "_CELLS_PER_BLOCK", cells_per_block)
   patients = np.array(["a", "a", "a", "b", "c", "c", "d"])
   for clusters in (None, patients):
     counts = metrics.bootstrap_counts(7, clusters=clusters, n_resamples=30, seed=4)
@@ -148,7 +150,9 @@ def test_resampled_auc_equals_the_auc_of_each_resample():
 
 
 @pytest.mark.parametrize("clustered", [False, True])
-def test_vectorised_bootstrap_gives_the_loops_interval(clustered):
+@pytest.mark.parametrize("cells_per_block", [1 << 22, 1000])
+def test_vectorised_bootstrap_gives_the_loops_interval(clustered, cells_per_block, monkeypatch):
+  monkeypatch.setattr(metrics, "_CELLS_PER_BLOCK", cells_per_block)  # 1000: blocks of 6 rows.
   rng = np.random.default_rng(11)
   y, p = _scores_with_ties(n=150, seed=12)
   clusters = rng.integers(0, 60, 150) if clustered else None

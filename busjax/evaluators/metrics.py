@@ -17,7 +17,7 @@ sensitivity is undefined there) are skipped and counted, never silently filled i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -169,6 +169,15 @@ def roc_auc_resampled(y: np.ndarray, p: np.ndarray, counts: np.ndarray) -> np.nd
 roc_auc.resampled = roc_auc_resampled
 
 
+def _cluster_of_image(n: int, clusters: Any) -> tuple[np.ndarray, int]:
+  """(cluster index 0..k-1 of each image, k) for the clustered bootstrap."""
+  clusters = np.asarray(clusters)
+  if clusters.shape != (n,):
+    raise ValueError(f"clusters must have shape ({n},), got {clusters.shape}")
+  _, cluster_of_image = np.unique(clusters, return_inverse=True)
+  return cluster_of_image, int(cluster_of_image.max()) + 1
+
+
 def bootstrap_indices(
   n: int, *, clusters: Any = None, n_resamples: int = 2000, seed: int = 0
 ) -> Any:
@@ -183,15 +192,30 @@ def bootstrap_indices(
     for _ in range(n_resamples):
       yield rng.integers(0, n, n)
     return
-  clusters = np.asarray(clusters)
-  if clusters.shape != (n,):
-    raise ValueError(f"clusters must have shape ({n},), got {clusters.shape}")
-  _, cluster_of_image = np.unique(clusters, return_inverse=True)
-  n_clusters = int(cluster_of_image.max()) + 1
+  cluster_of_image, n_clusters = _cluster_of_image(n, clusters)
   image_index = np.arange(n)
   for _ in range(n_resamples):
     times_drawn = np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters)
     yield np.repeat(image_index, times_drawn[cluster_of_image])
+
+
+def _count_blocks(n: int, clusters: Any, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
+  """`bootstrap_counts` in blocks of rows (at most `_CELLS_PER_BLOCK` cells each), so that memory
+  stays bounded for large sets: the generator's stream is consumed draw by draw, so blocks of any
+  size give the rows `bootstrap_indices` draws one at a time."""
+  rng = np.random.default_rng(seed)
+  if clusters is None:
+    cluster_of_image, units = None, n
+  else:
+    cluster_of_image, units = _cluster_of_image(n, clusters)
+  rows = max(1, _CELLS_PER_BLOCK // max(n, units))
+  for start in range(0, n_resamples, rows):
+    m = min(rows, n_resamples - start)
+    draws = rng.integers(0, units, (m, units))
+    # One bincount for the block: row r's draws are offset by r * units.
+    flat = (draws + np.arange(m)[:, None] * units).ravel()
+    times_drawn = np.bincount(flat, minlength=m * units).reshape(m, units).astype(np.int32)
+    yield times_drawn if cluster_of_image is None else times_drawn[:, cluster_of_image]
 
 
 def bootstrap_counts(
@@ -199,22 +223,7 @@ def bootstrap_counts(
 ) -> np.ndarray:
   """(n_resamples, n) times each image appears in each resample of `bootstrap_indices` with the
   same arguments (the same random draws, so both give the same intervals)."""
-  rng = np.random.default_rng(seed)
-  if clusters is None:
-    draws, cluster_of_image = rng.integers(0, n, (n_resamples, n)), None
-  else:
-    clusters = np.asarray(clusters)
-    if clusters.shape != (n,):
-      raise ValueError(f"clusters must have shape ({n},), got {clusters.shape}")
-    _, cluster_of_image = np.unique(clusters, return_inverse=True)
-    n_clusters = int(cluster_of_image.max()) + 1
-    draws = rng.integers(0, n_clusters, (n_resamples, n_clusters))
-  # One bincount for all rows: row r's draws are offset by r * (units per row).
-  units = draws.shape[1]
-  offsets = np.arange(n_resamples)[:, None] * units
-  times_drawn = np.bincount((draws + offsets).ravel(), minlength=n_resamples * units)
-  times_drawn = times_drawn.reshape(n_resamples, units).astype(np.int32)
-  return times_drawn if cluster_of_image is None else times_drawn[:, cluster_of_image]
+  return np.concatenate(list(_count_blocks(n, clusters, n_resamples, seed)), axis=0)
 
 
 def bootstrap_ci(
@@ -251,12 +260,15 @@ def bootstrap_ci(
   y, p = check_binary(y, p)
   resampled = getattr(metric_fn, "resampled", None)
   if resampled is not None:
-    counts = bootstrap_counts(y.shape[0], clusters=clusters, n_resamples=n, seed=seed)
-    positives = counts @ y.astype(np.int64)
-    one_class = (positives == 0) | (positives == counts.sum(axis=1))
-    drawn = np.asarray(resampled(y, p, counts[~one_class]), dtype=np.float64)
-    values = drawn[~np.isnan(drawn)]
-    skipped_one_class, skipped_nan = int(one_class.sum()), int(np.isnan(drawn).sum())
+    blocks, skipped_one_class, skipped_nan = [], 0, 0
+    for counts in _count_blocks(y.shape[0], clusters, n, seed):
+      positives = counts @ y.astype(np.int64)
+      one_class = (positives == 0) | (positives == counts.sum(axis=1))
+      drawn = np.asarray(resampled(y, p, counts[~one_class]), dtype=np.float64)
+      blocks.append(drawn[~np.isnan(drawn)])
+      skipped_one_class += int(one_class.sum())
+      skipped_nan += int(np.isnan(drawn).sum())
+    values = np.concatenate(blocks)
   else:
     values = []
     skipped_one_class = skipped_nan = 0
