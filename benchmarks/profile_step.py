@@ -142,7 +142,7 @@ def main(argv):
   del argv
   name, side, batch, dtype, conv = speed.parse_row(_ROW.value)
   with layers.conv_formulation(conv):
-    step, state, _, mesh, _ = speed._busjax_step(name, batch, dtype)
+    step, state, _, mesh, _ = speed.busjax_step(name, batch, dtype)
     rng = np.random.default_rng(0)
     data = {
       "image": rng.integers(0, 256, (batch, side, side, 1), dtype=np.uint8),

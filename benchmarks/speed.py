@@ -110,8 +110,9 @@ def parse_row(spec: str) -> tuple[str, int, int, str, str]:
   return name, side, batch, dtype, conv
 
 
-def _busjax_step(model_name: str, batch: int, dtype: str = "float32"):
-  """(jitted step, state, eval fn, params) of busjax's supervised regime for one model."""
+def busjax_step(model_name: str, batch: int, dtype: str = "float32"):
+  """(jitted step, state, eval fn, mesh, parameter count) of busjax's supervised regime for one
+  model: the step `busjax.main` runs (also what `profile_step` traces)."""
   config = configlib.base_config()
   config.model = ml_collections.ConfigDict({**config.model.to_dict(), **MODELS[model_name]})
   config.model.in_channels = 1
@@ -213,7 +214,7 @@ def _row(model_name: str, side: int, batch: int, torch, dtype: str = "float32") 
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, side, side, 1), dtype=np.uint8)
   labels = rng.integers(0, 2, (batch,)).astype(np.int32)
-  step, state, apply, mesh, params = _busjax_step(model_name, batch, dtype)
+  step, state, apply, mesh, params = busjax_step(model_name, batch, dtype)
   global_batch = sharding.host_to_global({"image": images, "label": labels}, mesh)
   key = jax.random.key(0)
   t = time.perf_counter()

@@ -90,7 +90,9 @@ def _tensorboardx():
   """tensorboardX, imported here (processes that never write do not pay for it) and without
   torch: where torch is installed (Colab, or the speed benchmark's extra) tensorboardX imports it
   only to accept torch tensors, which busjax never passes, and that import took 0.9 s of every
-  launch (1.3 s under a profiler; `python -X importtime -c "import tensorboardX"`)."""
+  launch (1.3 s under a profiler; `python -X importtime -c "import tensorboardX"`). Another
+  thread importing torch for the first time during these lines would see an ImportError; busjax
+  creates its writers on the main thread before any work starts."""
   if "torch" in sys.modules:  # Already paid for.
     import tensorboardX
 
