@@ -563,9 +563,10 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   ReLU, which gives the same result since the inputs are >= 0).
 
   The values are XLA's ``reduce_window``; with the "cpu" formulation the gradient is
-  `_max_pool_gradient`'s (the same numbers), because XLA:CPU expands JAX's
-  ``select_and_scatter_add`` into a reduce-window carrying four int32 index arrays and a scatter:
-  ~170 ms of ResNet-18's ~960 ms step at 128 px, batch 32 (jax.profiler, docs/performance.md).
+  `_max_pool_gradient`'s (the same gradient, summed in another order: 1e-6), because XLA:CPU
+  expands JAX's ``select_and_scatter_add`` into a reduce-window carrying four int32 index arrays
+  and a scatter: ~170 ms of ResNet-18's ~960 ms step at 128 px, batch 32 (jax.profiler,
+  docs/performance.md).
   """
   if resolved_formulation() == "xla":
     return _max_pool_3x3_s2(x)
