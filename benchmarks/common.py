@@ -95,12 +95,12 @@ def paired_auc_difference(a: dict, b: dict, bootstrap: int) -> dict | None:
 def start(workdir: str, output: str | None) -> list[dict]:
   """Quiet logs, a compilation cache in `workdir`, and the rows a previous run of the same
   command already recorded in `output` (the benchmark skips them)."""
-  import jax
   from absl import logging
 
+  from busjax import sharding
+
   logging.set_verbosity(logging.WARNING)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  sharding.enable_compilation_cache(os.path.join(workdir, "jax_cache"))
   if output and os.path.exists(output):
     with open(output) as f:
       return json.load(f)["rows"]

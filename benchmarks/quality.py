@@ -31,7 +31,7 @@ import jax
 from absl import app, flags, logging
 
 from benchmarks import common
-from busjax import configlib
+from busjax import configlib, sharding
 
 _BUSI = flags.DEFINE_string("busi_root", None, "Dataset_BUSI_with_GT folder (required to train).")
 _SPLIT = flags.DEFINE_string(
@@ -245,8 +245,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if _CACHE.value != "none":
     cache = _CACHE.value or os.path.join(_WORKDIR.value, "jax_cache")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    sharding.enable_compilation_cache(cache)
   rows = []
 
   def result():

@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from busjax import checkpointing, configlib
+from busjax import checkpointing, configlib, sharding
 from busjax.data import records
 
 FLAGS = flags.FLAGS
@@ -63,10 +63,7 @@ def main(argv):
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   if FLAGS.compilation_cache != "none":
     cache = FLAGS.compilation_cache or os.path.join(FLAGS.workdir, "jax_cache")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    # Every program, even the eager ops' 5-100 ms ones: a launch compiles ~100 of them (model
-    # initialisation, optimizer state, metrics), 2.4 s of a warm BUSI run (docs/performance.md).
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    sharding.enable_compilation_cache(cache)
   logging.info(
     "JAX %s, process %d/%d, %d local / %d global devices: %s",
     jax.__version__,

@@ -121,8 +121,8 @@ def _auc_unchecked(y: np.ndarray, p: np.ndarray) -> float:
   return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-# Resamples evaluated together by the vectorised metrics: blocks of at most this many
-# (resample, image) cells keep their float64 temporaries near 32 MB.
+# `bootstrap_ci` hands the vectorised metrics blocks of at most this many (resample, image)
+# cells, which keeps their float64 temporaries near 32 MB whatever the set's size.
 _CELLS_PER_BLOCK = 1 << 22
 
 
@@ -132,7 +132,7 @@ def roc_auc_resampled(y: np.ndarray, p: np.ndarray, counts: np.ndarray) -> np.nd
   Args:
     y: truth 0/1, shape (n,).
     p: scores, shape (n,) or (n, k) (one AUC per column).
-    counts: (B, n) times each image appears in each resample.
+    counts: (B, n) times each image appears in each resample (one block of `bootstrap_ci`'s).
 
   Returns:
     (B,) or (B, k) AUCs, nan where a resample holds one class only. Equal (to float rounding) to
@@ -151,19 +151,15 @@ def roc_auc_resampled(y: np.ndarray, p: np.ndarray, counts: np.ndarray) -> np.nd
   negative_scores = p[negative_order]
   below = np.searchsorted(negative_scores, p[positive], side="left")  # Negatives scored lower.
   up_to = np.searchsorted(negative_scores, p[positive], side="right")  # ... lower or tied.
-  out = np.empty(counts.shape[0])
-  step = max(1, _CELLS_PER_BLOCK // max(1, y.shape[0]))
-  for b in range(0, counts.shape[0], step):
-    # Images along axis 0 (resamples along axis 1): the gathers below copy whole rows.
-    block = np.ascontiguousarray(counts[b : b + step].T, dtype=np.float64)
-    w_pos = block[positive]
-    prefix = np.zeros((negative_order.shape[0] + 1, block.shape[1]))
-    np.cumsum(block[negative_order], axis=0, out=prefix[1:])  # prefix[j]: the j lowest negatives.
-    wins = 0.5 * np.einsum("ib,ib->b", w_pos, prefix[below] + prefix[up_to])
-    pairs = w_pos.sum(axis=0) * prefix[-1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-      out[b : b + step] = np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1.0), np.nan)
-  return out
+  # Images along axis 0 (resamples along axis 1): the gathers below copy whole rows.
+  weights = np.ascontiguousarray(counts.T, dtype=np.float64)
+  w_pos = weights[positive]
+  prefix = np.zeros((negative_order.shape[0] + 1, weights.shape[1]))
+  np.cumsum(weights[negative_order], axis=0, out=prefix[1:])  # prefix[j]: the j lowest negatives.
+  wins = 0.5 * np.einsum("ib,ib->b", w_pos, prefix[below] + prefix[up_to])
+  pairs = w_pos.sum(axis=0) * prefix[-1]
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1.0), np.nan)
 
 
 roc_auc.resampled = roc_auc_resampled
