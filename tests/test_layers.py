@@ -256,16 +256,70 @@ def test_batch_norm_running_stats_update_like_flax_without_tracer_errors(monkeyp
   np.testing.assert_array_equal(bn.var.get_value(), np.full(6, 2.0))
 
 
-def test_kernel_gradient_paths_agree():
-  """The im2col and per-tap kernel gradients are the same sum (the switch is only speed)."""
-  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 30))
-  grad = jax.random.normal(jax.random.key(1), (2, 5, 4, 6))
-  args = ((3, 3, 30, 6), (2, 2), ((1, 1), (1, 1)))
-  per_tap = layers.kernel_gradient(x, grad, *args)  # 270 rows: one matmul per tap.
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(layers, "_IM2COL_MAX_ROWS", 10_000)
-    im2col = layers.kernel_gradient(x, grad, *args)
-  np.testing.assert_allclose(per_tap, im2col, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize(
+  "x_shape,kernel_shape,strides,padding",
+  [
+    ((2, 9, 8, 30), (3, 3, 30, 6), (2, 2), ((1, 1), (1, 1))),
+    ((2, 9, 8, 30), (3, 3, 30, 6), (1, 1), ((1, 1), (1, 1))),
+    ((2, 7, 10, 5), (5, 3, 5, 4), (1, 1), ((2, 1), (0, 3))),  # Uneven kernel and padding.
+  ],
+)
+def test_kernel_gradient_paths_agree_with_xla(x_shape, kernel_shape, strides, padding):
+  """Every arrangement of the kernel gradient is XLA's weight-gradient sum (only speed differs)."""
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  kernel = jnp.zeros(kernel_shape)
+  y, vjp = jax.vjp(lambda k: layers._conv(x, k, strides, padding), kernel)
+  grad = jax.random.normal(jax.random.key(1), y.shape)
+  (expected,) = vjp(grad)
+  paths = ["im2col", "taps"] + (["rows"] if strides == (1, 1) else [])
+  for path in paths:
+    got = layers.kernel_gradient(x, grad, kernel_shape, strides, padding, path)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=path)
+
+
+def test_kernel_gradient_rejects_a_path_it_cannot_take():
+  x, grad = jnp.zeros((1, 8, 8, 2)), jnp.zeros((1, 4, 4, 3))
+  with pytest.raises(ValueError, match="stride 1"):
+    layers.kernel_gradient(x, grad, (3, 3, 2, 3), (2, 2), ((1, 1), (1, 1)), "rows")
+  with pytest.raises(ValueError, match="unknown path 'xla'"):
+    layers.kernel_gradient(x, grad, (3, 3, 2, 3), (2, 2), ((1, 1), (1, 1)), "xla")
+
+
+@pytest.mark.parametrize(
+  "kernel_shape,strides,out_hw,path",
+  [
+    ((7, 7, 1, 64), (2, 2), (64, 64), "im2col"),  # Grey stems.
+    ((3, 3, 32, 32), (1, 1), (32, 32), "rows"),  # ResNet's first stage.
+    ((3, 3, 64, 64), (1, 1), (16, 16), "rows"),
+    ((3, 3, 64, 64), (1, 1), (8, 8), "taps"),  # Small images: the rows gain nothing.
+    ((3, 3, 64, 128), (2, 2), (16, 16), "taps"),
+    ((3, 3, 128, 32), (1, 1), (56, 56), "xla"),  # Wide: XLA's own (DenseNet121's).
+  ],
+)
+def test_kernel_gradient_path_choice(kernel_shape, strides, out_hw, path):
+  assert layers.kernel_gradient_path(kernel_shape, strides, out_hw) == path
+
+
+@pytest.mark.parametrize("padding", ["symmetric", "same"])
+@pytest.mark.parametrize("kernel_size", [3, 4])
+# 40 and 64 input channels on 16x17 outputs: the kernel gradient takes the "rows" path.
+@pytest.mark.parametrize("channels", [40, 64])
+def test_conv_matches_nnx_conv_with_row_products(padding, kernel_size, channels, formulation):
+  x = jax.random.normal(jax.random.key(0), (2, 16, 17, channels))
+  assert (
+    layers.kernel_gradient_path((kernel_size, kernel_size, channels, 4), (1, 1), (16, 17)) == "rows"
+  )
+  fast = layers.Conv(channels, 4, kernel_size, strides=1, padding=padding, rngs=nnx.Rngs(1))
+  reference = nnx.Conv(
+    channels,
+    4,
+    (kernel_size, kernel_size),
+    strides=1,
+    use_bias=False,
+    padding=_reference_padding(x.shape, kernel_size, 1, padding),
+    rngs=nnx.Rngs(2),
+  )
+  _assert_same_outputs_and_grads(fast, reference, x)
 
 
 def test_same_padding_is_tensorflow_same_and_differs_from_symmetric():

@@ -11,8 +11,9 @@ parameters:
   per-channel weights (kernel ``(kh, kw, 1, C)``, like ``nnx.Conv(C, C, k,
   feature_group_count=C)``).
 * `Conv`: any other convolution via ``lax.conv_general_dilated`` (`conv2d`), whose kernel
-  gradient is a matmul per tap (`kernel_gradient`): XLA:CPU's own weight-gradient convolution
-  ran ResNet-18's train step at 0.26x PyTorch, the matmuls at 0.73x (docs/performance.md).
+  gradient up to 64 input channels is matrix products over taps or kernel rows
+  (`kernel_gradient`): XLA:CPU's own weight-gradient convolution ran ResNet-18's train step at
+  0.26x PyTorch, the matmuls at 0.73x (docs/performance.md).
   1x1 kernels take the `PointwiseConv` path automatically.
 
 These rewrites are for XLA:CPU. On a GPU their strided 1x1 matmuls aborted jaxlib 0.11.2's
@@ -254,6 +255,29 @@ _IM2COL_MAX_ROWS = 256
 # 199 / 234 and 32x16x16x128->128 62 / 62, where the matmuls' window copies only cost memory
 # (DenseNet121's step temporaries 2.9 -> 5.1 GB when every convolution took them).
 _KERNEL_GRADIENT_MAX_IN = 64
+# Stride-1 convolutions with at least this many output pixels take `kernel_gradient`'s row
+# products instead of one matmul per tap (AVX-512 Xeon, ms, XLA's / per tap / rows):
+# 32x32x32x32->32 15.7 / 15.0 / 4.9; 32x16x16x64->64 10.0 / 7.9 / 4.5; 32x32x32x64->64 68.5 /
+# 52.5 / 36.4; but 32x8x8x64->64 1.2 / 1.7 / 1.5. Above 64 channels they also beat XLA's own at
+# DenseNet121's 56x56 (99 / 109 / 62 ms) but its step gained only 1.06x for +2.3 s of compile and
+# +470 MB of temporaries (the fusion model 1.01x): XLA's stays there (docs/performance.md).
+_ROWS_MIN_PIXELS = 256
+
+
+def kernel_gradient_path(
+  kernel_shape: tuple[int, int, int, int], strides: tuple[int, int], out_hw: tuple[int, int]
+) -> str:
+  """How `conv2d` computes a kernel gradient on XLA:CPU: "xla" (XLA's own) above
+  `_KERNEL_GRADIENT_MAX_IN` input channels, else `kernel_gradient`'s "im2col" (few rows),
+  "rows" (stride 1, at least `_ROWS_MIN_PIXELS` output pixels) or "taps"."""
+  kh, kw, cin, _ = kernel_shape
+  if cin > _KERNEL_GRADIENT_MAX_IN:
+    return "xla"
+  if kh * kw * cin <= _IM2COL_MAX_ROWS:
+    return "im2col"
+  if tuple(strides) == (1, 1) and out_hw[0] * out_hw[1] >= _ROWS_MIN_PIXELS:
+    return "rows"
+  return "taps"
 
 
 def kernel_gradient(
@@ -262,26 +286,54 @@ def kernel_gradient(
   kernel_shape: tuple[int, int, int, int],
   strides: tuple[int, int],
   padding: tuple[tuple[int, int], tuple[int, int]],
+  path: str | None = None,
 ) -> jax.Array:
-  """d(loss)/d(kernel) of a dense NHWC convolution as matrix products over taps.
+  """d(loss)/d(kernel) of a dense NHWC convolution as matrix products.
 
   For tap (i, j) the gradient is ``window(i, j)^T @ grad`` with ``window(i, j)`` the strided
   slice of the padded input that tap sees, flattened to (batch * out_h * out_w, in). This is
   exactly the sum XLA's own weight-gradient convolution computes, but XLA:CPU runs that
   convolution (a window the size of the whole image, batch as the feature axis) at ~5 GFLOP/s
   where GEMMs reach ~100 (benchmarks/speed.py profile: 687 ms vs 100 ms for ResNet-18's first
-  stage at batch 32). Accumulates in float32.
+  stage at batch 32). `path` (default `kernel_gradient_path`'s choice) arranges the sum:
+
+  * "im2col": one matmul of all taps' windows side by side (few rows: grey stems).
+  * "taps": one matmul per tap, each on a copy of its window.
+  * "rows" (stride 1): one matmul per kernel row i, of the rows of the padded input that row
+    sees (full padded width) against ``kw`` copies of ``grad`` shifted right by j = 0..kw-1
+    columns and zero-filled to that width: tap (i, j) meets ``grad[n, h, w]`` at padded column
+    w + j, as in its window. ``kh`` input copies and one ``kw``-wide gradient instead of
+    ``kh * kw`` window copies, and ``kw`` times wider products (3x faster than "taps" at
+    32x32x32x32 -> 32).
+
+  Accumulates in float32.
   """
   kh, kw, cin, cout = kernel_shape
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   out_h, out_w = grad.shape[1:3]
+  path = path or kernel_gradient_path(kernel_shape, strides, (out_h, out_w))
+  if path not in ("im2col", "taps", "rows"):
+    raise ValueError(f"kernel_gradient: unknown path {path!r} (im2col, taps or rows)")
+  if path == "rows":
+    if tuple(strides) != (1, 1):
+      raise ValueError(f"kernel_gradient: the 'rows' path needs stride 1, got {strides}")
+    width = xp.shape[2]
+    shifted = jnp.concatenate(
+      [jnp.pad(grad, ((0, 0), (0, 0), (j, width - out_w - j), (0, 0))) for j in range(kw)],
+      axis=-1,
+    ).reshape(-1, kw * cout)
+    rows = [
+      jnp.dot(xp[:, i : i + out_h].reshape(-1, cin).T, shifted, preferred_element_type=jnp.float32)
+      for i in range(kh)
+    ]  # Row i: (in, kw * out).
+    return jnp.stack(rows).reshape(kh, cin, kw, cout).transpose(0, 2, 1, 3)
   g = grad.reshape(-1, cout)
 
   def window(i: int, j: int) -> jax.Array:
     return _tap_window(xp, i, j, (out_h, out_w), strides).reshape(-1, cin)
 
   taps = [(i, j) for i in range(kh) for j in range(kw)]
-  if kh * kw * cin <= _IM2COL_MAX_ROWS:
+  if path == "im2col":
     patches = jnp.concatenate([window(i, j) for i, j in taps], axis=-1)
     dk = jnp.dot(patches.T, g, preferred_element_type=jnp.float32)
   else:
@@ -312,8 +364,8 @@ def conv2d(
   padding: tuple[tuple[int, int], tuple[int, int]],
 ) -> jax.Array:
   """Dense NHWC x HWIO convolution (explicit padding): ``lax.conv_general_dilated``'s values
-  and input gradient, with the kernel gradient from `kernel_gradient` (fast on XLA:CPU) for up
-  to `_KERNEL_GRADIENT_MAX_IN` input channels, XLA's own above."""
+  and input gradient, with the kernel gradient from `kernel_gradient` (fast on XLA:CPU) where
+  `kernel_gradient_path` says it beats XLA's own."""
   return _conv(x, kernel, strides, padding)
 
 
@@ -323,11 +375,12 @@ def _conv2d_fwd(x, kernel, strides, padding):
 
 def _conv2d_bwd(strides, padding, residuals, grad):
   x, kernel = residuals
-  if kernel.shape[2] > _KERNEL_GRADIENT_MAX_IN:
+  path = kernel_gradient_path(kernel.shape, strides, grad.shape[1:3])
+  if path == "xla":
     _, vjp = jax.vjp(lambda inputs, k: _conv(inputs, k, strides, padding), x, kernel)
     return vjp(grad)
   _, input_vjp = jax.vjp(lambda inputs: _conv(inputs, kernel, strides, padding), x)
-  dk = kernel_gradient(x, grad, kernel.shape, strides, padding)
+  dk = kernel_gradient(x, grad, kernel.shape, strides, padding, path)
   return input_vjp(grad)[0], dk.astype(kernel.dtype)
 
 
