@@ -1,5 +1,6 @@
 """End-to-end tests of the supervised trainer on phantom data (`:smoke` settings)."""
 
+import copy
 import csv
 import json
 import os
@@ -459,3 +460,40 @@ def test_test_time_flip_predicts_the_same_for_an_image_and_its_mirror():
   assert (
     np.abs(plain - supervised.class_probabilities(model, x[:, :, ::-1], config.model)).max() > 1e-4
   )
+
+
+@pytest.mark.parametrize("best_eval", ["last", "first"])
+def test_the_selected_checkpoint_is_read_back_only_when_it_is_not_the_last_step(
+  tmp_path, monkeypatch, best_eval
+):
+  """The last step's state and val predictions are already in memory and the report uses them;
+  an earlier best step is restored from disk. Either way val is reported with the predictions
+  the selected step made during training."""
+  config = _smoke_config()
+  config.train.num_steps = 4
+  config.train.eval_every = 2
+  data = splits.make_splits(sources.from_config(config.data), config.split)
+  val_predictions = []  # p_malignant of val at steps 2 and 4, as training saw them.
+  aucs = iter([0.9, 0.5] if best_eval == "first" else [0.5, 0.9])
+
+  def roc_auc(y, p):
+    val_predictions.append(np.asarray(p))
+    return next(aucs)
+
+  restored = []
+  restore_best = checkpointing.Checkpointer.restore_best
+
+  def counting_restore_best(self, abstract):
+    restored.append(self.best_step())
+    return restore_best(self, abstract)
+
+  monkeypatch.setattr(supervised.metrics, "roc_auc", roc_auc)
+  monkeypatch.setattr(checkpointing.Checkpointer, "restore_best", counting_restore_best)
+  trained = supervised.train_split(config, str(tmp_path), data)
+  best = 0 if best_eval == "first" else 1
+  assert trained.info["selected_step"] == (2, 4)[best]
+  assert restored == ([2] if best_eval == "first" else [])
+  assert not np.allclose(val_predictions[0], val_predictions[1])  # The steps differ.
+  for collection in (data["val"], copy.copy(data["val"])):  # Reused, then predicted again.
+    probs = trained.predict(collection)[:, records.MALIGNANT]
+    np.testing.assert_allclose(probs, val_predictions[best], rtol=1e-6, atol=1e-7)

@@ -593,6 +593,7 @@ def train_split(
     eval_every = config.train.get("eval_every") or total_steps
     ckpt_every = config.train.get("checkpoint_every") or eval_every
     last_good_step = start_step if origin == "workdir" else None
+    last_val = (None, None)  # (step, val probabilities): the report reuses the last step's.
     t_start = time.time()
     for step in range(start_step + 1, total_steps + 1):
       batch = next(train_iter)
@@ -612,7 +613,8 @@ def train_split(
       if is_eval and bn_batches:
         state["ema_rest"] = refresh_bn(state["ema"], state["rest"], bn_batches)
       if is_eval and val_set is not None:
-        val = classification.predictions(val_set, predict_on(eval_variables(state), val_set))
+        last_val = (step, predict_on(eval_variables(state), val_set))
+        val = classification.predictions(val_set, last_val[1])
         ckpt_metrics = {"val_auc": metrics.roc_auc(val.y_malignant, val.p_malignant)}
         writer.write_scalars(step, ckpt_metrics, split="val")
         logging.info("step %d: val AUC %.4f", step, ckpt_metrics["val_auc"])
@@ -633,10 +635,17 @@ def train_split(
     final_state, selected, selected_step = state, "last", total_steps
     if val_set is not None and ckpt.best_step() is not None:
       selected_step = ckpt.best_step()
-      _, flat = ckpt.restore_best(state_utils.abstract_flat_state(state))
-      final_state = state_utils.unflatten_state(state, flat)
+      if selected_step != int(jax.device_get(state["step"])):  # Else it is already here.
+        _, flat = ckpt.restore_best(state_utils.abstract_flat_state(state))
+        final_state = state_utils.unflatten_state(state, flat)
       selected = f"best (step {selected_step})"
   variables = eval_variables(final_state)
+
+  def predict(collection):
+    if collection is val_set and last_val[0] == selected_step:
+      return last_val[1]  # The selected step's val predictions, made during training.
+    return predict_on(variables, collection)
+
   info = {
     "model": config.model.name
     + (f"/{config.model.variant}" if config.model.get("variant") else ""),
@@ -649,7 +658,7 @@ def train_split(
     "selected_step": int(selected_step),
   }
   return protocol.Trained(
-    predict=lambda c: predict_on(variables, c),
+    predict=predict,
     info=info,
     features=lambda c: predict_on(variables, c, embed),
   )
