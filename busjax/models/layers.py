@@ -328,19 +328,15 @@ def kernel_gradient(
     ]  # Row i: (in, kw * out).
     return jnp.stack(rows).reshape(kh, cin, kw, cout).transpose(0, 2, 1, 3)
   g = grad.reshape(-1, cout)
+  if path == "im2col":
+    patches = _patches(xp, (kh, kw), (out_h, out_w), strides)
+    return jnp.dot(patches.T, g, preferred_element_type=jnp.float32).reshape(kernel_shape)
 
   def window(i: int, j: int) -> jax.Array:
     return _tap_window(xp, i, j, (out_h, out_w), strides).reshape(-1, cin)
 
-  if path == "im2col":
-    dk = jnp.dot(
-      _patches(xp, (kh, kw), (out_h, out_w), strides).T, g, preferred_element_type=jnp.float32
-    )
-  else:
-    taps = [(i, j) for i in range(kh) for j in range(kw)]
-    dk = jnp.stack(
-      [jnp.dot(window(i, j).T, g, preferred_element_type=jnp.float32) for i, j in taps]
-    )
+  taps = [(i, j) for i in range(kh) for j in range(kw)]
+  dk = jnp.stack([jnp.dot(window(i, j).T, g, preferred_element_type=jnp.float32) for i, j in taps])
   return dk.reshape(kernel_shape)
 
 
