@@ -39,7 +39,7 @@ _STEPS = flags.DEFINE_integer("profiled_steps", 3, "Profiled steps (after two un
 _TOP = flags.DEFINE_integer("top", 20, "Rows of each table.")
 _OUTPUT = common.output_flag("JSON of the tables.")
 
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([a-z\-]+)\(")
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([a-z\-]+)\(")
 
 
 def hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -51,7 +51,7 @@ def hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
     match = _INSTRUCTION.match(line)
     if not match:
       continue
-    kind = match.group(2)
+    kind = match.group(3)
     fusion_kind = re.search(r"kind=(k\w+)", line)
     if fusion_kind:
       kind += "/" + fusion_kind.group(1)
@@ -59,6 +59,16 @@ def hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
     parts = op_name.group(1).split("/") if op_name else []
     index[match.group(1)] = (kind, "/".join(p for p in parts if p and not p.startswith("jit(")))
   return index
+
+
+def hlo_shapes(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> its result shape without the layout (``f32[32768,32]``)."""
+  shapes = {}
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if match:
+      shapes[match.group(1)] = re.sub(r"\{[^}]*\}", "", match.group(2))
+  return shapes
 
 
 def thunk_events(profile) -> list[tuple[int, int, int, str]]:
@@ -83,11 +93,18 @@ def _label(index: dict, instruction: str, depth: int = 2) -> str:
   return f"{kind} | {'/'.join(path.split('/')[-depth:])}"
 
 
-def attribute(events, index: dict, steps: int) -> dict:
-  """Per-step thread time by operation, and the busy/idle split of the traced span."""
+def attribute(events, index: dict, steps: int, shapes: dict | None = None) -> dict:
+  """Per-step thread time by operation (and with `shapes`, by operation and result shape, with
+  the instances per step: which of an op's layers cost what), and the busy/idle split of the
+  traced span."""
   by_op = collections.Counter()
+  by_shape, instances = collections.Counter(), collections.Counter()
   for start, end, _, instruction in events:
     by_op[_label(index, instruction)] += end - start
+    if shapes is not None:
+      key = f"{_label(index, instruction)} | {shapes.get(instruction, '?')}"
+      by_shape[key] += end - start
+      instances[key] += 1
   # Sweep the span: at each moment count the threads running a thunk.
   boundaries = sorted({e[0] for e in events} | {e[1] for e in events})
   starting, ending = collections.defaultdict(list), collections.defaultdict(list)
@@ -116,6 +133,9 @@ def attribute(events, index: dict, steps: int) -> dict:
     "no_thread_ms": ms(split[0]),
     "by_op": [(label, ms(ns)) for label, ns in by_op.most_common()],
     "one_thread_by_op": [(label, ms(ns)) for label, ns in alone.most_common()],
+    "by_op_and_shape": [
+      (label, ms(ns), instances[label] / steps) for label, ns in by_shape.most_common()
+    ],
   }
 
 
@@ -135,6 +155,15 @@ def _markdown(result: dict, top: int) -> str:
   ]
   lines += ["", "| one thread busy, ms / step | HLO kind \\| JAX operation |", "|---|---|"]
   lines += [f"| {ms:.1f} | {label} |" for label, ms in result["one_thread_by_op"][:top]]
+  if result["by_op_and_shape"]:
+    lines += [
+      "",
+      "| thread ms / step | instances / step | HLO kind \\| JAX operation \\| result shape |",
+      "|---|---|---|",
+    ]
+    lines += [
+      f"| {ms:.1f} | {count:g} | {label} |" for label, ms, count in result["by_op_and_shape"][:top]
+    ]
   return "\n".join(lines)
 
 
@@ -167,13 +196,14 @@ def main(argv):
     (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
     profile = jax.profiler.ProfileData.from_file(path)
     events = thunk_events(profile)
+  hlo = compiled.as_text()
   result = {
     "row": _ROW.value,
     "conv": conv,
     "backend": jax.default_backend(),
     "machine": common.machine(),
     "step_ms": step_ms,
-    **attribute(events, hlo_index(compiled.as_text()), _STEPS.value),
+    **attribute(events, hlo_index(hlo), _STEPS.value, hlo_shapes(hlo)),
   }
   print(_markdown(result, _TOP.value), flush=True)
   common.write_json_atomic(_OUTPUT.value, result)

@@ -44,9 +44,11 @@ from busjax.models import common as model_common
 from busjax.models import layers
 from busjax.trainers import supervised
 
-# name -> busjax model config (width 1.0, one grey channel, the configs' heads).
+# name -> busjax model config (width 1.0 unless named, one grey channel, the configs' heads).
 MODELS = {
   "resnet18": dict(name="resnet", variant="resnet18", width=1.0),
+  # configs/supervised.py's model (the e2e row's): ResNet-18 at half width.
+  "resnet18_w05": dict(name="resnet", variant="resnet18", width=0.5),
   "mobilenet_v2": dict(name="mobilenet_v2", variant="mobilenet_v2", width=1.0, dropout=0.2),
   "densenet121": dict(name="densenet", variant="densenet121", width=1.0),
   # configs/fusion.py's model: both backbones, 256-channel projections, concat, CBAM.

@@ -10,6 +10,8 @@ the benchmark imports torch (``pip install 'busjax[speed]'``, a CPU build).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -172,6 +174,7 @@ class Fusion(nn.Module):
 
 MODELS = {
   "resnet18": ResNet18,
+  "resnet18_w05": functools.partial(ResNet18, width=0.5),
   "mobilenet_v2": MobileNetV2,
   "densenet121": DenseNet121,
   "fusion": Fusion,
