@@ -247,7 +247,7 @@ def _conv(x: jax.Array, kernel: jax.Array, strides, padding, groups: int = 1) ->
 
 
 # Below this many rows (kh * kw * in) the kernel gradient is one im2col matmul; above it, one
-# matmul per kernel tap (no 9x patch copy of a wide input).
+# matmul per kernel row or per tap (no 9x patch copy of a wide input; `kernel_gradient_path`).
 _IM2COL_MAX_ROWS = 256
 # `conv2d` uses `kernel_gradient` up to this many input channels and XLA's own gradient above.
 # Kernel gradient alone, 2-core CPU (XLA's / matmuls): 32x64x64x64->64 3x3 1,916 / 354 ms;
