@@ -256,6 +256,105 @@ def test_batch_norm_running_stats_update_like_flax_without_tracer_errors(monkeyp
   np.testing.assert_array_equal(bn.var.get_value(), np.full(6, 2.0))
 
 
+def _bn_results(bn, x, weights, activation, *, fused_call):
+  """(output, d loss / d (x, scale, bias), running mean, running var) after one training-mode
+  call, loss = sum(weights * output); `fused_call` passes `activation` to the layer."""
+
+  def loss(model, inputs):
+    if fused_call:
+      y = model(inputs, use_running_average=False, activation=activation)
+    else:
+      y = model(inputs, use_running_average=False)
+      y = y if activation is None else activation(y)
+    return jnp.sum(y.astype(jnp.float32) * weights), y
+
+  (_, y), (grads, dx) = jax.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))(bn, x)
+  affine = [grads[name][...] for name in ("scale", "bias") if name in grads]
+  return [y, dx, *affine, bn.mean[...], bn.var[...]]
+
+
+@pytest.mark.parametrize("activation", [None, jax.nn.relu, jax.nn.relu6, jax.nn.silu])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 12), (16, 7)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fused_batch_norm_matches_flax(activation, shape, affine):
+  """The fused training-mode BatchNorm (+ ReLU / ReLU6, its written-out gradient) computes what
+  ``nnx.BatchNorm`` followed by the activation computes: outputs, gradients for the input, scale
+  and bias, and the running statistics; values spread around the clips (0 and 6)."""
+  features = shape[-1]
+
+  def make(cls, **kwargs):
+    bn = cls(features, use_scale=affine, use_bias=affine, momentum=0.8, rngs=nnx.Rngs(0), **kwargs)
+    if affine:
+      bn.scale[...] = jnp.linspace(0.5, 2.0, features)
+      bn.bias[...] = jnp.linspace(-1.0, 3.0, features)
+    return bn
+
+  x = jax.random.normal(jax.random.key(0), shape) * 3 + 2
+  weights = jax.random.normal(jax.random.key(1), shape)
+  with layers.conv_formulation("cpu"):
+    fused = _bn_results(make(layers.BatchNorm, fused=True), x, weights, activation, fused_call=True)
+  plain = _bn_results(make(nnx.BatchNorm), x, weights, activation, fused_call=False)
+  assert len(fused) == len(plain) == (6 if affine else 4)
+  for ours, theirs in zip(fused, plain, strict=True):
+    scale = float(jnp.max(jnp.abs(theirs)))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * scale)
+  if activation is jax.nn.relu6 and affine:  # Both clips were exercised.
+    assert 0 < float(jnp.mean(plain[0] == 6.0)) < 0.5 and 0 < float(jnp.mean(plain[0] == 0.0))
+
+
+def test_fused_batch_norm_path_choice(monkeypatch):
+  """The written-out gradient runs only where it is meant to: a fused layer, training mode, the
+  "cpu" formulation; evaluation mode and unfused layers run flax's code (and still apply the
+  activation)."""
+  calls = []
+  real = layers.batch_norm_train
+  monkeypatch.setattr(layers, "batch_norm_train", lambda *a, **k: calls.append(1) or real(*a, **k))
+  x = jax.random.normal(jax.random.key(0), (4, 3, 3, 5))
+  for fused, mode, formulation, expected in [
+    (True, False, "cpu", 1),
+    (True, True, "cpu", 0),
+    (True, False, "xla", 0),
+    (False, False, "cpu", 0),
+  ]:
+    calls.clear()
+    bn = layers.batch_norm(5, fused=fused, rngs=nnx.Rngs(0))
+    with layers.conv_formulation(formulation):
+      y = bn(x, use_running_average=mode, activation=jax.nn.relu)
+    assert len(calls) == expected, (fused, mode, formulation)
+    assert float(jnp.min(y)) == 0.0
+
+
+def test_densenet_fused_batch_norm_train_step_matches_plain():
+  """DenseNet's layers take the fused BatchNorm; a tiny DenseNet's loss gradient equals the
+  same network with flax's BatchNorm + ReLU (the "xla" BatchNorm, rewritten convolutions)."""
+  from busjax.models import densenet
+
+  model = densenet.DenseNet(
+    block_config=(2, 2), growth_rate=4, num_init_features=8, num_classes=2, in_channels=1,
+    rngs=nnx.Rngs(0),
+  )  # fmt: skip
+  assert model.blocks[0][0].norm1.fused and model.final_norm.fused
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 1))
+
+  def loss(m):
+    return jnp.sum(m(x) ** 2)
+
+  def grads():
+    model.train()
+    return jax.jit(nnx.grad(loss))(model)
+
+  with layers.conv_formulation("cpu"):
+    fused = grads()
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, layers.BatchNorm):
+      module.fused = False
+  with layers.conv_formulation("cpu"):
+    plain = grads()
+  scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(plain))
+  for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(plain), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
 @pytest.mark.parametrize(
   "x_shape,kernel_shape,strides,padding",
   [

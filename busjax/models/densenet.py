@@ -41,7 +41,9 @@ class DenseLayer(nnx.Module):
 
   def __init__(self, in_features: int, *, growth_rate: int, bn_size: int, options: dict):
     bottleneck = bn_size * growth_rate
-    norm_args = dict(epsilon=options["bn_epsilon"], dtype=options["dtype"], rngs=options["rngs"])
+    norm_args = dict(
+      epsilon=options["bn_epsilon"], dtype=options["dtype"], fused=True, rngs=options["rngs"]
+    )
     conv_args = dict(dtype=options["dtype"], rngs=options["rngs"])
     self.norm1 = layers.batch_norm(in_features, **norm_args)
     self.conv1 = layers.Conv(in_features, bottleneck, 1, **conv_args)
@@ -49,8 +51,8 @@ class DenseLayer(nnx.Module):
     self.conv2 = layers.Conv(bottleneck, growth_rate, 3, padding=options["padding"], **conv_args)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.conv1(jax.nn.relu(self.norm1(x)))
-    y = self.conv2(jax.nn.relu(self.norm2(y)))
+    y = self.conv1(self.norm1(x, activation=jax.nn.relu))
+    y = self.conv2(self.norm2(y, activation=jax.nn.relu))
     return jnp.concatenate([x, y], axis=-1)
 
 
@@ -59,14 +61,18 @@ class Transition(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, options: dict):
     self.norm = layers.batch_norm(
-      in_features, epsilon=options["bn_epsilon"], dtype=options["dtype"], rngs=options["rngs"]
+      in_features,
+      epsilon=options["bn_epsilon"],
+      dtype=options["dtype"],
+      fused=True,
+      rngs=options["rngs"],
     )
     self.conv = layers.Conv(
       in_features, out_features, 1, dtype=options["dtype"], rngs=options["rngs"]
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.conv(jax.nn.relu(self.norm(x)))
+    x = self.conv(self.norm(x, activation=jax.nn.relu))
     return nnx.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -139,7 +145,9 @@ class DenseNet(nnx.Module):
         features = compressed
     self.blocks = nnx.List(blocks)
     self.transitions = nnx.List(transitions)
-    self.final_norm = layers.batch_norm(features, epsilon=bn_epsilon, dtype=self.dtype, rngs=rngs)
+    self.final_norm = layers.batch_norm(
+      features, epsilon=bn_epsilon, dtype=self.dtype, fused=True, rngs=rngs
+    )
     self.num_features = features
     self.stage_names = ("block_1", "block_2", "block_3", "features")
     self.head = common.Head(features, num_classes, dropout=dropout, dtype=self.dtype, rngs=rngs)
@@ -157,7 +165,7 @@ class DenseNet(nnx.Module):
       x = feature_maps[f"block_{index + 1}"] = common.tap(f"block_{index + 1}", x)
       if index < len(self.transitions):
         x = self.transitions[index](x)
-    feature_maps["features"] = common.tap("features", jax.nn.relu(self.final_norm(x)))
+    feature_maps["features"] = common.tap("features", self.final_norm(x, activation=jax.nn.relu))
     return feature_maps
 
   def __call__(self, x: jax.Array, *, return_features: bool = False):
