@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from busjax import checkpointing
+from busjax import checkpointing, sharding
 from busjax.data import augment, records, sources
 from busjax.evaluators import calibration
 from busjax.trainers import state_utils, supervised
@@ -87,7 +87,7 @@ class LoadedRun:
     graph, state = nnx.split(self.model)
     states = [state] + [nnx.split(m)[1] for m in self.ensemble]
 
-    @jax.jit
+    @sharding.jit
     def probs(states, images):
       x = images if preprocessed else self.preprocess(images)
       members = [

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from busjax.models import layers
+
 DATA_AXIS = "data"
 
 
@@ -103,6 +105,15 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
   return out
 
 
+def jit(fn=None, **kwargs):
+  """`jax.jit` with busjax's XLA options (`layers.compiler_options`: on CPU, convolutions kept
+  off YNNPACK); every busjax step, prediction and sampler is jitted through it. Also a bare
+  decorator."""
+  if fn is None:
+    return lambda f: jit(f, **kwargs)
+  return jax.jit(fn, compiler_options=layers.compiler_options(), **kwargs)
+
+
 def replicate(tree, mesh: Mesh):
   """Puts every leaf of `tree` on every device of the mesh (parameters, optimiser state)."""
   return jax.device_put(tree, replicated(mesh))
@@ -123,7 +134,7 @@ def jit_train_step(step_fn, mesh: Mesh, state, *, constants=(), donate: bool = T
   replicated_sharding = replicated(mesh)
   state_shardings = jax.tree.map(lambda _: replicated_sharding, state)
   constants = tuple(jax.device_put(np.asarray(c), replicated_sharding) for c in constants)
-  jitted = jax.jit(
+  jitted = jit(
     step_fn,
     in_shardings=(state_shardings, data_sharding(mesh), replicated_sharding)
     + (replicated_sharding,) * len(constants),
@@ -170,4 +181,4 @@ def jit_predict(apply_fn, mesh: Mesh):
   def predict(variables, batch):
     return apply_fn(variables, batch), batch["index"], batch["valid"]
 
-  return jax.jit(predict, out_shardings=replicated(mesh))
+  return jit(predict, out_shardings=replicated(mesh))

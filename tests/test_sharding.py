@@ -125,3 +125,38 @@ def test_pipeline_batch_becomes_a_global_array():
   arrays = sharding.host_to_global(batch, sharding.make_mesh())
   assert arrays["image"].shape == (8, 16, 16, 1)
   np.testing.assert_array_equal(np.asarray(arrays["index"]), batch["index"])
+
+
+def _ynn_fusions(fn, *args, jit=jax.jit) -> int:
+  return jit(fn).lower(*args).compile().as_text().count("__ynn_fusion")
+
+
+def test_busjax_jit_keeps_cpu_convolutions_off_ynnpack_with_the_same_values():
+  """`sharding.jit` compiles convolutions with XLA's own CPU kernels (YNNPACK ran those with <= 64
+  channels on one core), keeps YNNPACK's matmuls, and computes what `jax.jit` computes; with the
+  "xla" formulation it adds no options."""
+  from busjax.models import layers
+
+  if jax.default_backend() != "cpu":
+    pytest.skip("the options are for XLA:CPU")
+  x = jax.random.normal(jax.random.key(0), (4, 12, 12, 32))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
+  matrix = jax.random.normal(jax.random.key(2), (64, 64))
+
+  def conv(x, kernel):
+    dimensions = ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dimensions)
+
+  def dot(matrix):
+    return matrix @ matrix
+
+  if _ynn_fusions(conv, x, kernel) == 0:
+    pytest.skip("this jaxlib gives YNNPACK no convolution to begin with")
+  assert layers.compiler_options() is not None
+  assert _ynn_fusions(conv, x, kernel, jit=sharding.jit) == 0
+  assert _ynn_fusions(dot, matrix, jit=sharding.jit) == _ynn_fusions(dot, matrix) == 1
+  np.testing.assert_allclose(
+    sharding.jit(conv)(x, kernel), jax.jit(conv)(x, kernel), rtol=1e-5, atol=1e-4
+  )
+  with layers.conv_formulation("xla"):
+    assert layers.compiler_options() is None

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from busjax import sharding
 from busjax.models import common as model_common
 
 ScoreFn = Callable[[jax.Array], jax.Array]  # (N, H, W, C) float input -> (N, classes) logits
@@ -283,7 +284,7 @@ def make_explainer(
       return expected_gradients(m, x, targets, rng=rng, **kwargs)
     return integrated_gradients(m, x, targets, **kwargs)
 
-  jitted = jax.jit(explain)
+  jitted = sharding.jit(explain)
 
   def run(x, targets, rng=None):
     return jitted(state, x, targets, jax.random.key(0) if rng is None else rng)

@@ -77,6 +77,41 @@ def resolved_formulation() -> str:
   return name
 
 
+# XLA:CPU hands each f32 convolution to YNNPACK, which ran every one with <= 64 output channels
+# on one of the two cores of the development machine (ResNet-18's first stages, DenseNet's
+# 3x3 convolutions to 32 channels); XLA's own (Eigen) convolutions use both and ran those
+# 1.5-2.3x faster, forward and input gradient alike, and matched YNNPACK from 128 channels up
+# (docs/performance.md, "Convolutions on one core"). YNNPACK keeps the matmuls and reductions,
+# the rest of its default set.
+_XLA_CPU_OPTIONS = (
+  (
+    "xla_cpu_experimental_ynn_fusion_type",
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+  ),
+)
+
+
+def compiler_options() -> dict[str, str] | None:
+  """XLA options for busjax's jitted steps (`sharding.jit`): on the CPU backend with the "cpu"
+  formulation, convolutions stay with XLA instead of YNNPACK; elsewhere none. None too, with a
+  warning, if this jaxlib does not know the option."""
+  if jax.default_backend() != "cpu" or resolved_formulation() != "cpu":
+    return None
+  return dict(_XLA_CPU_OPTIONS) if _xla_accepts(_XLA_CPU_OPTIONS) else None
+
+
+@functools.cache
+def _xla_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+  try:
+    jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options=dict(options))
+  except Exception as error:  # An unknown option or value: this jaxlib differs.
+    warnings.warn(
+      f"XLA options {dict(options)} not accepted, left at the defaults: {error}", stacklevel=3
+    )
+    return False
+  return True
+
+
 @functools.cache
 def _warn_rewrites_on_gpu() -> None:
   """Once per process: the rewrites on a GPU needed a flag with jaxlib 0.11.2."""

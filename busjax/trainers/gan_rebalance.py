@@ -282,7 +282,7 @@ def make_sampler(defs: GanDefs, mesh):
     d1 = nnx.merge(defs.d1_eval, state["discriminator1"]["params"], state["discriminator1"]["rest"])
     return gan.to_uint8(images)[..., 0], d1(images, labels)
 
-  return jax.jit(sample, out_shardings=sharding.replicated(mesh))
+  return sharding.jit(sample, out_shardings=sharding.replicated(mesh))
 
 
 def make_standing_stats(defs: GanDefs, mesh):
@@ -297,7 +297,7 @@ def make_standing_stats(defs: GanDefs, mesh):
     generator.sample(key, labels)
     return nnx.split(generator, nnx.Param, ...)[2]
 
-  one = jax.jit(one, out_shardings=sharding.replicated(mesh))
+  one = sharding.jit(one, out_shardings=sharding.replicated(mesh))
 
   def standing(params, rest, key, label_probs, batches: int, batch_size: int):
     total = None

@@ -379,7 +379,7 @@ def make_bn_refresh(defs: ModelDefs, config: ml_collections.ConfigDict):
   stay as they were.
   """
 
-  @jax.jit
+  @sharding.jit
   def one_batch(params, rest, images):
     model = nnx.merge(defs.bn_refresh, params, rest)
     model(_preprocess(images, config.model))
