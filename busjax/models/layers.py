@@ -609,7 +609,8 @@ class BatchNorm(nnx.BatchNorm):
   ) -> jax.Array:
     if use_running_average is None:
       use_running_average = self.use_running_average
-    clip = _FUSED_CLIPS.get(activation) if activation is not None else (None, None)
+    # The clip that fuses `activation`; None for one that cannot be fused (applied after).
+    clip = (None, None) if activation is None else _FUSED_CLIPS.get(activation)
     fused = (
       self.fused
       and use_running_average is False  # None: flax's own error message.
