@@ -16,6 +16,10 @@ parameters:
   0.26x PyTorch, the matmuls at 0.73x (docs/performance.md).
   1x1 kernels take the `PointwiseConv` path automatically.
 
+And one compiler option (`compiler_options`, applied by `busjax.sharding.jit`): on XLA:CPU the
+convolutions are compiled by XLA itself rather than handed to YNNPACK, which ran those with
+<= 64 output channels on one core (docs/performance.md, "Convolutions on one core").
+
 These rewrites are for XLA:CPU. On a GPU their strided 1x1 matmuls aborted jaxlib 0.11.2's
 compiler, where XLA's own convolutions (cuDNN's) compiled and ran 1.5-1.9x PyTorch's speed
 (docs/performance.md, "Accelerators"), so `Conv`, `PointwiseConv` and `DepthwiseConv` trace
