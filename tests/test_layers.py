@@ -326,7 +326,7 @@ def test_fused_batch_norm_path_choice(monkeypatch):
 
 def test_densenet_fused_batch_norm_train_step_matches_plain():
   """DenseNet's layers take the fused BatchNorm; a tiny DenseNet's loss gradient equals the
-  same network with flax's BatchNorm + ReLU (the "xla" BatchNorm, rewritten convolutions)."""
+  same network with flax's BatchNorm + ReLU (`fused=False`; the same rewritten convolutions)."""
   from busjax.models import densenet
 
   model = densenet.DenseNet(
