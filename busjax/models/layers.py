@@ -11,10 +11,10 @@ parameters:
   per-channel weights (kernel ``(kh, kw, 1, C)``, like ``nnx.Conv(C, C, k,
   feature_group_count=C)``).
 * `Conv`: any other convolution via ``lax.conv_general_dilated`` (`conv2d`), whose kernel
-  gradient up to 64 input channels is matrix products over taps or kernel rows
-  (`kernel_gradient`): XLA:CPU's own weight-gradient convolution ran ResNet-18's train step at
-  0.26x PyTorch, the matmuls at 0.73x (docs/performance.md).
-  1x1 kernels take the `PointwiseConv` path automatically.
+  gradient is one im2col matrix product (`kernel_gradient`) where the patches are narrow and
+  few (grey stems, whose weight gradient XLA:CPU's own convolution runs 1.6-4x slower) and
+  XLA's own everywhere else (docs/performance.md). 1x1 kernels take the `PointwiseConv` path
+  automatically.
 
 And one compiler option (`compiler_options`, applied by `busjax.sharding.jit`): on XLA:CPU the
 convolutions are compiled by XLA itself rather than handed to YNNPACK, which ran those with
@@ -285,38 +285,29 @@ def _conv(x: jax.Array, kernel: jax.Array, strides, padding, groups: int = 1) ->
   )
 
 
-# Below this many rows (kh * kw * in) the kernel gradient is one im2col matmul; above it, one
-# matmul per kernel row or per tap (no 9x patch copy of a wide input; `kernel_gradient_path`).
-_IM2COL_MAX_ROWS = 256
-# `conv2d` uses `kernel_gradient` up to this many input channels and XLA's own gradient above.
-# Kernel gradient alone, 2-core CPU (XLA's / matmuls): 32x64x64x64->64 3x3 1,916 / 354 ms;
-# 32x32x32x64->64 384 / 99; grey 7x7/2 stems 185-324 / 68-101; but 16x56x56x128->32 (DenseNet)
-# 199 / 234 and 32x16x16x128->128 62 / 62, where the matmuls' window copies only cost memory
-# (DenseNet121's step temporaries 2.9 -> 5.1 GB when every convolution took them).
-_KERNEL_GRADIENT_MAX_IN = 64
-# Stride-1 convolutions with at least this many output pixels take `kernel_gradient`'s row
-# products instead of one matmul per tap (AVX-512 Xeon, ms, XLA's / per tap / rows):
-# 32x32x32x32->32 15.7 / 15.0 / 4.9; 32x16x16x64->64 10.0 / 7.9 / 4.5; 32x32x32x64->64 68.5 /
-# 52.5 / 36.4; but 32x8x8x64->64 1.2 / 1.7 / 1.5. Above 64 channels they also beat XLA's own at
-# DenseNet121's 56x56 (99 / 109 / 62 ms) but its step gained only 1.06x for +2.3 s of compile and
-# +470 MB of temporaries (the fusion model 1.01x): XLA's stays there (docs/performance.md).
-_ROWS_MIN_PIXELS = 256
+# `conv2d`'s kernel gradient is one im2col matmul (`kernel_gradient`) for kernels with at most
+# `_IM2COL_MAX_COLUMNS` patch columns (kh * kw * in: grey stems, RGB 3x3 stems) whose patch
+# matrix has at most `_IM2COL_MAX_ELEMENTS` entries, and XLA's own weight-gradient convolution
+# everywhere else. Kernel gradient alone, batch 32, AVX-512 Xeon with convolutions off YNNPACK
+# (`compiler_options`), XLA's own / im2col, ms: grey 3x3/2 at 224 px 16.2 / 5.2, at 128 px
+# 5.5 / 1.4; grey 7x7/2 at 128 px 15.6 / 9.7 but at 224 px 45.6 / 54.7; RGB 7x7/2 at 128 px
+# 24.6 / 48.9; RGB 3x3/2 at 224 px 22.6 / 23.4. At ResNet-18's 3x3 layers XLA's own is 1.3-3x
+# faster than any arrangement as matmuls (32x32x32x64->64: 12.2 ms vs 35.2 by kernel rows, 42.9
+# im2col, 51.2 per tap), which were faster while YNNPACK ran the convolutions on one core
+# (docs/performance.md, "Kernel gradients back to XLA's own").
+_IM2COL_MAX_COLUMNS = 64
+_IM2COL_MAX_ELEMENTS = 8 * 2**20
 
 
-def kernel_gradient_path(
-  kernel_shape: tuple[int, int, int, int], strides: tuple[int, int], out_hw: tuple[int, int]
-) -> str:
-  """How `conv2d` computes a kernel gradient on XLA:CPU: "xla" (XLA's own) above
-  `_KERNEL_GRADIENT_MAX_IN` input channels, else `kernel_gradient`'s "im2col" (few rows),
-  "rows" (stride 1, at least `_ROWS_MIN_PIXELS` output pixels) or "taps"."""
+def kernel_gradient_path(kernel_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> str:
+  """How `conv2d` computes the kernel gradient of an (N, out_h, out_w, out) output on XLA:CPU:
+  "im2col" (`kernel_gradient`) for few, small patches, else "xla" (XLA's own)."""
   kh, kw, cin, _ = kernel_shape
-  if cin > _KERNEL_GRADIENT_MAX_IN:
-    return "xla"
-  if kh * kw * cin <= _IM2COL_MAX_ROWS:
+  n, out_h, out_w = out_shape[:3]
+  columns = kh * kw * cin
+  if columns <= _IM2COL_MAX_COLUMNS and n * out_h * out_w * columns <= _IM2COL_MAX_ELEMENTS:
     return "im2col"
-  if tuple(strides) == (1, 1) and out_hw[0] * out_hw[1] >= _ROWS_MIN_PIXELS:
-    return "rows"
-  return "taps"
+  return "xla"
 
 
 def kernel_gradient(
@@ -325,58 +316,19 @@ def kernel_gradient(
   kernel_shape: tuple[int, int, int, int],
   strides: tuple[int, int],
   padding: tuple[tuple[int, int], tuple[int, int]],
-  path: str | None = None,
 ) -> jax.Array:
-  """d(loss)/d(kernel) of a dense NHWC convolution as matrix products.
+  """d(loss)/d(kernel) of a dense NHWC convolution as one matrix product.
 
-  For tap (i, j) the gradient is ``window(i, j)^T @ grad`` with ``window(i, j)`` the strided
-  slice of the padded input that tap sees, flattened to (batch * out_h * out_w, in). This is
-  exactly the sum XLA's own weight-gradient convolution computes, but XLA:CPU runs that
-  convolution (a window the size of the whole image, batch as the feature axis) at ~5 GFLOP/s
-  where GEMMs reach ~100 (benchmarks/speed.py profile: 687 ms vs 100 ms for ResNet-18's first
-  stage at batch 32). `path` (default `kernel_gradient_path`'s choice) arranges the sum:
-
-  * "im2col": one matmul of all taps' windows side by side (`_patches`; few rows: grey stems).
-  * "taps": one matmul per tap, each on a copy of its window.
-  * "rows" (stride 1): one matmul per kernel row i, of the rows of the padded input that row
-    sees (full padded width) against ``kw`` copies of ``grad`` shifted right by j = 0..kw-1
-    columns and zero-filled to that width: tap (i, j) meets ``grad[n, h, w]`` at padded column
-    w + j, as in its window. ``kh`` input copies and one ``kw``-wide gradient instead of
-    ``kh * kw`` window copies, and ``kw`` times wider products (3x faster than "taps" at
-    32x32x32x32 -> 32).
-
-  Accumulates in float32.
+  The im2col matrix of the padded input (`_patches`: every tap's strided window side by side,
+  (batch * out_h * out_w, kh * kw * in)) transposed times the output gradient: the sum XLA's
+  weight-gradient convolution computes, which XLA:CPU runs 1.6-4x slower when the input has one
+  channel (grey stems). Accumulates in float32.
   """
-  kh, kw, cin, cout = kernel_shape
+  kh, kw, _, cout = kernel_shape
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  out_h, out_w = grad.shape[1:3]
-  path = path or kernel_gradient_path(kernel_shape, strides, (out_h, out_w))
-  if path not in ("im2col", "taps", "rows"):
-    raise ValueError(f"kernel_gradient: unknown path {path!r} (im2col, taps or rows)")
-  if path == "rows":
-    if tuple(strides) != (1, 1):
-      raise ValueError(f"kernel_gradient: the 'rows' path needs stride 1, got {strides}")
-    width = xp.shape[2]
-    shifted = jnp.concatenate(
-      [jnp.pad(grad, ((0, 0), (0, 0), (j, width - out_w - j), (0, 0))) for j in range(kw)],
-      axis=-1,
-    ).reshape(-1, kw * cout)
-    rows = [
-      jnp.dot(xp[:, i : i + out_h].reshape(-1, cin).T, shifted, preferred_element_type=jnp.float32)
-      for i in range(kh)
-    ]  # Row i: (in, kw * out).
-    return jnp.stack(rows).reshape(kh, cin, kw, cout).transpose(0, 2, 1, 3)
+  patches = _patches(xp, (kh, kw), grad.shape[1:3], strides)
   g = grad.reshape(-1, cout)
-  if path == "im2col":
-    patches = _patches(xp, (kh, kw), (out_h, out_w), strides)
-    return jnp.dot(patches.T, g, preferred_element_type=jnp.float32).reshape(kernel_shape)
-
-  def window(i: int, j: int) -> jax.Array:
-    return _tap_window(xp, i, j, (out_h, out_w), strides).reshape(-1, cin)
-
-  taps = [(i, j) for i in range(kh) for j in range(kw)]
-  dk = jnp.stack([jnp.dot(window(i, j).T, g, preferred_element_type=jnp.float32) for i, j in taps])
-  return dk.reshape(kernel_shape)
+  return jnp.dot(patches.T, g, preferred_element_type=jnp.float32).reshape(kernel_shape)
 
 
 def _patches(xp: jax.Array, kernel_hw, out_hw, strides) -> jax.Array:
@@ -432,12 +384,11 @@ def _conv2d_fwd(x, kernel, strides, padding):
 
 def _conv2d_bwd(strides, padding, residuals, grad):
   x, kernel = residuals
-  path = kernel_gradient_path(kernel.shape, strides, grad.shape[1:3])
-  if path == "xla":
+  if kernel_gradient_path(kernel.shape, grad.shape) == "xla":
     _, vjp = jax.vjp(lambda inputs, k: _conv(inputs, k, strides, padding), x, kernel)
     return vjp(grad)
   _, input_vjp = jax.vjp(lambda inputs: _conv(inputs, kernel, strides, padding), x)
-  dk = kernel_gradient(x, grad, kernel.shape, strides, padding, path)
+  dk = kernel_gradient(x, grad, kernel.shape, strides, padding)
   return input_vjp(grad)[0], dk.astype(kernel.dtype)
 
 
