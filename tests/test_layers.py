@@ -169,8 +169,8 @@ def test_the_rewrites_on_a_gpu_warn_once_unless_the_flag_is_set(monkeypatch):
 
 
 def test_formulations_trace_different_programs():
-  """ "cpu" traces the rewrites (shifted slices; the kernel gradient as matmuls), "xla" XLA's own
-  convolutions: the switch is real, not a name."""
+  """ "cpu" traces the rewrites (shifted slices; a narrow kernel's gradient as a matmul), "xla"
+  XLA's own convolutions: the switch is real, not a name."""
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
   depthwise = layers.DepthwiseConv(6, kernel_size=3, rngs=nnx.Rngs(0))
   conv = layers.Conv(6, 4, 3, rngs=nnx.Rngs(0))
@@ -178,7 +178,9 @@ def test_formulations_trace_different_programs():
   with layers.conv_formulation("cpu"):
     assert "conv_general_dilated" not in _primitives(depthwise, x)
     assert "conv_general_dilated" not in _primitives(pointwise, x)
-    assert "dot_general" in _primitives(conv, x)  # The kernel gradient as matmuls.
+    assert "dot_general" in _primitives(conv, x)  # A narrow kernel's gradient: im2col matmul.
+    wide = layers.Conv(40, 4, 3, rngs=nnx.Rngs(0))  # 360 patch columns: XLA's own gradient.
+    assert "dot_general" not in _primitives(wide, jnp.ones((2, 8, 8, 40)))
   with layers.conv_formulation("xla"):
     assert "conv_general_dilated" in _primitives(depthwise, x)
     assert "dot_general" not in _primitives(pointwise, x)

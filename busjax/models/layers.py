@@ -286,15 +286,15 @@ def _conv(x: jax.Array, kernel: jax.Array, strides, padding, groups: int = 1) ->
 
 
 # `conv2d`'s kernel gradient is one im2col matmul (`kernel_gradient`) for kernels with at most
-# `_IM2COL_MAX_COLUMNS` patch columns (kh * kw * in: grey stems, RGB 3x3 stems) whose patch
-# matrix has at most `_IM2COL_MAX_ELEMENTS` entries, and XLA's own weight-gradient convolution
-# everywhere else. Kernel gradient alone, batch 32, AVX-512 Xeon with convolutions off YNNPACK
-# (`compiler_options`), XLA's own / im2col, ms: grey 3x3/2 at 224 px 16.2 / 5.2, at 128 px
-# 5.5 / 1.4; grey 7x7/2 at 128 px 15.6 / 9.7 but at 224 px 45.6 / 54.7; RGB 7x7/2 at 128 px
-# 24.6 / 48.9; RGB 3x3/2 at 224 px 22.6 / 23.4. At ResNet-18's 3x3 layers XLA's own is 1.3-3x
-# faster than any arrangement as matmuls (32x32x32x64->64: 12.2 ms vs 35.2 by kernel rows, 42.9
-# im2col, 51.2 per tap), which were faster while YNNPACK ran the convolutions on one core
-# (docs/performance.md, "Kernel gradients back to XLA's own").
+# `_IM2COL_MAX_COLUMNS` patch columns (kh * kw * in: grey stems, RGB 3x3 stems on small images)
+# whose patch matrix has at most `_IM2COL_MAX_ELEMENTS` entries, and XLA's own weight-gradient
+# convolution everywhere else. Kernel gradient alone, batch 32, AVX-512 Xeon with convolutions off
+# YNNPACK (`compiler_options`), XLA's own / im2col, ms: grey 3x3/2 at 224 px 16.2 / 5.2, at 128 px
+# 5.5 / 1.4; grey 7x7/2 at 128 px 15.6 / 9.7 but at 224 px 45.6 / 54.7; RGB 7x7/2 at 128 px 24.6 /
+# 48.9; RGB 3x3/2 at 224 px 22.6 / 23.4. At ResNet-18's 3x3 layers XLA's own is 1.3-3x faster than
+# any arrangement as matmuls (32x32x32x64->64: 12.2 ms vs 35.2 by kernel rows, 42.9 im2col, 51.2 per
+# tap), which were faster while YNNPACK ran the convolutions on one core (docs/performance.md,
+# "Kernel gradients back to XLA's own").
 _IM2COL_MAX_COLUMNS = 64
 _IM2COL_MAX_ELEMENTS = 8 * 2**20
 
