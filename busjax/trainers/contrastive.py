@@ -328,6 +328,7 @@ def pretrain(
     ckpt_every = int(config.ssl.get("checkpoint_every") or max(total_steps // 4, 1))
     last_good_step = start_step if origin == "workdir" else None
     t_start = time.time()
+    pace = state_utils.StepPacer()
     for step in range(start_step + 1, total_steps + 1):
       batch = next(data_iter)
       batch = {
@@ -338,6 +339,7 @@ def pretrain(
       }
       batch = sharding.host_to_global(batch, mesh)
       state, step_metrics = train_step(state, batch, jax.random.fold_in(rng, step))
+      pace(step_metrics)
       is_ckpt = step % ckpt_every == 0 or step == total_steps
       if step % config.train.log_every == 0 or is_ckpt or step == start_step + 1:
         state_utils.log_train_metrics(

@@ -300,15 +300,14 @@ def make_standing_stats(defs: GanDefs, mesh):
   one = sharding.jit(one, out_shardings=sharding.replicated(mesh))
 
   def standing(params, rest, key, label_probs, batches: int, batch_size: int):
-    total = None
-    for i in range(batches):
+    def one_batch(i):
       label_key, z_key = jax.random.split(jax.random.fold_in(key, i))
       labels = jax.random.choice(
         label_key, len(label_probs), (batch_size,), p=jnp.asarray(label_probs)
       )
-      stats = one(params, rest, z_key, labels)
-      total = stats if total is None else jax.tree.map(jnp.add, total, stats)
-    return jax.tree.map(lambda t: t / batches, total)
+      return one(params, rest, z_key, labels)
+
+    return state_utils.average_statistics(one_batch, range(batches), like=rest)
 
   return standing
 
@@ -371,10 +370,12 @@ class _GanRun:
     )
     last_good = start or None
     t0 = time.time()
+    pace = state_utils.StepPacer()
     for step in range(start + 1, last_step + 1):
       batch = next(self.train_iter)
       batch = sharding.host_to_global({"image": batch["image"], "label": batch["label"]}, self.mesh)
       self.state, step_metrics = self.step_fn(self.state, batch, jax.random.fold_in(rng, step))
+      pace(step_metrics)
       if step % g.log_every == 0 or step == last_step or step == start + 1:
         state_utils.log_train_metrics(
           step_metrics, step, ckpt=self.ckpt, last_good_step=last_good, workdir=self.workdir,

@@ -8,6 +8,7 @@ when a checkpoint does not match the model.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 from typing import Any
@@ -205,3 +206,62 @@ def log_train_metrics(
   writer.write_scalars(step, host_metrics, split=split)
   progress(step, host_metrics)
   return host_metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Keeping the host close behind the devices.
+#
+# XLA:CPU (jaxlib 0.10.2) admits at most 32 unfinished programs per device, and for a program on
+# several devices it takes each device's slot from a pool thread, in no fixed order. With many
+# launches queued (one eager add per BatchNorm statistic, a step loop far ahead of the step), the
+# later programs can take every slot of one device while they wait for an earlier program's
+# output, and that earlier program's part on that device then never gets a slot. With a
+# collective in the earlier program (BatchNorm statistics all-reduced over a sharded batch) the
+# other devices wait for it in the rendezvous, and XLA aborts the process after 40 s ("only 3 of
+# them arrived"): the test suite's occasional lost worker (4 CPU devices), diagnosed from a
+# thread dump (docs/performance.md, "The lost test worker"). Hence: the accumulations below are one
+# program per batch, waited for, and the step loops stay at most one step ahead.
+
+
+class StepPacer:
+  """Keeps the host at most one step ahead of the devices: `pace(outputs)` after dispatching step
+  k waits for step k - 1's outputs, so step k is already queued when k - 1 finishes (the devices
+  never idle) while the queue stays two steps long."""
+
+  def __init__(self):
+    self._previous = None
+
+  def __call__(self, outputs) -> None:
+    if self._previous is not None:
+      jax.block_until_ready(self._previous)
+    self._previous = outputs
+
+
+def _add_floats(a, b):
+  """a + b for float statistics; other leaves (RNG keys, counters) are kept from `a`."""
+  return a + b if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+
+@jax.jit
+def _accumulate(total, stats):
+  return jax.tree.map(_add_floats, total, stats)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _mean_or_copy(total, like, count: int):
+  # New buffers for the copied leaves too: a step donates its state, never one buffer twice.
+  return jax.tree.map(
+    lambda t, r: t / count if jnp.issubdtype(r.dtype, jnp.floating) else jnp.copy(r), total, like
+  )
+
+
+def average_statistics(run_batch, batches, like):
+  """Mean over `batches` of the float leaves of `run_batch(batch)` (BatchNorm statistics of one
+  batch each); the other leaves (RNG streams) are copies of `like`'s. One accumulating program
+  per batch, each waited for (see `StepPacer`'s note). None for no batches."""
+  total = None
+  for batch in batches:
+    stats = run_batch(batch)
+    total = stats if total is None else _accumulate(total, stats)
+    jax.block_until_ready(total)
+  return None if total is None else _mean_or_copy(total, like, len(batches))

@@ -364,11 +364,6 @@ def make_train_step(
   return train_step
 
 
-def _add_floats(a, b):
-  """a + b for float statistics; other leaves (RNG keys, counters) are kept from `a`."""
-  return a + b if jnp.issubdtype(a.dtype, jnp.floating) else a
-
-
 def make_bn_refresh(defs: ModelDefs, config: ml_collections.ConfigDict):
   """`(params, rest, batches) -> rest`: BatchNorm statistics that belong to `params`.
 
@@ -386,19 +381,10 @@ def make_bn_refresh(defs: ModelDefs, config: ml_collections.ConfigDict):
     return nnx.split(model, nnx.Param, ...)[2]
 
   def refresh(params, rest, batches):
-    total = None
-    for images in batches:
-      stats = one_batch(params, rest, images)
-      total = stats if total is None else jax.tree.map(_add_floats, total, stats)
-    if total is None:
-      return rest
-    n = len(batches)
-    return jax.tree.map(
-      # Copies of the other leaves: the step donates ema_rest and rest, never one buffer twice.
-      lambda t, r: t / n if jnp.issubdtype(r.dtype, jnp.floating) else jnp.copy(r),
-      total,
-      rest,
+    mean = state_utils.average_statistics(
+      lambda images: one_batch(params, rest, images), batches, like=rest
     )
+    return rest if mean is None else mean
 
   return refresh
 
@@ -595,6 +581,7 @@ def train_split(
     last_good_step = start_step if origin == "workdir" else None
     last_val = (None, None)  # (step, val probabilities): the report reuses the last step's.
     t_start = time.time()
+    pace = state_utils.StepPacer()
     for step in range(start_step + 1, total_steps + 1):
       batch = next(train_iter)
       keys = ("image", "label", "mask") if "aux" in state else ("image", "label")
@@ -602,6 +589,7 @@ def train_split(
         raise ValueError("train.mask_loss needs lesion masks, but the training batches have none")
       batch = sharding.host_to_global({k: batch[k] for k in keys}, mesh)
       state, step_metrics = train_step(state, batch, jax.random.fold_in(rng, step))
+      pace(step_metrics)
       is_eval = step % eval_every == 0 or step == total_steps
       is_ckpt = is_eval or step % ckpt_every == 0
       if step % config.train.log_every == 0 or is_ckpt or step == start_step + 1:
