@@ -213,13 +213,31 @@ def test_linear_probe_moves_only_the_head():
 # ----------------------------------------------------------------------------------------------
 
 
+_PACED = []  # The metric names of every step the module's pretraining run paced.
+
+
+class _RecordingPacer(state_utils.StepPacer):
+  def __call__(self, outputs):
+    _PACED.append(frozenset(outputs))
+    super().__call__(outputs)
+
+
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("ssl_pretrain"))
   config = _config("ssl_pretrain", "smoke")
   configlib.validate(config)
-  summary = contrastive.train_and_evaluate(config, workdir)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(state_utils, "StepPacer", _RecordingPacer)
+    summary = contrastive.train_and_evaluate(config, workdir)
   return workdir, config, summary
+
+
+@pytest.mark.slow
+def test_pretraining_keeps_one_step_ahead_of_the_devices(pretrained_run):
+  _, config, _ = pretrained_run
+  # Every contrastive step goes through the pacer (see state_utils.StepPacer).
+  assert sum("positive_top1" in names for names in _PACED) == config.ssl.steps
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from crashing import Crash, CrashingDataset
 from busjax import configlib, sharding
 from busjax.data import pipeline, records
 from busjax.evaluators import sample_quality
-from busjax.trainers import gan_rebalance, supervised
+from busjax.trainers import gan_rebalance, state_utils, supervised
 from configs import gan_rebalance as gan_config
 
 
@@ -221,8 +221,18 @@ def test_smoke_run_then_kill_mid_round_and_resume_ends_identical(tmp_path, monke
   config = _smoke()
   config.gan.steps_per_round = 4
   config.gan.checkpoint_every = 3
+  paced = []
+
+  class RecordingPacer(state_utils.StepPacer):
+    def __call__(self, outputs):
+      paced.append(frozenset(outputs))
+      super().__call__(outputs)
+
+  monkeypatch.setattr(state_utils, "StepPacer", RecordingPacer)
   uninterrupted = gan_rebalance.train_and_evaluate(config, str(tmp_path / "a"))
   _check_run(tmp_path / "a", config, uninterrupted)
+  # Every GAN step goes through the pacer (see state_utils.StepPacer).
+  assert sum("g_loss" in names for names in paced) == uninterrupted["gan_steps"] > 0
 
   real_train_dataset = pipeline.train_dataset
 
