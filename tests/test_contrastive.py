@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from pacing import recording_pacer
 
 from busjax import checkpointing, configlib, sharding
 from busjax.data import augment, pipeline, records, splits
@@ -216,19 +217,13 @@ def test_linear_probe_moves_only_the_head():
 _PACED = []  # The metric names of every step the module's pretraining run paced.
 
 
-class _RecordingPacer(state_utils.StepPacer):
-  def __call__(self, outputs):
-    _PACED.append(frozenset(outputs))
-    super().__call__(outputs)
-
-
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("ssl_pretrain"))
   config = _config("ssl_pretrain", "smoke")
   configlib.validate(config)
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(state_utils, "StepPacer", _RecordingPacer)
+    patch.setattr(state_utils, "StepPacer", recording_pacer(_PACED))
     summary = contrastive.train_and_evaluate(config, workdir)
   return workdir, config, summary
 

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 from crashing import Crash, CrashingDataset
+from pacing import recording_pacer
 
 from busjax import configlib, sharding
 from busjax.data import pipeline, records
@@ -222,13 +223,7 @@ def test_smoke_run_then_kill_mid_round_and_resume_ends_identical(tmp_path, monke
   config.gan.steps_per_round = 4
   config.gan.checkpoint_every = 3
   paced = []
-
-  class RecordingPacer(state_utils.StepPacer):
-    def __call__(self, outputs):
-      paced.append(frozenset(outputs))
-      super().__call__(outputs)
-
-  monkeypatch.setattr(state_utils, "StepPacer", RecordingPacer)
+  monkeypatch.setattr(state_utils, "StepPacer", recording_pacer(paced))
   uninterrupted = gan_rebalance.train_and_evaluate(config, str(tmp_path / "a"))
   _check_run(tmp_path / "a", config, uninterrupted)
   # Every GAN step goes through the pacer (see state_utils.StepPacer).

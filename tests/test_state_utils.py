@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from pacing import recording_pacer
 
 from busjax.trainers import state_utils, supervised
 
@@ -54,13 +55,7 @@ def test_average_statistics_is_the_mean_of_floats_and_copies_the_rest(monkeypatc
 
 def test_the_supervised_loop_paces_every_step(monkeypatch, tmp_path):
   paced = []
-
-  class Recording(state_utils.StepPacer):
-    def __call__(self, outputs):
-      paced.append(sorted(outputs))
-      super().__call__(outputs)
-
-  monkeypatch.setattr(state_utils, "StepPacer", Recording)
+  monkeypatch.setattr(state_utils, "StepPacer", recording_pacer(paced))
   from busjax import configlib
 
   config = configlib.load_file("supervised", "smoke")
