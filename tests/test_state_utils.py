@@ -3,9 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from pacing import recording_pacer
 
-from busjax.trainers import state_utils, supervised
+from busjax.trainers import state_utils
 
 
 class _Pending:
@@ -51,14 +50,3 @@ def test_average_statistics_is_the_mean_of_floats_and_copies_the_rest(monkeypatc
   # Each batch's accumulation is waited for before the next batch runs.
   assert events == ["run", "wait"] * 3
   assert state_utils.average_statistics(run_batch, [], like=like) is None
-
-
-def test_the_supervised_loop_paces_every_step(monkeypatch, tmp_path):
-  paced = []
-  monkeypatch.setattr(state_utils, "StepPacer", recording_pacer(paced))
-  from busjax import configlib
-
-  config = configlib.load_file("supervised", "smoke")
-  config.train.num_steps = 3
-  supervised.train_and_evaluate(config, str(tmp_path))
-  assert len(paced) == 3 and all("loss" in keys for keys in paced)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from crashing import Crash, CrashingDataset
 from flax import nnx
+from pacing import recording_pacer
 
 from busjax import checkpointing, configlib, sharding
 from busjax.data import pipeline, records, sources, splits
@@ -156,8 +157,12 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path, monkeypatch):
   config.train.num_steps = 6
   config.train.checkpoint_every = 2
   config.train.eval_every = 3
+  paced = []
+  monkeypatch.setattr(state_utils, "StepPacer", recording_pacer(paced))
 
   supervised.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+  # Every step goes through the pacer (see state_utils.StepPacer).
+  assert len(paced) == 6 and all("loss" in names for names in paced)
 
   # Simulate a crash on the 4th batch (after the checkpoints at steps 2 and 3, before the one at 4).
   real_train_dataset = pipeline.train_dataset
