@@ -9,9 +9,11 @@ Timed runs alternate between the two (warm-up excluded, median of `--repeats`), 
 machine slows both alike: the ratio is the figure, absolute images/s drift between days. Also the
 busjax step's compile time, its FLOPs per image (XLA:CPU's cost analysis; XLA:GPU's leaves out
 cuDNN's convolutions, so none is recorded there) and achieved FLOP/s against a matmul measured in
-the same run, and the compiled step's memory. On a GPU both sides move there by themselves (JAX's
-default backend; torch follows when it sees CUDA); `benchmarks/accelerator.sh` is the whole
-accelerator run.
+the same run, the compiled step's temporaries, and each side's peak training memory, measured in a
+child process of its own (`--memory`; on a CPU the process's peak resident memory above its
+size after the imports, on a GPU the device's peak allocation). On a GPU both sides move there by
+themselves (JAX's default backend; torch follows when it sees CUDA); `benchmarks/accelerator.sh`
+is the whole accelerator run.
 
   pip install -e '.[speed]'   # torch, CPU build (benchmark only)
   python -m benchmarks.speed --output=speed.json
@@ -78,6 +80,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per side (median re
 _STEPS = flags.DEFINE_integer("steps", 3, "Train steps (or eval batches) per timed repeat.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling, per side.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch reference too.")
+_MEMORY = flags.DEFINE_bool(
+  "memory", True, "Also measure each side's peak training memory, one child process per side."
+)
+_MEMORY_PROBE = flags.DEFINE_enum(
+  "memory_probe", None, ["busjax", "torch"], "Internal: be the child that measures one side."
+)
 _OUTPUT = common.output_flag("JSON results (rewritten after every row).")
 _E2E_DATA = flags.DEFINE_string(
   "e2e_data", None, "Dataset_BUSI_with_GT folder: adds the end-to-end row (else skipped)."
@@ -289,6 +297,97 @@ def _row(model_name: str, side: int, batch: int, torch, dtype: str = "float32") 
   return row
 
 
+PROBE_STEPS = 3  # Train steps of a memory probe (AdamW's state exists from the first one).
+
+
+def _resident_kib(field: str) -> int | None:
+  """VmRSS / VmHWM of this process in KiB (Linux), None where /proc is not there."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    return None
+  return None
+
+
+def _settle_host_memory() -> None:
+  """Returns freed heap to the OS (glibc's malloc_trim), so that memory a compile or an
+  initialisation freed is not read as the training's, and restarts the peak (VmHWM) from now."""
+  import ctypes
+
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass
+
+
+def memory_probe(framework: str, model_name: str, side: int, batch: int, dtype: str) -> dict:
+  """Peak memory of `PROBE_STEPS` train steps of one side, alone in this process.
+
+  On a CPU: the process's peak resident memory while it builds the model and optimizer,
+  compiles (busjax) and trains, minus its resident memory after the imports and the backend's
+  start; freed heap is handed back before training and the peak restarted then, so the compile's
+  own transient peak is not counted (its retained code is). Parameters, optimizer state,
+  activations, gradients and temporaries count alike for both frameworks. On an accelerator: the
+  device's peak allocation (JAX's `peak_bytes_in_use`, torch's `max_memory_allocated`).
+  """
+  on_cpu = jax.default_backend() == "cpu"
+  if framework == "torch":
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.ones(1).sum()  # The runtime's own start-up is not the model's.
+  else:
+    jax.block_until_ready(jnp.ones(1) + 1)
+  _settle_host_memory()
+  base = _resident_kib("VmRSS")
+  if on_cpu and base is None:
+    return {}
+  if framework == "torch":
+    train, _, _ = _torch_side(torch, model_name, side, batch, dtype)
+  else:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, side, side, 1), dtype=np.uint8)
+    labels = rng.integers(0, 2, (batch,)).astype(np.int32)
+    step, state, _, mesh, _ = busjax_step(model_name, batch, dtype)
+    global_batch = sharding.host_to_global({"image": images, "label": labels}, mesh)
+    compiled = step.lower(state, global_batch, jax.random.key(0)).compile()
+    holder = {"state": state}
+
+    def train(steps):
+      for _ in range(steps):
+        holder["state"], metrics = compiled(holder["state"], global_batch, jax.random.key(0))
+      jax.block_until_ready(metrics)
+
+  if not on_cpu:
+    train(PROBE_STEPS)
+    if framework == "torch":
+      return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20, "kind": "device"}
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {} if peak is None else {"peak_mb": peak / 2**20, "kind": "device"}
+  _settle_host_memory()
+  train(PROBE_STEPS)
+  return {"peak_mb": (_resident_kib("VmHWM") - base) / 1024, "kind": "host RSS above imports"}
+
+
+def _probe_in_child(framework: str, spec: str) -> dict:
+  """`memory_probe` in a fresh interpreter (its own peak, untouched by the other side's)."""
+  done = subprocess.run(
+    [sys.executable, "-m", "benchmarks.speed", f"--rows={spec}", f"--memory_probe={framework}"],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  if done.returncode != 0:
+    raise RuntimeError(f"{framework} memory probe of {spec} failed:\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _timed_command(argv: list[str]) -> tuple[float, str]:
   t = time.perf_counter()
   done = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -343,8 +442,9 @@ def _markdown(result: dict) -> str:
     + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()),
     "",
     "| model, side, batch | train img/s busjax / torch | ratio (×) | eval img/s busjax / torch | "
-    "ratio (×) | compile s | GMAC/img (fwd) | GFLOP/img (train) | busjax GFLOP/s (% of matmul) |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "ratio (×) | compile s | GMAC/img (fwd) | GFLOP/img (train) | busjax GFLOP/s (% of matmul) | "
+    "train peak MB busjax / torch |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in result["rows"]:
     row_peak = peak.get(f"jax_{r.get('dtype')}", peak["jax"])  # bfloat16 rows: its own peak.
@@ -359,8 +459,14 @@ def _markdown(result: dict) -> str:
       f"{_number(r.get('eval_ratio'), '.2f')} | {r['busjax_compile_s']:.1f} | "
       f"{_number(r.get('gmac_per_image_forward'), '.2f')} | "
       f"{_number(r['gflop_per_image_train'], '.2f')} | {_number(r['busjax_train_gflop_s'], '.1f')} "
-      f"({_number(100 * r['busjax_train_gflop_s'] / row_peak, '.0f')}%) |"
+      f"({_number(100 * r['busjax_train_gflop_s'] / row_peak, '.0f')}%) | "
+      f"{_number(r.get('busjax_train_peak_mb'), '.0f')} / "
+      f"{_number(r.get('torch_train_peak_mb'), '.0f')} |"
     )
+  kinds = {r["peak_memory"] for r in result["rows"] if r.get("peak_memory")}
+  if kinds:
+    lines += ["", f"Train peak memory: {', '.join(sorted(kinds))}, {PROBE_STEPS} steps, one child "
+              "process per side (`memory_probe` in benchmarks/speed.py)."]  # fmt: skip
   e2e = result.get("e2e")
   if e2e:
     lines += [
@@ -383,6 +489,12 @@ def _markdown(result: dict) -> str:
 
 def main(argv):
   del argv
+  if _MEMORY_PROBE.value:  # The child of `_probe_in_child`: one row, one side, one JSON line.
+    (spec,) = _ROWS.value
+    name, side, batch, dtype, conv = parse_row(spec)
+    with layers.conv_formulation(conv):
+      print(json.dumps(memory_probe(_MEMORY_PROBE.value, name, side, batch, dtype)))
+    return
   torch = None
   if _TORCH.value:
     try:
@@ -412,7 +524,14 @@ def main(argv):
   for spec in _ROWS.value:
     name, side, batch, dtype, conv = parse_row(spec)
     with layers.conv_formulation(conv):  # Read when the step and eval are traced, in _row.
-      result["rows"].append(_row(name, side, batch, torch, dtype))
+      row = _row(name, side, batch, torch, dtype)
+    if _MEMORY.value:
+      for framework in ("busjax", "torch") if torch is not None else ("busjax",):
+        probe = _probe_in_child(framework, spec)
+        if probe:
+          row[f"{framework}_train_peak_mb"] = probe["peak_mb"]
+          row["peak_memory"] = probe["kind"]
+    result["rows"].append(row)
     common.write_json_atomic(_OUTPUT.value, result)
     print(json.dumps(result["rows"][-1]), flush=True)
   if _E2E_DATA.value:

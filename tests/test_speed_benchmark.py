@@ -43,6 +43,16 @@ def test_a_row_times_the_formulation_it_names(conv):
   assert "train_ratio" not in row  # No reference timed, no ratio invented.
 
 
+def test_a_memory_probe_counts_the_models_state_and_not_the_imports():
+  """The child process `--memory` starts for each side: its peak counts what training adds to
+  the process (ResNet-18's parameters, gradients and AdamW moments alone are 4 x 42.6 MiB), not
+  the interpreter and JAX it started with (~400 MiB here)."""
+  probe = speed._probe_in_child("busjax", "resnet18:32:4")
+  assert probe["kind"] == "host RSS above imports"
+  state_mib = 4 * 11_171_266 * 4 / 2**20
+  assert state_mib < probe["peak_mb"] < state_mib + 1024
+
+
 def test_the_table_marks_what_was_not_measured():
   """A GPU row has no FLOP count (XLA:GPU leaves cuDNN's convolutions out) and a busjax-only
   row no ratio: the table shows '–' there, never 'nan'."""
@@ -61,6 +71,8 @@ def test_the_table_marks_what_was_not_measured():
   assert (
     "| resnet18, 128, 32, bfloat16, conv xla | 6000.0 / – | – | 27000.0 / – | – | 9.0 |" in table
   )
+  assert table.splitlines()[4].endswith("| – / – |")  # No memory probe ran.
+  assert "Train peak memory" not in table
 
 
 def test_the_benchmarks_the_tests_import_share_one_output_flag():
