@@ -110,6 +110,39 @@ def test_conv_matches_nnx_conv(padding, kernel_size, stride, channels, formulati
   _assert_same_outputs_and_grads(fast, reference, x)
 
 
+@pytest.mark.parametrize("padding", ["symmetric", "same"])
+@pytest.mark.parametrize("size,stride", [(1, 1), (2, 1), (2, 2), (3, 2), (4, 2), (5, 2), (4, 1)])
+def test_conv_on_small_maps_matches_nnx_conv(padding, size, stride):
+  """ResNet-18's last stage at 64 px (4 x 4 -> 2 x 2 maps) and smaller: one im2col matmul
+  forward and backward on the CPU path, the same function as nnx.Conv; 4 x 4 at stride 1 keeps
+  XLA's convolution."""
+  x = jax.random.normal(jax.random.key(0), (3, size, size, 24))
+  out = (size + sum(layers.pad_widths(size, 3, stride, padding)) - 3) // stride + 1
+  assert layers.small_map_path(x.shape, (3, out, out, 16)) == (min(size, out) <= 2)
+  fast = layers.Conv(24, 16, 3, strides=stride, padding=padding, rngs=nnx.Rngs(1))
+  reference = nnx.Conv(
+    24,
+    16,
+    (3, 3),
+    strides=stride,
+    use_bias=False,
+    padding=_reference_padding(x.shape, 3, stride, padding),
+    rngs=nnx.Rngs(2),
+  )
+  with layers.conv_formulation("cpu"):
+    _assert_same_outputs_and_grads(fast, reference, x)
+
+
+def test_small_maps_take_one_matmul_and_no_convolution():
+  """The 2 x 2 convolutions XLA:CPU runs up to 95x slower are gone from the traced gradient."""
+  conv = layers.Conv(32, 32, 3, strides=1, padding="symmetric", rngs=nnx.Rngs(1))
+  with layers.conv_formulation("cpu"):
+    small = _primitives(conv, jnp.ones((2, 2, 2, 32)))
+    large = _primitives(conv, jnp.ones((2, 8, 8, 32)))
+  assert "conv_general_dilated" not in small and "dot_general" in small
+  assert "conv_general_dilated" in large
+
+
 def _primitives(module, x) -> set[str]:
   """Names of the primitives in the jaxpr of module(x)'s gradient w.r.t. x and the kernel."""
   graphdef, state = nnx.split(module)

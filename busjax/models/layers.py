@@ -13,8 +13,10 @@ parameters:
 * `Conv`: any other convolution via ``lax.conv_general_dilated`` (`conv2d`), whose kernel
   gradient is one im2col matrix product (`kernel_gradient`) where the patches are narrow and
   few (grey stems, whose weight gradient XLA:CPU's own convolution runs 1.6-4x slower) and
-  XLA's own everywhere else (docs/performance.md). 1x1 kernels take the `PointwiseConv` path
-  automatically.
+  XLA's own everywhere else (docs/performance.md). On maps of at most 2 x 2 (input or output)
+  the whole convolution, forward and both gradients, is one im2col matrix product
+  (`small_map_conv`): XLA:CPU runs those 3x3 convolutions 2-95x slower (ResNet-18's last
+  stage at 64 px). 1x1 kernels take the `PointwiseConv` path automatically.
 
 And one compiler option (`compiler_options`, applied by `busjax.sharding.jit`): on XLA:CPU the
 convolutions are compiled by XLA itself rather than handed to YNNPACK, which ran those with
@@ -331,6 +333,38 @@ def kernel_gradient(
   return jnp.dot(patches.T, g, preferred_element_type=jnp.float32).reshape(kernel_shape)
 
 
+# The largest map side at which `conv2d` is one im2col matmul (`small_map_conv`). 3x3, fwd+bwd,
+# ms, XLA's own / im2col, AVX-512 Xeon (docs/performance.md, "Convolutions on 2 x 2 maps"):
+# 32x2x2x512->512 281 / 5.0; 8x2x2x256->256 5.1 / 0.8; 32x4x4x256->512/2 61.9 / 2.6; 8x1x1x512->512
+# 4.9 / 1.4. At 4 x 4 and larger the two are within 2x either way (16x4x4x128->32 0.5 / 1.0,
+# 32x4x4x512->512 21.0 / 17.4), and XLA's own wins from 7 x 7 up.
+SMALL_MAP_SIDE = 2
+
+
+def small_map_path(x_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
+  """Whether `conv2d` computes an NHWC input -> output convolution as one im2col matmul: where
+  the input's or the output's map is at most `SMALL_MAP_SIDE` on a side."""
+  return min(x_shape[1:3]) <= SMALL_MAP_SIDE or min(out_shape[1:3]) <= SMALL_MAP_SIDE
+
+
+def small_map_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+  """``lax.conv_general_dilated`` of NHWC `x` and an HWIO kernel as one matrix product: the
+  im2col matrix (`_patches`) times the kernel's (kh * kw * in, out) reshape; its gradients are
+  that product's (the kernel's is `kernel_gradient`'s sum). Accumulates in float32."""
+  kh, kw, _, cout = kernel.shape
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  out_hw = _conv_out_hw(xp.shape[1:3], (kh, kw), strides)
+  patches = _patches(xp, (kh, kw), out_hw, strides)
+  y = jnp.dot(patches, kernel.reshape(-1, cout), preferred_element_type=jnp.float32)
+  return y.astype(x.dtype).reshape(x.shape[0], *out_hw, cout)
+
+
+def _conv_out_hw(padded_hw, kernel_hw, strides) -> tuple[int, int]:
+  return tuple(
+    (size - k) // s + 1 for size, k, s in zip(padded_hw, kernel_hw, strides, strict=True)
+  )
+
+
 def _patches(xp: jax.Array, kernel_hw, out_hw, strides) -> jax.Array:
   """im2col of padded NHWC `xp`: (N * out_h * out_w, kh * kw * C), columns in (i, j, c) order.
 
@@ -374,16 +408,28 @@ def conv2d(
 ) -> jax.Array:
   """Dense NHWC x HWIO convolution (explicit padding): ``lax.conv_general_dilated``'s values
   and input gradient, with the kernel gradient from `kernel_gradient` (fast on XLA:CPU) where
-  `kernel_gradient_path` says it beats XLA's own."""
+  `kernel_gradient_path` says it beats XLA's own; on maps of at most 2 x 2 all three from
+  `small_map_conv` (`small_map_path`)."""
+  return _dense_conv(x, kernel, strides, padding)
+
+
+def _dense_conv(x, kernel, strides, padding):
+  xp_hw = (x.shape[1] + sum(padding[0]), x.shape[2] + sum(padding[1]))
+  out_hw = _conv_out_hw(xp_hw, kernel.shape[:2], strides)
+  if small_map_path(x.shape, (x.shape[0], *out_hw)):
+    return small_map_conv(x, kernel, strides, padding)
   return _conv(x, kernel, strides, padding)
 
 
 def _conv2d_fwd(x, kernel, strides, padding):
-  return _conv(x, kernel, strides, padding), (x, kernel)
+  return _dense_conv(x, kernel, strides, padding), (x, kernel)
 
 
 def _conv2d_bwd(strides, padding, residuals, grad):
   x, kernel = residuals
+  if small_map_path(x.shape, grad.shape):
+    _, vjp = jax.vjp(lambda inputs, k: small_map_conv(inputs, k, strides, padding), x, kernel)
+    return vjp(grad)
   if kernel_gradient_path(kernel.shape, grad.shape) == "xla":
     _, vjp = jax.vjp(lambda inputs, k: _conv(inputs, k, strides, padding), x, kernel)
     return vjp(grad)
