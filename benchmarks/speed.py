@@ -4,9 +4,11 @@ For each row (model, input side, batch): busjax's own supervised train step (for
 AdamW, donated state: `trainers.supervised.make_train_step` jitted by `sharding.jit_train_step`,
 exactly what a run executes) and the eval forward, beside PyTorch's
 (`benchmarks/torch_reference.py`, parameter counts checked equal; channels-last,
-`torch.set_num_threads` = the machine's cores).
-Timed runs alternate between the two (warm-up excluded, median of `--repeats`), so a noisy shared
-machine slows both alike: the ratio is the figure, absolute images/s drift between days. Also the
+`torch.set_num_threads` = the machine's cores, in a child process of its own with glibc's
+default malloc, as a plain script runs; busjax's step reuses its host pages, as `busjax.main`
+runs it). busjax's timed runs come before and after PyTorch's (warm-up excluded, median of
+`--repeats`), so a noisy shared machine slows both alike: the ratio is the figure, absolute
+images/s drift between days. Also the
 busjax step's compile time, its FLOPs per image (XLA:CPU's cost analysis; XLA:GPU's leaves out
 cuDNN's convolutions, so none is recorded there) and achieved FLOP/s against a matmul measured in
 the same run, the compiled step's temporaries, and each side's peak training memory, measured in a
@@ -41,7 +43,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import common
-from busjax import configlib, sharding
+from busjax import configlib, host_memory, sharding
 from busjax.models import common as model_common
 from busjax.models import layers
 from busjax.trainers import supervised
@@ -83,8 +85,17 @@ _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch reference too.")
 _MEMORY = flags.DEFINE_bool(
   "memory", True, "Also measure each side's peak training memory, one child process per side."
 )
-_MEMORY_PROBE = flags.DEFINE_enum(
-  "memory_probe", None, ["busjax", "torch"], "Internal: be the child that measures one side."
+_REUSE_STEP_MEMORY = flags.DEFINE_bool(
+  "reuse_step_memory",
+  True,
+  "busjax's steps reuse their temporaries' host pages, as `busjax.main` runs them "
+  "(busjax/host_memory.py); false: the 'before' of that change.",
+)
+_CHILD = flags.DEFINE_enum(
+  "child",
+  None,
+  ["busjax_memory", "torch_memory", "torch_times"],
+  "Internal: be the child process that measures one side of one row.",
 )
 _OUTPUT = common.output_flag("JSON results (rewritten after every row).")
 _E2E_DATA = flags.DEFINE_string(
@@ -220,7 +231,36 @@ def _counted_flops(cost: dict) -> float:
   return float(cost.get("flops", float("nan")))
 
 
-def _row(model_name: str, side: int, batch: int, torch, dtype: str = "float32") -> dict:
+def torch_times(model_name: str, side: int, batch: int, dtype: str) -> dict:
+  """The PyTorch side of a row, in a process of its own (`--child=torch_times`): warm-up, then
+  `--repeats` timed runs of `--steps` train steps and as many eval batches, in seconds."""
+  import torch
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  train, evaluate, params = _torch_side(torch, model_name, side, batch, dtype)
+  train(_WARMUP.value)
+  evaluate(1)
+  times = {"train_s": [], "eval_s": []}
+  for _ in range(_REPEATS.value):
+    for kind, fn in (("train_s", train), ("eval_s", evaluate)):
+      t = time.perf_counter()
+      fn(_STEPS.value)
+      times[kind].append(time.perf_counter() - t)
+  return {"params": params, **times}
+
+
+def _child(kind: str, spec: str) -> dict:
+  """One side of row `spec` measured by a fresh interpreter (`--child=kind`): its own process,
+  so neither side's allocator state, threads or freed memory meets the other's."""
+  argv = [sys.executable, "-m", "benchmarks.speed", f"--rows={spec}", f"--child={kind}"]
+  argv += [f"--{f.name}={f.value}" for f in (_REPEATS, _STEPS, _WARMUP, _REUSE_STEP_MEMORY)]
+  done = subprocess.run(argv, capture_output=True, text=True, check=False)
+  if done.returncode != 0:
+    raise RuntimeError(f"{kind} of {spec} failed:\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _row(model_name: str, side: int, batch: int, with_torch: bool, dtype: str = "float32") -> dict:
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, side, side, 1), dtype=np.uint8)
   labels = rng.integers(0, 2, (batch,)).astype(np.int32)
@@ -258,23 +298,27 @@ def _row(model_name: str, side: int, batch: int, torch, dtype: str = "float32") 
       out = eval_stage["compiled"](variables, {"image": eval_images})
     jax.block_until_ready(out)
 
-  sides = {"busjax": (jax_train, jax_eval)}
-  torch_params = None
-  if torch is not None:
-    torch_train, torch_eval, torch_params = _torch_side(torch, model_name, side, batch, dtype)
-    if torch_params != params:
-      raise RuntimeError(f"{model_name}: busjax {params} vs torch {torch_params} parameters")
-    sides["torch"] = (torch_train, torch_eval)
-  for train, evaluate in sides.values():  # Warm-up (and busjax's eval compile).
-    train(_WARMUP.value)
-    evaluate(1)
-  times = {f"{name}_{kind}": [] for name in sides for kind in ("train", "eval")}
-  for _ in range(_REPEATS.value):  # Alternate, so machine noise hits both sides alike.
-    for name, (train, evaluate) in sides.items():
-      for kind, fn in (("train", train), ("eval", evaluate)):
+  jax_train(_WARMUP.value)
+  jax_eval(1)  # Warm-up (and the eval's compile).
+  times = {"busjax_train": [], "busjax_eval": []}
+
+  def time_busjax(repeats):
+    for _ in range(repeats):
+      for kind, fn in (("busjax_train", jax_train), ("busjax_eval", jax_eval)):
         t = time.perf_counter()
         fn(_STEPS.value)
-        times[f"{name}_{kind}"].append(time.perf_counter() - t)
+        times[kind].append(time.perf_counter() - t)
+
+  # busjax's repeats on both sides of PyTorch's (in a child process: alternating the two in one
+  # process slowed busjax's fusion step 1.7x, each side's freed memory reclaimed under the other;
+  # docs/performance.md), so that both meet the same minutes of this shared machine.
+  time_busjax((_REPEATS.value + 1) // 2)
+  if with_torch:
+    reference = _child("torch_times", f"{model_name}:{side}:{batch}:{dtype}")
+    if reference["params"] != params:
+      raise RuntimeError(f"{model_name}: busjax {params} vs torch {reference['params']} parameters")
+    times["torch_train"], times["torch_eval"] = reference["train_s"], reference["eval_s"]
+  time_busjax(_REPEATS.value // 2)
   row = {
     "model": model_name,
     "side": side,
@@ -291,7 +335,7 @@ def _row(model_name: str, side: int, batch: int, torch, dtype: str = "float32") 
   for key_name, values in times.items():
     row[f"{key_name}_img_s"] = batch * _STEPS.value / statistics.median(values)
   row["busjax_train_gflop_s"] = row["busjax_train_img_s"] * flops_per_image / 1e9
-  if torch is not None:
+  if with_torch:
     row["train_ratio"] = row["busjax_train_img_s"] / row["torch_train_img_s"]
     row["eval_ratio"] = row["busjax_eval_img_s"] / row["torch_eval_img_s"]
   return row
@@ -373,19 +417,6 @@ def memory_probe(framework: str, model_name: str, side: int, batch: int, dtype: 
   _settle_host_memory()
   train(PROBE_STEPS)
   return {"peak_mb": (_resident_kib("VmHWM") - base) / 1024, "kind": "host RSS above imports"}
-
-
-def _probe_in_child(framework: str, spec: str) -> dict:
-  """`memory_probe` in a fresh interpreter (its own peak, untouched by the other side's)."""
-  done = subprocess.run(
-    [sys.executable, "-m", "benchmarks.speed", f"--rows={spec}", f"--memory_probe={framework}"],
-    capture_output=True,
-    text=True,
-    check=False,
-  )
-  if done.returncode != 0:
-    raise RuntimeError(f"{framework} memory probe of {spec} failed:\n{done.stderr[-3000:]}")
-  return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _timed_command(argv: list[str]) -> tuple[float, str]:
@@ -489,11 +520,20 @@ def _markdown(result: dict) -> str:
 
 def main(argv):
   del argv
-  if _MEMORY_PROBE.value:  # The child of `_probe_in_child`: one row, one side, one JSON line.
+  # Before JAX starts (the parent's busjax side and a busjax child alike); a torch child's
+  # process keeps glibc's defaults, as a plain PyTorch script does.
+  reuse = _REUSE_STEP_MEMORY.value and _CHILD.value in (None, "busjax_memory")
+  reuse = reuse and host_memory.reuse_step_memory()
+  if _CHILD.value:  # One row, one side, one JSON line (`_child`).
     (spec,) = _ROWS.value
     name, side, batch, dtype, conv = parse_row(spec)
+    framework, _, measure = _CHILD.value.partition("_")
     with layers.conv_formulation(conv):
-      print(json.dumps(memory_probe(_MEMORY_PROBE.value, name, side, batch, dtype)))
+      if measure == "memory":
+        out = memory_probe(framework, name, side, batch, dtype)
+      else:
+        out = torch_times(name, side, batch, dtype)
+    print(json.dumps(out))
     return
   torch = None
   if _TORCH.value:
@@ -509,6 +549,7 @@ def main(argv):
     "jax": jax.__version__,
     "torch": None if torch is None else torch.__version__,
     "backend": jax.default_backend(),
+    "busjax_reuses_step_memory": reuse,
     "torch_device": None if torch is None else _torch_device(torch),
     # Float32 convolutions at the backends' defaults: TF32 on an NVIDIA GPU for XLA (default
     # precision) and for cuDNN (torch.backends.cudnn.allow_tf32); torch's matmuls are full fp32.
@@ -524,10 +565,10 @@ def main(argv):
   for spec in _ROWS.value:
     name, side, batch, dtype, conv = parse_row(spec)
     with layers.conv_formulation(conv):  # Read when the step and eval are traced, in _row.
-      row = _row(name, side, batch, torch, dtype)
+      row = _row(name, side, batch, torch is not None, dtype)
     if _MEMORY.value:
       for framework in ("busjax", "torch") if torch is not None else ("busjax",):
-        probe = _probe_in_child(framework, spec)
+        probe = _child(f"{framework}_memory", spec)
         if probe:
           row[f"{framework}_train_peak_mb"] = probe["peak_mb"]
           row["peak_memory"] = probe["kind"]

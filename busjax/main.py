@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from busjax import checkpointing, configlib, sharding
+from busjax import checkpointing, configlib, host_memory, sharding
 from busjax.data import records
 
 FLAGS = flags.FLAGS
@@ -41,6 +41,12 @@ flags.DEFINE_string(
   "JAX persistent compilation cache folder (default WORKDIR/jax_cache; 'none' = off): a resumed "
   "run, and a regime that trains the same classifier several times, skip recompiling.",
 )
+flags.DEFINE_bool(
+  "reuse_step_memory",
+  True,
+  "Single-device CPU runs (glibc): every train step's temporaries on the pages of the step "
+  "before, instead of fresh ones (busjax/host_memory.py; train steps 1.15-1.2x faster).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 _BUSJAX_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -61,6 +67,8 @@ def main(argv):
     logging.get_absl_handler().addFilter(_BusjaxInfoOnly())
   if FLAGS.coordinator or FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  elif FLAGS.reuse_step_memory and host_memory.reuse_step_memory():  # Before JAX starts.
+    logging.info("Train steps reuse one set of host pages for their temporaries.")
   if FLAGS.compilation_cache != "none":
     cache = FLAGS.compilation_cache or os.path.join(FLAGS.workdir, "jax_cache")
     sharding.enable_compilation_cache(cache)

@@ -33,7 +33,7 @@ def test_a_row_times_the_formulation_it_names(conv):
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   with flagsaver.flagsaver(repeats=1, steps=1, warmup=1), layers.conv_formulation(conv):
-    row = speed._row("resnet18", 32, 4, torch=None)  # 4: the tests run 4 CPU devices.
+    row = speed._row("resnet18", 32, 4, with_torch=False)  # 4: the tests run 4 CPU devices.
   assert row["conv"] == conv and row["dtype"] == "float32"
   assert row["params"] == 11_171_266  # ResNet-18 w1.0, one grey channel, two classes.
   for key in ("busjax_train_img_s", "busjax_eval_img_s", "busjax_compile_s"):
@@ -47,7 +47,9 @@ def test_a_memory_probe_counts_the_models_state_and_not_the_imports():
   """The child process `--memory` starts for each side: its peak counts what training adds to
   the process (ResNet-18's parameters, gradients and AdamW moments alone are 4 x 42.6 MiB), not
   the interpreter and JAX it started with (~400 MiB here)."""
-  probe = speed._probe_in_child("busjax", "resnet18:32:4")
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  probe = speed._child("busjax_memory", "resnet18:32:4")
   assert probe["kind"] == "host RSS above imports"
   state_mib = 4 * 11_171_266 * 4 / 2**20
   assert state_mib < probe["peak_mb"] < state_mib + 1024

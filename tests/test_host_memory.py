@@ -1,0 +1,104 @@
+"""busjax.host_memory: steps reuse their temporaries' pages on a single-device glibc CPU run, and
+nothing changes where the policy cannot help."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from busjax import host_memory
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+# Five train steps of the e2e model (ResNet-18 w0.5, 128 px, batch 32: ~190 MB of temporaries,
+# over glibc's 64 MB arena heaps, so from XLA's worker threads every step maps them afresh).
+# Faults per step after two warm-up steps.
+_PROBE = """
+import json, resource, sys
+import jax, numpy as np
+from busjax import host_memory, sharding
+if sys.argv[1] == "devices2":
+  jax.config.update("jax_num_cpu_devices", 2)
+on = host_memory.reuse_step_memory() if sys.argv[1] != "off" else False
+if sys.argv[1] == "devices2":
+  print(json.dumps({"on": on, "async": jax.config.read("jax_cpu_enable_async_dispatch")}))
+  sys.exit()
+from benchmarks import speed
+step, state, _, mesh, _ = speed.busjax_step("resnet18_w05", 32)
+batch = {"image": np.zeros((32, 128, 128, 1), np.uint8), "label": np.zeros(32, np.int32)}
+batch = sharding.host_to_global(batch, mesh)
+compiled = step.lower(state, batch, jax.random.key(0)).compile()
+temp = compiled.memory_analysis().temp_size_in_bytes
+faults = []
+for _ in range(5):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  state, metrics = compiled(state, batch, jax.random.key(0))
+  jax.block_until_ready(metrics)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"on": on, "temp_pages": temp // 4096, "faults": faults[2:]}))
+"""
+
+glibc_only = pytest.mark.skipif(
+  platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+  reason="the policy is glibc's malloc settings",
+)
+
+
+def _probe(mode: str) -> dict:
+  done = subprocess.run(
+    [sys.executable, "-c", _PROBE, mode],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  )
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_steps_reuse_the_pages_of_the_step_before():
+  """Off, each step faults in at least its temporaries' pages; on, almost none."""
+  off, on = _probe("off"), _probe("on")
+  assert on["on"] and not off["on"]
+  assert off["temp_pages"] > 16_384  # Over 64 MB.
+  assert min(off["faults"]) > off["temp_pages"]  # Why the policy exists.
+  assert max(on["faults"]) < on["temp_pages"] // 20
+
+
+@glibc_only
+def test_several_cpu_devices_leave_the_policy_off():
+  """XLA dispatches multi-device programs from its worker threads whatever the setting: the
+  policy stays off and JAX's dispatch untouched."""
+  probe = _probe("devices2")
+  assert not probe["on"] and probe["async"]
+
+
+def test_nothing_changes_once_jax_has_started():
+  """In this process the backends are up (conftest's 4 devices): too late, so no change."""
+  jax.devices()
+  assert not host_memory.reuse_step_memory()
+  assert jax.config.read("jax_cpu_enable_async_dispatch")
+
+
+def test_only_long_compiles_hand_memory_back(monkeypatch):
+  trims = []
+
+  class FakeLibc:
+    def malloc_trim(self, pad):
+      trims.append(pad)
+
+  monkeypatch.setattr(host_memory, "_libc", FakeLibc())
+  compile_event = "/jax/core/compile/backend_compile_duration"
+  host_memory._trim_after_big_compiles(compile_event, 0.1)
+  host_memory._trim_after_big_compiles("/jax/core/compile/jaxpr_trace_duration", 5.0)
+  assert trims == []
+  host_memory._trim_after_big_compiles(
+    compile_event, host_memory.TRIM_AFTER_COMPILE_S, fun_name="f"
+  )
+  assert trims == [0]
