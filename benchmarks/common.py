@@ -93,15 +93,13 @@ def paired_auc_difference(a: dict, b: dict, bootstrap: int) -> dict | None:
 
 
 def start(workdir: str, output: str | None) -> list[dict]:
-  """Quiet logs, train steps on reused host pages as `busjax.main` runs them, a compilation cache
-  in `workdir`, and the rows a previous run of the same command already recorded in `output`
-  (the benchmark skips them)."""
+  """Quiet logs, a compilation cache in `workdir`, and the rows a previous run of the same
+  command already recorded in `output` (the benchmark skips them)."""
   from absl import logging
 
-  from busjax import host_memory, sharding
+  from busjax import sharding
 
   logging.set_verbosity(logging.WARNING)
-  host_memory.reuse_step_memory()
   sharding.enable_compilation_cache(os.path.join(workdir, "jax_cache"))
   if output and os.path.exists(output):
     with open(output) as f:

@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import common, speed
-from busjax import host_memory, sharding
+from busjax import sharding
 from busjax.models import layers
 
 _ROW = flags.DEFINE_string(
@@ -169,7 +169,6 @@ def _markdown(result: dict, top: int) -> str:
 
 def main(argv):
   del argv
-  host_memory.reuse_step_memory()  # The step as `busjax.main` runs it.
   name, side, batch, dtype, conv = speed.parse_row(_ROW.value)
   with layers.conv_formulation(conv):
     step, state, _, mesh, _ = speed.busjax_step(name, batch, dtype)

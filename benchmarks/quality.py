@@ -31,7 +31,7 @@ import jax
 from absl import app, flags, logging
 
 from benchmarks import common
-from busjax import configlib, host_memory, sharding
+from busjax import configlib, sharding
 
 _BUSI = flags.DEFINE_string("busi_root", None, "Dataset_BUSI_with_GT folder (required to train).")
 _SPLIT = flags.DEFINE_string(
@@ -243,7 +243,6 @@ def main(argv):
   if not _BUSI.value:
     raise app.UsageError("--busi_root is required (the BUSI folder to train on)")
   logging.set_verbosity(logging.WARNING)
-  host_memory.reuse_step_memory()  # As `busjax.main` runs the steps.
   if _CACHE.value != "none":
     cache = _CACHE.value or os.path.join(_WORKDIR.value, "jax_cache")
     sharding.enable_compilation_cache(cache)

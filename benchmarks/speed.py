@@ -5,10 +5,10 @@ AdamW, donated state: `trainers.supervised.make_train_step` jitted by `sharding.
 exactly what a run executes) and the eval forward, beside PyTorch's
 (`benchmarks/torch_reference.py`, parameter counts checked equal; channels-last,
 `torch.set_num_threads` = the machine's cores, in a child process of its own with glibc's
-default malloc, as a plain script runs; busjax's step reuses its host pages, as `busjax.main`
-runs it). busjax's timed runs come before and after PyTorch's (warm-up excluded, median of
-`--repeats`), so a noisy shared machine slows both alike: the ratio is the figure, absolute
-images/s drift between days. Also the
+default malloc, as a plain script runs; busjax's step as `busjax.main` runs it, with
+`--reuse_step_memory` as busjax.main's flag of that name). busjax's timed runs come before and
+after PyTorch's (warm-up excluded, median of `--repeats`), so a noisy shared machine slows both
+alike: the ratio is the figure, absolute images/s drift between days. Also the
 busjax step's compile time, its FLOPs per image (XLA:CPU's cost analysis; XLA:GPU's leaves out
 cuDNN's convolutions, so none is recorded there) and achieved FLOP/s against a matmul measured in
 the same run, the compiled step's temporaries, and each side's peak training memory, measured in a
@@ -87,9 +87,9 @@ _MEMORY = flags.DEFINE_bool(
 )
 _REUSE_STEP_MEMORY = flags.DEFINE_bool(
   "reuse_step_memory",
-  True,
-  "busjax's steps reuse their temporaries' host pages, as `busjax.main` runs them "
-  "(busjax/host_memory.py); false: the 'before' of that change.",
+  False,
+  "busjax's steps reuse their temporaries' host pages, as `busjax.main "
+  "--reuse_step_memory` runs them (busjax/host_memory.py); off by default, as busjax.main.",
 )
 _CHILD = flags.DEFINE_enum(
   "child",

@@ -7,14 +7,19 @@ malloc arena hands any block over 64 MB to `mmap` and back to the kernel at `fre
 faults in and zeroes its temporaries afresh (DenseNet121: ~750,000 page faults, 1.1 s of system
 time per 3.4 s step; more on a virtual machine that hands freed memory back to its host).
 
-`reuse_step_memory()` runs single-device programs on the calling thread (JAX's
-`jax_cpu_enable_async_dispatch=False`, read once when the CPU client starts) and tells that
+`reuse_step_memory()` (opt-in: `busjax.main --reuse_step_memory`) runs single-device programs
+on the calling thread (JAX's `jax_cpu_enable_async_dispatch=False`, read once when the CPU
+client starts) and tells that
 thread's arena (glibc's main arena) never to `mmap` and never to trim its top, so a step's
 temporaries land where the previous step's were, on pages already mapped. Measured on the 2-core
 development machine, same process kind, alternating (docs/performance.md, "Every step's
 temporaries on the same pages"): the train step 1.15-1.21x faster with ~20 faults per step
 instead of 99,000-1,330,000. Memory a compile frees is handed back after every compile of
-0.5 s or longer (`malloc_trim`), so a run's resident memory stays that of its largest step.
+0.5 s or longer (`malloc_trim`). The cost is memory: a freed block that a small live buffer now
+follows can be too small for the next step's aligned request, and never-trimmed heap keeps both,
+so the peak can approach twice the step's temporaries (MobileNetV2 224/32: 9.6 GB against 5.0;
+the README's BUSI job 1.32 GB against 0.93). Hence opt-in, for long runs of large models on a
+machine with memory to spare.
 
 The loop waits for each step on the thread that dispatched it, which busjax's step loops already
 nearly do (`state_utils.StepPacer` keeps one step queued).
