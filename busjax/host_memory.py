@@ -9,16 +9,16 @@ time per 3.4 s step; more on a virtual machine that hands freed memory back to i
 
 `reuse_step_memory()` (opt-in: `busjax.main --reuse_step_memory`) runs single-device programs
 on the calling thread (JAX's `jax_cpu_enable_async_dispatch=False`, read once when the CPU
-client starts) and tells that
-thread's arena (glibc's main arena) never to `mmap` and never to trim its top, so a step's
-temporaries land where the previous step's were, on pages already mapped. Measured on the 2-core
-development machine, same process kind, alternating (docs/performance.md, "Every step's
-temporaries on the same pages"): the train step 1.15-1.21x faster with ~20 faults per step
-instead of 99,000-1,330,000. Memory a compile frees is handed back after every compile of
-0.5 s or longer (`malloc_trim`). The cost is memory: a freed block that a small live buffer now
-follows can be too small for the next step's aligned request, and never-trimmed heap keeps both,
-so the peak can approach twice the step's temporaries (MobileNetV2 224/32: 9.6 GB against 5.0;
-the README's BUSI job 1.32 GB against 0.93). Hence opt-in, for long runs of large models on a
+client starts) and tells that thread's arena (glibc's main arena) never to `mmap` and never to
+trim its top, so a step's temporaries land where the previous step's were, on pages already
+mapped. Measured on the 2-core development machine, separate processes, alternating
+(docs/performance.md, "Every step's temporaries on the same pages"): the train step 1.15-1.23x
+faster with ~20 faults per step instead of 99,000-1,330,000. Memory a compile frees is handed
+back after every compile of 0.5 s or longer (`malloc_trim`). The cost is memory: the heap is
+never trimmed, and a step's temporaries do not always fit the block the previous step freed
+(likely XLA's aligned request against a block bordered by small live buffers; not traced), so
+the peak can approach twice the step's temporaries (MobileNetV2 224/32: 9.6 GB against 5.0; the
+README's BUSI job 1.32 GB against 0.93). Hence opt-in, for long runs of large models on a
 machine with memory to spare.
 
 The loop waits for each step on the thread that dispatched it, which busjax's step loops already
@@ -76,11 +76,11 @@ def _trim_after_big_compiles(event: str, duration_s: float, **kwargs) -> None:
 def reuse_step_memory() -> bool:
   """Keeps each step's temporaries on the pages of the step before (see the module's text).
 
-  Call it before anything starts JAX's backends (`busjax.main` does, before its first JAX
-  call). It changes nothing, and returns False, where it cannot help: JAX already started, a
-  C library other than glibc, several CPU devices asked for (XLA dispatches programs that span
-  devices from its worker threads whatever the setting) or an accelerator (there only the idle
-  CPU client runs its programs inline). Returns True when on.
+  Call it before anything starts JAX's backends (`busjax.main --reuse_step_memory` does,
+  before its first JAX call). It changes nothing, and returns False, where it cannot help: JAX
+  already started, a C library other than glibc, several CPU devices asked for (XLA dispatches
+  programs that span devices from its worker threads whatever the setting) or an accelerator
+  (there only the idle CPU client runs its programs inline). Returns True when on.
   """
   global _libc
   libc = _glibc()
