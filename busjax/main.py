@@ -68,8 +68,11 @@ def main(argv):
     logging.get_absl_handler().addFilter(_BusjaxInfoOnly())
   if FLAGS.coordinator or FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-  elif FLAGS.reuse_step_memory and host_memory.reuse_step_memory():  # Before JAX starts.
-    logging.info("Train steps reuse one set of host pages for their temporaries.")
+  elif FLAGS.reuse_step_memory:  # Before JAX starts its backends.
+    if host_memory.reuse_step_memory():
+      logging.info("Train steps reuse one set of host pages for their temporaries.")
+    else:
+      logging.warning("--reuse_step_memory does nothing here: it needs glibc and one CPU device.")
   if FLAGS.compilation_cache != "none":
     cache = FLAGS.compilation_cache or os.path.join(FLAGS.workdir, "jax_cache")
     sharding.enable_compilation_cache(cache)

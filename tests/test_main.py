@@ -2,6 +2,7 @@
 
 import glob
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -111,9 +112,19 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path):
 def test_smoke_run_from_the_command_line_reports_and_stays_quiet(tmp_path):
   """The CLI path end to end: reports land in the workdir, the console shows busjax's own lines
   (progress, the final AUCs marked SYNTHETIC) and not the hundreds of library INFO lines Orbax
-  writes per checkpoint."""
-  result = _run("--config=configs/supervised.py:smoke", f"--workdir={tmp_path}", timeout=300)
+  writes per checkpoint. With the opt-in host-page reuse: a whole run (training, checkpoints,
+  reports) with programs run inline, on this one-CPU-device process."""
+  result = _run(
+    "--config=configs/supervised.py:smoke",
+    f"--workdir={tmp_path}",
+    "--reuse_step_memory",
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
+  if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    assert "Train steps reuse one set of host pages" in result.stderr
+  else:
+    assert "--reuse_step_memory does nothing here" in result.stderr
   for split in ("val", "test"):
     assert os.path.exists(tmp_path / "reports" / split / "report.json")
     assert f"{split}: AUC" in result.stderr
