@@ -16,7 +16,7 @@ mapped. Measured on the 2-core development machine, separate processes, alternat
 faster with ~20 faults per step instead of 99,000-1,330,000. Memory a compile frees is handed
 back after every compile of 0.5 s or longer (`malloc_trim`). The cost is memory: the heap is
 never trimmed, and a step's temporaries do not always fit the block the previous step freed
-(likely XLA's aligned request against a block bordered by small live buffers; not traced), so
+(the previous step's metrics, still alive, can keep that block from rejoining the heap's top), so
 the peak can approach twice the step's temporaries (MobileNetV2 224/32: 9.6 GB against 5.0; the
 README's BUSI job 1.32 GB against 0.93). Hence opt-in, for long runs of large models on a
 machine with memory to spare.
