@@ -66,6 +66,23 @@ def _cpu_devices_asked() -> int:
   return int(forced.group(1)) if forced else 1
 
 
+def release_free_heap() -> None:
+  """Hands the heap's free memory back to the system (glibc's `malloc_trim`; elsewhere nothing)."""
+  libc = _libc or _glibc()
+  if libc is not None:
+    libc.malloc_trim(0)
+
+
+def steps_run_inline() -> bool:
+  """Whether a jitted step has finished when its call returns: JAX's CPU client dispatching
+  inline (`reuse_step_memory` turned it so) on a single-device CPU run."""
+  return (
+    not jax.config.read("jax_cpu_enable_async_dispatch")
+    and jax.default_backend() == "cpu"
+    and jax.local_device_count() == 1
+  )
+
+
 def _trim_after_big_compiles(event: str, duration_s: float, **kwargs) -> None:
   """A `jax.monitoring` listener: hands a long compile's freed heap back to the system."""
   del kwargs

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from pacing import recording_pacer
+from pacing import logged_all_paced, recording_pacer
 
 from busjax import checkpointing, configlib, sharding
 from busjax.data import augment, pipeline, records, splits
@@ -230,9 +230,10 @@ def pretrained_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_pretraining_keeps_one_step_ahead_of_the_devices(pretrained_run):
-  _, config, _ = pretrained_run
+  workdir, config, _ = pretrained_run
   # Every contrastive step goes through the pacer (see state_utils.StepPacer).
   assert sum("positive_top1" in names for names in _PACED) == config.ssl.steps
+  assert logged_all_paced(os.path.join(workdir, "metrics.jsonl"), "train")
 
 
 @pytest.mark.slow

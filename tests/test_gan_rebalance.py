@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 from crashing import Crash, CrashingDataset
-from pacing import recording_pacer
+from pacing import logged_all_paced, recording_pacer
 
 from busjax import configlib, sharding
 from busjax.data import pipeline, records
@@ -228,6 +228,7 @@ def test_smoke_run_then_kill_mid_round_and_resume_ends_identical(tmp_path, monke
   _check_run(tmp_path / "a", config, uninterrupted)
   # Every GAN step goes through the pacer (see state_utils.StepPacer).
   assert sum("g_loss" in names for names in paced) == uninterrupted["gan_steps"] > 0
+  assert logged_all_paced(tmp_path / "a" / "gan" / "metrics.jsonl", "gan")
 
   real_train_dataset = pipeline.train_dataset
 

@@ -39,7 +39,8 @@ for _ in range(5):
   state, metrics = compiled(state, batch, jax.random.key(0))
   jax.block_until_ready(metrics)
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"on": on, "temp_pages": temp // 4096, "faults": faults[2:]}))
+inline = host_memory.steps_run_inline()
+print(json.dumps({"on": on, "inline": inline, "temp_pages": temp // 4096, "faults": faults[2:]}))
 """
 
 glibc_only = pytest.mark.skipif(
@@ -66,6 +67,7 @@ def test_steps_reuse_the_pages_of_the_step_before():
   """Off, each step faults in at least its temporaries' pages; on, almost none."""
   off, on = _probe("off"), _probe("on")
   assert on["on"] and not off["on"]
+  assert on["inline"] and not off["inline"]  # What the step loops' pacer asks.
   assert off["temp_pages"] > 16_384  # Over 64 MB.
   assert min(off["faults"]) > off["temp_pages"]  # Why the policy exists.
   assert max(on["faults"]) < on["temp_pages"] // 20
@@ -84,6 +86,7 @@ def test_nothing_changes_once_jax_has_started():
   jax.devices()
   assert not host_memory.reuse_step_memory()
   assert jax.config.read("jax_cpu_enable_async_dispatch")
+  assert not host_memory.steps_run_inline()
 
 
 def test_only_long_compiles_hand_memory_back(monkeypatch):

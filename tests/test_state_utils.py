@@ -1,9 +1,12 @@
 """The trainers' shared helpers that keep the host close behind the devices."""
 
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from busjax import host_memory
 from busjax.trainers import state_utils
 
 
@@ -25,8 +28,25 @@ def test_the_pacer_waits_for_the_previous_step_only():
   assert log == []  # Nothing before it: step 1 runs while the host prepares step 2.
   pace({"loss": _Pending("step2", log)})
   assert log == ["step1"]
-  pace({"loss": _Pending("step3", log)})
+  outputs = {"loss": _Pending("step3", log)}
+  assert pace(outputs) is outputs  # The loop rebinds its metrics to this.
   assert log == ["step1", "step2"]
+
+
+def test_inline_steps_come_back_as_host_arrays_and_nothing_device_side_is_kept(monkeypatch):
+  """With steps run inline (`--reuse_step_memory`) a step has finished when it returns: the
+  pacer hands back host copies, so the loop's rebinding frees the step's device buffers before
+  the next step allocates its temporaries."""
+  monkeypatch.setattr(host_memory, "steps_run_inline", lambda: True)
+  pace = state_utils.StepPacer()
+  loss = jnp.float32(2.5)
+  dead = weakref.ref(loss)
+  metrics = {"loss": loss, "accuracy": jnp.float32(0.75)}
+  metrics = pace(metrics)
+  assert all(type(v) is np.ndarray for v in metrics.values())
+  assert metrics == {"loss": 2.5, "accuracy": 0.75}
+  del loss
+  assert dead() is None
 
 
 def test_average_statistics_is_the_mean_of_floats_and_copies_the_rest(monkeypatch):

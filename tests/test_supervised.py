@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from crashing import Crash, CrashingDataset
 from flax import nnx
-from pacing import recording_pacer
+from pacing import logged_all_paced, recording_pacer
 
 from busjax import checkpointing, configlib, sharding
 from busjax.data import pipeline, records, sources, splits
@@ -163,6 +163,7 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path, monkeypatch):
   supervised.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
   # Every step goes through the pacer (see state_utils.StepPacer).
   assert len(paced) == 6 and all("loss" in names for names in paced)
+  assert logged_all_paced(tmp_path / "uninterrupted" / "metrics.jsonl", "train")
 
   # Simulate a crash on the 4th batch (after the checkpoints at steps 2 and 3, before the one at 4).
   real_train_dataset = pipeline.train_dataset

@@ -339,7 +339,7 @@ def pretrain(
       }
       batch = sharding.host_to_global(batch, mesh)
       state, step_metrics = train_step(state, batch, jax.random.fold_in(rng, step))
-      pace(step_metrics)
+      step_metrics = pace(step_metrics)
       is_ckpt = step % ckpt_every == 0 or step == total_steps
       if step % config.train.log_every == 0 or is_ckpt or step == start_step + 1:
         state_utils.log_train_metrics(

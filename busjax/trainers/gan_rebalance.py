@@ -375,7 +375,7 @@ class _GanRun:
       batch = next(self.train_iter)
       batch = sharding.host_to_global({"image": batch["image"], "label": batch["label"]}, self.mesh)
       self.state, step_metrics = self.step_fn(self.state, batch, jax.random.fold_in(rng, step))
-      pace(step_metrics)
+      step_metrics = pace(step_metrics)
       if step % g.log_every == 0 or step == last_step or step == start + 1:
         state_utils.log_train_metrics(
           step_metrics, step, ckpt=self.ckpt, last_good_step=last_good, workdir=self.workdir,

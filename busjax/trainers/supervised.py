@@ -589,7 +589,7 @@ def train_split(
         raise ValueError("train.mask_loss needs lesion masks, but the training batches have none")
       batch = sharding.host_to_global({k: batch[k] for k in keys}, mesh)
       state, step_metrics = train_step(state, batch, jax.random.fold_in(rng, step))
-      pace(step_metrics)
+      step_metrics = pace(step_metrics)
       is_eval = step % eval_every == 0 or step == total_steps
       is_ckpt = is_eval or step % ckpt_every == 0
       if step % config.train.log_every == 0 or is_ckpt or step == start_step + 1:
