@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ from benchmarks import common
 from busjax import configlib, host_memory, sharding
 from busjax.models import common as model_common
 from busjax.models import layers
-from busjax.trainers import supervised
+from busjax.trainers import state_utils, supervised
 
 # name -> busjax model config (width 1.0 unless named, one grey channel, the configs' heads).
 MODELS = {
@@ -260,7 +261,11 @@ def _child(kind: str, spec: str) -> dict:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _row(model_name: str, side: int, batch: int, with_torch: bool, dtype: str = "float32") -> dict:
+def _compiled_train(model_name: str, side: int, batch: int, dtype: str) -> types.SimpleNamespace:
+  """busjax's train step for one row, compiled for a random batch. `train(steps)` runs `steps`
+  steps as busjax.main's loops do (state rebound, metrics through `state_utils.StepPacer`) and
+  waits for the last; `state()` is the trained state. Also the compiled step, the eval function,
+  the batch's images, the parameter count and the compile's seconds."""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, side, side, 1), dtype=np.uint8)
   labels = rng.integers(0, 2, (batch,)).astype(np.int32)
@@ -268,26 +273,43 @@ def _row(model_name: str, side: int, batch: int, with_torch: bool, dtype: str = 
   global_batch = sharding.host_to_global({"image": images, "label": labels}, mesh)
   key = jax.random.key(0)
   t = time.perf_counter()
-  lowered = step.lower(state, global_batch, key)
-  compiled = lowered.compile()
+  compiled = step.lower(state, global_batch, key).compile()
   compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, list | tuple) else cost
-  flops_per_image = _counted_flops(cost) / batch
-  memory = compiled.memory_analysis()
-  temp_mb = getattr(memory, "temp_size_in_bytes", 0) / 2**20 if memory is not None else None
   holder = {"state": state}
+  del state  # Donated by the first step: only the holder's state is live.
 
-  def jax_train(steps):
+  def train(steps):
+    pace = state_utils.StepPacer()
     for _ in range(steps):
       holder["state"], metrics = compiled(holder["state"], global_batch, key)
+      metrics = pace(metrics)
     jax.block_until_ready(metrics)
+
+  return types.SimpleNamespace(
+    train=train,
+    state=lambda: holder["state"],
+    compiled=compiled,
+    apply=apply,
+    images=images,
+    params=params,
+    compile_s=compile_s,
+  )
+
+
+def _row(model_name: str, side: int, batch: int, with_torch: bool, dtype: str = "float32") -> dict:
+  run = _compiled_train(model_name, side, batch, dtype)
+  cost = run.compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  flops_per_image = _counted_flops(cost) / batch
+  memory = run.compiled.memory_analysis()
+  temp_mb = getattr(memory, "temp_size_in_bytes", 0) / 2**20 if memory is not None else None
+  apply, images, params, jax_train = run.apply, run.images, run.params, run.train
 
   eval_images = jnp.asarray(images)
   eval_stage = {}
 
   def jax_eval(steps):
-    variables = (holder["state"]["params"], holder["state"]["rest"])
+    variables = (run.state()["params"], run.state()["rest"])
     if not eval_stage:  # Compiled once, for the trained state's placement (the mesh's).
       lowered = apply.lower(variables, {"image": eval_images})
       eval_stage["compiled"] = lowered.compile()
@@ -326,7 +348,7 @@ def _row(model_name: str, side: int, batch: int, with_torch: bool, dtype: str = 
     "dtype": dtype,
     "conv": layers.resolved_formulation(),
     "params": params,
-    "busjax_compile_s": compile_s,
+    "busjax_compile_s": run.compile_s,
     "busjax_step_temp_mb": temp_mb,
     "gflop_per_image_train": flops_per_image / 1e9,
     # Multiply-accumulates of one image's eval forward (XLA's count / 2): the roofline's work.
@@ -359,10 +381,8 @@ def _resident_kib(field: str) -> int | None:
 def _settle_host_memory() -> None:
   """Returns freed heap to the OS (glibc's malloc_trim), so that memory a compile or an
   initialisation freed is not read as the training's, and restarts the peak (VmHWM) from now."""
-  import ctypes
-
+  host_memory.release_free_heap()
   try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")
   except OSError:
@@ -394,18 +414,7 @@ def memory_probe(framework: str, model_name: str, side: int, batch: int, dtype: 
   if framework == "torch":
     train, _, _ = _torch_side(torch, model_name, side, batch, dtype)
   else:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch, side, side, 1), dtype=np.uint8)
-    labels = rng.integers(0, 2, (batch,)).astype(np.int32)
-    step, state, _, mesh, _ = busjax_step(model_name, batch, dtype)
-    global_batch = sharding.host_to_global({"image": images, "label": labels}, mesh)
-    compiled = step.lower(state, global_batch, jax.random.key(0)).compile()
-    holder = {"state": state}
-
-    def train(steps):
-      for _ in range(steps):
-        holder["state"], metrics = compiled(holder["state"], global_batch, jax.random.key(0))
-      jax.block_until_ready(metrics)
+    train = _compiled_train(model_name, side, batch, dtype).train
 
   if not on_cpu:
     train(PROBE_STEPS)
