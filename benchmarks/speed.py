@@ -6,7 +6,7 @@ exactly what a run executes) and the eval forward, beside PyTorch's
 (`benchmarks/torch_reference.py`, parameter counts checked equal; channels-last,
 `torch.set_num_threads` = the machine's cores, in a child process of its own with glibc's
 default malloc, as a plain script runs; busjax's step as `busjax.main` runs it, with
-`--reuse_step_memory` as busjax.main's flag of that name). busjax's timed runs come before and
+`--[no]reuse_step_memory` as busjax.main's flag of that name). busjax's timed runs come before and
 after PyTorch's (warm-up excluded, median of `--repeats`), so a noisy shared machine slows both
 alike: the ratio is the figure, absolute images/s drift between days. Also the
 busjax step's compile time, its FLOPs per image (XLA:CPU's cost analysis; XLA:GPU's leaves out
@@ -88,9 +88,9 @@ _MEMORY = flags.DEFINE_bool(
 )
 _REUSE_STEP_MEMORY = flags.DEFINE_bool(
   "reuse_step_memory",
-  False,
-  "busjax's steps reuse their temporaries' host pages, as `busjax.main "
-  "--reuse_step_memory` runs them (busjax/host_memory.py); off by default, as busjax.main.",
+  True,
+  "busjax's steps reuse their temporaries' host pages, as busjax.main runs them by default "
+  "(busjax/host_memory.py); --noreuse_step_memory as `busjax.main --noreuse_step_memory`.",
 )
 _CHILD = flags.DEFINE_enum(
   "child",
@@ -278,8 +278,9 @@ def _compiled_train(model_name: str, side: int, batch: int, dtype: str) -> types
   holder = {"state": state}
   del state  # Donated by the first step: only the holder's state is live.
 
+  pace = state_utils.StepPacer()  # One for the run, as a training loop has.
+
   def train(steps):
-    pace = state_utils.StepPacer()
     for _ in range(steps):
       holder["state"], metrics = compiled(holder["state"], global_batch, key)
       metrics = pace(metrics)

@@ -7,22 +7,25 @@ malloc arena hands any block over 64 MB to `mmap` and back to the kernel at `fre
 faults in and zeroes its temporaries afresh (DenseNet121: ~750,000 page faults, 1.1 s of system
 time per 3.4 s step; more on a virtual machine that hands freed memory back to its host).
 
-`reuse_step_memory()` (opt-in: `busjax.main --reuse_step_memory`) runs single-device programs
-on the calling thread (JAX's `jax_cpu_enable_async_dispatch=False`, read once when the CPU
-client starts) and tells that thread's arena (glibc's main arena) never to `mmap` and never to
-trim its top, so a step's temporaries land where the previous step's were, on pages already
-mapped. Measured on the 2-core development machine, separate processes, alternating
-(docs/performance.md, "Every step's temporaries on the same pages"): the train step 1.15-1.23x
-faster with ~20 faults per step instead of 99,000-1,330,000. Memory a compile frees is handed
-back after every compile of 0.5 s or longer (`malloc_trim`). The cost is memory: the heap is
-never trimmed, and a step's temporaries do not always fit the block the previous step freed
-(the previous step's metrics, still alive, can keep that block from rejoining the heap's top), so
-the peak can approach twice the step's temporaries (MobileNetV2 224/32: 9.6 GB against 5.0; the
-README's BUSI job 1.32 GB against 0.93). Hence opt-in, for long runs of large models on a
-machine with memory to spare.
+`reuse_step_memory()` (`busjax.main` calls it unless `--noreuse_step_memory`) runs
+single-device programs on the calling thread (JAX's `jax_cpu_enable_async_dispatch=False`, read
+once when the CPU client starts) and tells that thread's arena (glibc's main arena) never to
+`mmap` and never to trim its top, so a step's temporaries land where the previous step's were,
+on pages already mapped. Measured on the 2-core development machine, separate processes
+(docs/performance.md, "Every step's temporaries on the same pages"): the train step 1.15-1.3x
+faster with ~20-300 faults per step instead of 49,000-1,330,000.
 
-The loop waits for each step on the thread that dispatched it, which busjax's step loops already
-nearly do (`state_utils.StepPacer` keeps one step queued).
+A never-trimmed heap keeps every block it maps, so the step loops keep it to one block of
+temporaries: `state_utils.StepPacer` takes each inline step's outputs to the host at once (alive
+on the device, they could keep the freed block from serving the next step) and after the first
+step hands the heap's inner free blocks back (`release_free_heap(keep_top=True)`: the first
+run of a program leaves its block where the next request does not fit). Memory a compile frees
+is handed back after every compile of 0.5 s or longer. Peak training memory then matches
+asynchronous dispatch's, within a few percent either way (docs/performance.md).
+
+The loop waits for each step on the thread that dispatched it; busjax's step loops kept at most
+one step queued anyway (`StepPacer`). JAX releases the GIL while a program runs inline, so an
+input pipeline's threads keep working.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from jax._src import xla_bridge  # backends_are_initialized: no public API in ja
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h).
 _M_MMAP_MAX = -4
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_KEEP_ALL = 1 << 62  # A malloc_trim pad larger than any heap's top: the top stays as it is.
 TRIM_AFTER_COMPILE_S = 0.5  # Shorter compiles free little; malloc_trim walks the whole heap.
 
 _libc = None  # Set once the policy is on: the listener below trims through it.
@@ -66,11 +70,13 @@ def _cpu_devices_asked() -> int:
   return int(forced.group(1)) if forced else 1
 
 
-def release_free_heap() -> None:
-  """Hands the heap's free memory back to the system (glibc's `malloc_trim`; elsewhere nothing)."""
+def release_free_heap(keep_top: bool = False) -> None:
+  """Hands the heap's free memory back to the system (glibc's `malloc_trim`; elsewhere nothing).
+  `keep_top`: only the free blocks inside the heap, not the free space at its top, where the
+  next step's temporaries land (glibc trims the top down to `malloc_trim`'s pad)."""
   libc = _libc or _glibc()
   if libc is not None:
-    libc.malloc_trim(0)
+    libc.malloc_trim(ctypes.c_size_t(_KEEP_ALL if keep_top else 0))
 
 
 def steps_run_inline() -> bool:
@@ -87,7 +93,7 @@ def _trim_after_big_compiles(event: str, duration_s: float, **kwargs) -> None:
   """A `jax.monitoring` listener: hands a long compile's freed heap back to the system."""
   del kwargs
   if event == _BACKEND_COMPILE_EVENT and duration_s >= TRIM_AFTER_COMPILE_S and _libc is not None:
-    _libc.malloc_trim(0)
+    release_free_heap()
 
 
 def reuse_step_memory() -> bool:

@@ -94,7 +94,7 @@ def test_only_long_compiles_hand_memory_back(monkeypatch):
 
   class FakeLibc:
     def malloc_trim(self, pad):
-      trims.append(pad)
+      trims.append(pad.value)
 
   monkeypatch.setattr(host_memory, "_libc", FakeLibc())
   compile_event = "/jax/core/compile/backend_compile_duration"
@@ -105,3 +105,62 @@ def test_only_long_compiles_hand_memory_back(monkeypatch):
     compile_event, host_memory.TRIM_AFTER_COMPILE_S, fun_name="f"
   )
   assert trims == [0]
+
+
+# glibc's heap under the policy: a freed block inside the heap stays resident until
+# release_free_heap hands it back; a freed block at the top stays with keep_top=True.
+_HEAP = """
+import ctypes, json
+from busjax import host_memory
+assert host_memory.reuse_step_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+MB = 1 << 20
+def rss():
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) // 1024 for l in f if l.startswith("VmRSS:"))
+def touched(size):
+  p = libc.malloc(size)
+  ctypes.memset(p, 1, size)
+  return p
+out = {}
+inner = touched(256 * MB)
+pin = touched(16 * MB)  # Above it (no free block that large below): the freed one stays inside.
+libc.free(inner)
+out["inner_freed"] = rss()
+host_memory.release_free_heap(keep_top=True)
+out["inner_released"] = rss()
+top = touched(320 * MB)  # Larger than the inner hole: from the top.
+libc.free(top)
+out["top_freed"] = rss()
+host_memory.release_free_heap(keep_top=True)
+out["top_kept"] = rss()
+host_memory.release_free_heap()
+out["top_released"] = rss()
+print(json.dumps(out))
+"""
+
+
+@glibc_only
+def test_release_free_heap_hands_back_inner_blocks_and_keeps_the_top_when_asked():
+  done = subprocess.run(
+    [sys.executable, "-c", _HEAP], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )  # fmt: skip
+  mb = json.loads(done.stdout.strip().splitlines()[-1])
+  assert mb["inner_freed"] - mb["inner_released"] > 200  # Freed inside the heap: resident till now.
+  assert abs(mb["top_freed"] - mb["top_kept"]) < 16  # The top stays for the next step.
+  assert mb["top_kept"] - mb["top_released"] > 200
+
+
+def test_the_pacer_hands_the_heap_back_once_after_the_first_inline_step(monkeypatch):
+  from busjax.trainers import state_utils
+
+  calls = []
+  monkeypatch.setattr(host_memory, "steps_run_inline", lambda: True)
+  monkeypatch.setattr(host_memory, "release_free_heap", lambda **kw: calls.append(kw))
+  pace = state_utils.StepPacer()
+  for _ in range(3):
+    pace({"loss": jax.numpy.float32(1.0)})
+  assert calls == [{"keep_top": True}]

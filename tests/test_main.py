@@ -16,8 +16,8 @@ from busjax import configlib
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def _run(*args, timeout=120):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _run(*args, timeout=120, **env_vars):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env_vars)
   return subprocess.run(
     [sys.executable, "-m", "busjax.main", *args],
     cwd=ROOT,
@@ -97,6 +97,23 @@ def test_bad_data_is_one_clear_line_naming_the_file(tmp_path):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("by_name", [False, True])
+def test_page_reuse_where_it_cannot_apply_warns_only_when_asked_for(tmp_path, by_name):
+  """Two CPU devices: the default stays silent; `--reuse_step_memory` by name gets one line.
+  (A bad config value ends the run right after the flag is handled.)"""
+  result = _run(
+    "--config=configs/supervised.py:smoke",
+    f"--workdir={tmp_path}",
+    "--config.optim.lr=-1.0",
+    *(["--reuse_step_memory"] if by_name else []),
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  warned = "--reuse_step_memory does nothing here" in result.stderr
+  assert warned == by_name
+  assert "Train steps reuse" not in result.stderr
+
+
 def test_bad_checkpoint_is_one_clear_line(tmp_path):
   (tmp_path / "not_a_run").mkdir()
   result = _run(
@@ -112,19 +129,13 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path):
 def test_smoke_run_from_the_command_line_reports_and_stays_quiet(tmp_path):
   """The CLI path end to end: reports land in the workdir, the console shows busjax's own lines
   (progress, the final AUCs marked SYNTHETIC) and not the hundreds of library INFO lines Orbax
-  writes per checkpoint. With the opt-in host-page reuse: a whole run (training, checkpoints,
-  reports) with programs run inline, on this one-CPU-device process."""
-  result = _run(
-    "--config=configs/supervised.py:smoke",
-    f"--workdir={tmp_path}",
-    "--reuse_step_memory",
-    timeout=300,
-  )
+  writes per checkpoint. On this one-CPU-device process under glibc, by default, a whole run
+  (training, checkpoints, reports) with the host-page reuse: programs run inline."""
+  result = _run("--config=configs/supervised.py:smoke", f"--workdir={tmp_path}", timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-    assert "Train steps reuse one set of host pages" in result.stderr
-  else:
-    assert "--reuse_step_memory does nothing here" in result.stderr
+  reuses = "Train steps reuse one set of host pages" in result.stderr
+  assert reuses == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+  assert "--reuse_step_memory does nothing here" not in result.stderr  # Not asked for by name.
   for split in ("val", "test"):
     assert os.path.exists(tmp_path / "reports" / split / "report.json")
     assert f"{split}: AUC" in result.stderr

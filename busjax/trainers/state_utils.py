@@ -231,21 +231,30 @@ class StepPacer:
   never idle) while the queue stays two steps long. Loops rebind the step's outputs to what it
   returns: `metrics = pace(metrics)`.
 
-  Where steps run inline (`host_memory.steps_run_inline()`: `busjax.main --reuse_step_memory`)
-  a step has finished when its call returns, so there is nothing to pace: it returns the outputs
-  as host arrays instead, and the loop's rebinding frees the step's device buffers before the next
-  step runs. Those small buffers, allocated after the step's temporaries and still alive, would
+  Where steps run inline (`host_memory.steps_run_inline()`: `busjax.main`'s default on one CPU
+  device) a step has finished when its call returns, so there is nothing to pace: it returns the
+  outputs as host arrays instead, and the loop's rebinding frees the step's device buffers before
+  the next step runs. Alive, those small buffers (allocated after the step's temporaries) could
   keep the freed temporaries from rejoining the top of the never-trimmed heap, and the next step
-  would map a second block as large (MobileNetV2 224/32: 5.4 -> 9.9 GB; docs/performance.md).
+  would map a second block as large (MobileNetV2 224/32: 5.4 -> 9.9 GB). After the first step it
+  also hands the heap's inner free blocks back to the system: the first run of a program leaves
+  its temporaries' block where the next step's request no longer fits (ResNet-18 128/32: a
+  second 386 MB block from step 2 on, peak 1,182 MB above the imports against 810 with fresh
+  pages per step; 794 with this trim). docs/performance.md, "Every step's temporaries".
   """
 
   def __init__(self):
     self._previous = None
     self._inline = host_memory.steps_run_inline()
+    self._steps = 0
 
   def __call__(self, outputs):
     if self._inline:
-      return jax.device_get(outputs)
+      host = jax.device_get(outputs)
+      self._steps += 1
+      if self._steps == 1:
+        host_memory.release_free_heap(keep_top=True)
+      return host
     if self._previous is not None:
       jax.block_until_ready(self._previous)
     self._previous = outputs
