@@ -246,14 +246,14 @@ class StepPacer:
   def __init__(self):
     self._previous = None
     self._inline = host_memory.steps_run_inline()
-    self._steps = 0
+    self._heap_trimmed = False
 
   def __call__(self, outputs):
     if self._inline:
       host = jax.device_get(outputs)
-      self._steps += 1
-      if self._steps == 1:
+      if not self._heap_trimmed:  # After the first step only (see above).
         host_memory.release_free_heap(keep_top=True)
+        self._heap_trimmed = True
       return host
     if self._previous is not None:
       jax.block_until_ready(self._previous)
