@@ -17,9 +17,9 @@ faster with ~20-300 faults per step instead of 49,000-1,330,000.
 
 A never-trimmed heap keeps every block it maps, so the step loops keep it to one block of
 temporaries: `state_utils.StepPacer` takes each inline step's outputs to the host at once (alive
-on the device, they could keep the freed block from serving the next step) and after the first
-step hands the heap's inner free blocks back (`release_free_heap(keep_top=True)`: the first
-run of a program leaves its block where the next request does not fit). Memory a compile frees
+on the device, they could keep the freed block from serving the next step) and after steps 1,
+2, 4, 8, ... hands the heap's inner free blocks back (`release_free_heap(keep_top=True)`: the
+first run of a program leaves its block where the next request does not fit). Memory a compile frees
 is handed back after every compile of 0.5 s or longer. Peak training memory then matches
 asynchronous dispatch's, within a few percent either way (docs/performance.md).
 

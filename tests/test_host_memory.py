@@ -154,13 +154,16 @@ def test_release_free_heap_hands_back_inner_blocks_and_keeps_the_top_when_asked(
   assert mb["top_kept"] - mb["top_released"] > 200
 
 
-def test_the_pacer_hands_the_heap_back_once_after_the_first_inline_step(monkeypatch):
+def test_the_pacer_hands_inner_heap_blocks_back_after_steps_1_2_4_8(monkeypatch):
   from busjax.trainers import state_utils
 
-  calls = []
+  paced, trimmed_after = [], []
   monkeypatch.setattr(host_memory, "steps_run_inline", lambda: True)
-  monkeypatch.setattr(host_memory, "release_free_heap", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(
+    host_memory, "release_free_heap", lambda **kw: trimmed_after.append((len(paced), kw))
+  )
   pace = state_utils.StepPacer()
-  for _ in range(3):
-    pace({"loss": jax.numpy.float32(1.0)})
-  assert calls == [{"keep_top": True}]
+  for _ in range(10):
+    paced.append(pace({"loss": jax.numpy.float32(1.0)}))
+  # Trimmed inside step n's pace call, when n - 1 steps had come back.
+  assert trimmed_after == [(n - 1, {"keep_top": True}) for n in (1, 2, 4, 8)]
