@@ -242,12 +242,18 @@ def torch_times(model_name: str, side: int, batch: int, dtype: str) -> dict:
   train(_WARMUP.value)
   evaluate(1)
   times = {"train_s": [], "eval_s": []}
-  for _ in range(_REPEATS.value):
-    for kind, fn in (("train_s", train), ("eval_s", evaluate)):
+  _time_repeats(_REPEATS.value, {"train_s": train, "eval_s": evaluate}, times)
+  return {"params": params, **times}
+
+
+def _time_repeats(repeats: int, runs: dict, times: dict) -> None:
+  """`repeats` rounds of each of `runs` (name -> fn(steps)) for `--steps` steps, alternating;
+  each round's seconds appended to `times[name]`."""
+  for _ in range(repeats):
+    for name, fn in runs.items():
       t = time.perf_counter()
       fn(_STEPS.value)
-      times[kind].append(time.perf_counter() - t)
-  return {"params": params, **times}
+      times[name].append(time.perf_counter() - t)
 
 
 def _child(kind: str, spec: str) -> dict:
@@ -324,24 +330,18 @@ def _row(model_name: str, side: int, batch: int, with_torch: bool, dtype: str = 
   jax_train(_WARMUP.value)
   jax_eval(1)  # Warm-up (and the eval's compile).
   times = {"busjax_train": [], "busjax_eval": []}
-
-  def time_busjax(repeats):
-    for _ in range(repeats):
-      for kind, fn in (("busjax_train", jax_train), ("busjax_eval", jax_eval)):
-        t = time.perf_counter()
-        fn(_STEPS.value)
-        times[kind].append(time.perf_counter() - t)
+  busjax_runs = {"busjax_train": jax_train, "busjax_eval": jax_eval}
 
   # busjax's repeats on both sides of PyTorch's (in a child process: alternating the two in one
   # process slowed busjax's fusion step 1.7x, each side's freed memory reclaimed under the other;
   # docs/performance.md), so that both meet the same minutes of this shared machine.
-  time_busjax((_REPEATS.value + 1) // 2)
+  _time_repeats((_REPEATS.value + 1) // 2, busjax_runs, times)
   if with_torch:
     reference = _child("torch_times", f"{model_name}:{side}:{batch}:{dtype}")
     if reference["params"] != params:
       raise RuntimeError(f"{model_name}: busjax {params} vs torch {reference['params']} parameters")
     times["torch_train"], times["torch_eval"] = reference["train_s"], reference["eval_s"]
-  time_busjax(_REPEATS.value // 2)
+  _time_repeats(_REPEATS.value // 2, busjax_runs, times)
   row = {
     "model": model_name,
     "side": side,

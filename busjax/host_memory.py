@@ -99,11 +99,11 @@ def _trim_after_big_compiles(event: str, duration_s: float, **kwargs) -> None:
 def reuse_step_memory() -> bool:
   """Keeps each step's temporaries on the pages of the step before (see the module's text).
 
-  Call it before anything starts JAX's backends (`busjax.main --reuse_step_memory` does,
-  before its first JAX call). It changes nothing, and returns False, where it cannot help: JAX
-  already started, a C library other than glibc, several CPU devices asked for (XLA dispatches
-  programs that span devices from its worker threads whatever the setting) or an accelerator
-  (there only the idle CPU client runs its programs inline). Returns True when on.
+  Call it before anything starts JAX's backends (`busjax.main` does, before its first JAX
+  call, unless `--noreuse_step_memory`). It changes nothing, and returns False, where it cannot
+  help: JAX already started, a C library other than glibc, several CPU devices asked for (XLA
+  dispatches programs that span devices from its worker threads whatever the setting) or an
+  accelerator (there only the idle CPU client runs its programs inline). Returns True when on.
   """
   global _libc
   libc = _glibc()
