@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from busjax import host_memory
 from busjax.models import layers
 
 DATA_AXIS = "data"
@@ -84,7 +85,11 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     mesh: the mesh (its "data" axis size must divide the global batch).
 
   Returns:
-    name -> jax.Array of global shape, sharded with data_sharding(mesh).
+    name -> jax.Array of global shape, sharded with data_sharding(mesh). Where steps run inline
+    (`host_memory.steps_run_inline`) the copies have finished: a program called with an input
+    still being copied runs later, on one of XLA's threads, with its temporaries on fresh pages
+    beside the block the inline steps keep (the supervised BUSI job: a second 192 MB block at a
+    few steps, peak 1.22 GB against 0.94 GB with asynchronous dispatch).
   """
   sharding = data_sharding(mesh)
   data_devices = mesh.shape[DATA_AXIS]
@@ -102,6 +107,8 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
       )
     global_shape = (global_rows, *local.shape[1:])
     out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+  if host_memory.steps_run_inline():
+    jax.block_until_ready(out)
   return out
 
 

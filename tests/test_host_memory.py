@@ -73,6 +73,38 @@ def test_steps_reuse_the_pages_of_the_step_before():
   assert max(on["faults"]) < on["temp_pages"] // 20
 
 
+# A 64 MB batch through `sharding.host_to_global` with the policy on: XLA's CPU client copies
+# a host array that large on one of its threads, after `device_put` has returned.
+_BATCH_PROBE = """
+import json, numpy as np
+from busjax import host_memory, sharding
+on = host_memory.reuse_step_memory()
+mesh, ready = sharding.make_mesh({"data": 1}), []
+for _ in range(3):
+  host = {"image": np.ones((4096, 128, 128, 1), np.uint8), "label": np.zeros(4096, np.int32)}
+  ready += [bool(a.is_ready()) for a in sharding.host_to_global(host, mesh).values()]
+print(json.dumps({"on": on, "ready": ready}))
+"""
+
+
+@glibc_only
+def test_inline_steps_get_batches_whose_copy_has_finished():
+  """A program called with an input still being copied runs later, on one of XLA's threads,
+  with its temporaries on fresh pages beside the block the inline steps keep (the BUSI job: a
+  second 192 MB block at some steps). host_to_global hands the loops finished copies."""
+  done = subprocess.run(
+    [sys.executable, "-c", _BATCH_PROBE],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  )
+  probe = json.loads(done.stdout.strip().splitlines()[-1])
+  assert probe["on"] and all(probe["ready"])
+
+
 @glibc_only
 def test_several_cpu_devices_leave_the_policy_off():
   """XLA dispatches multi-device programs from its worker threads whatever the setting: the
