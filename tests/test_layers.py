@@ -143,6 +143,31 @@ def test_small_maps_take_one_matmul_and_no_convolution():
   assert "conv_general_dilated" in large
 
 
+def test_stored_gives_its_input_and_stays_a_conditional_in_xla_cpu(monkeypatch):
+  """`stored` returns its input's values (also where the first element is NaN) and survives
+  XLA:CPU's optimisations as a conditional, so `conv2d`'s kernel gradient reads the stored input
+  rather than recomputing its producers inside the transpose (docs/performance.md)."""
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 8))
+  np.testing.assert_array_equal(layers.stored(x), x)
+  nan_first = x.at[0, 0, 0, 0].set(jnp.nan)
+  np.testing.assert_array_equal(layers.stored(nan_first), nan_first)
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
+
+  def compiled_text():  # A new function each time: traced afresh.
+    def kernel_gradient(x, kernel):
+      def loss(kernel):
+        y = layers.conv2d(jax.nn.relu(x * 2.0 + 1.0), kernel, (1, 1), ((1, 1), (1, 1)))
+        return jnp.sum(y**2)
+
+      return jax.grad(loss)(kernel)
+
+    return jax.jit(kernel_gradient).lower(x, kernel).compile().as_text()
+
+  assert " conditional(" in compiled_text()
+  monkeypatch.setattr(layers, "stored", lambda v: v)
+  assert " conditional(" not in compiled_text()
+
+
 def _primitives(module, x) -> set[str]:
   """Names of the primitives in the jaxpr of module(x)'s gradient w.r.t. x and the kernel."""
   graphdef, state = nnx.split(module)
