@@ -88,8 +88,8 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     name -> jax.Array of global shape, sharded with data_sharding(mesh). Where steps run inline
     (`host_memory.steps_run_inline`) the copies have finished: a program called with an input
     still being copied runs later, on one of XLA's threads, with its temporaries on fresh pages
-    beside the block the inline steps keep (the supervised BUSI job: a second 192 MB block at a
-    few steps, peak 1.22 GB against 0.94 GB with asynchronous dispatch).
+    beside the block the inline steps keep (the supervised BUSI job: a second 192 MB block at
+    one or two of its 37 steps; docs/performance.md, "A batch still being copied").
   """
   sharding = data_sharding(mesh)
   data_devices = mesh.shape[DATA_AXIS]

@@ -49,9 +49,10 @@ glibc_only = pytest.mark.skipif(
 )
 
 
-def _probe(mode: str) -> dict:
+def _probe(mode: str, script: str = _PROBE) -> dict:
+  """The last line of `script` run with argument `mode` in a fresh process, as JSON."""
   done = subprocess.run(
-    [sys.executable, "-c", _PROBE, mode],
+    [sys.executable, "-c", script, mode],
     cwd=ROOT,
     env=dict(os.environ, JAX_PLATFORMS="cpu"),
     capture_output=True,
@@ -92,16 +93,7 @@ def test_inline_steps_get_batches_whose_copy_has_finished():
   """A program called with an input still being copied runs later, on one of XLA's threads,
   with its temporaries on fresh pages beside the block the inline steps keep (the BUSI job: a
   second 192 MB block at some steps). host_to_global hands the loops finished copies."""
-  done = subprocess.run(
-    [sys.executable, "-c", _BATCH_PROBE],
-    cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    capture_output=True,
-    text=True,
-    timeout=120,
-    check=True,
-  )
-  probe = json.loads(done.stdout.strip().splitlines()[-1])
+  probe = _probe("on", _BATCH_PROBE)
   assert probe["on"] and all(probe["ready"])
 
 
