@@ -166,6 +166,9 @@ def test_stored_gives_its_input_and_stays_a_conditional_in_xla_cpu(monkeypatch):
   assert " conditional(" in compiled_text()
   monkeypatch.setattr(layers, "stored", lambda v: v)
   assert " conditional(" not in compiled_text()
+  monkeypatch.undo()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert layers.stored(x) is x  # Off the CPU: no conditional.
 
 
 def _primitives(module, x) -> set[str]:
