@@ -20,8 +20,11 @@ temporaries: `state_utils.StepPacer` takes each inline step's outputs to the hos
 on the device, they could keep the freed block from serving the next step) and after steps 1,
 2, 4, 8, ... hands the heap's inner free blocks back (`release_free_heap(keep_top=True)`: the
 first run of a program leaves its block where the next request does not fit). Memory a compile frees
-is handed back after every compile of 0.5 s or longer. Peak training memory then matches
-asynchronous dispatch's, within a few percent either way (docs/performance.md).
+is handed back after every compile of 0.5 s or longer. A train step's peak memory then matches
+asynchronous dispatch's within a few percent either way; a whole job's can differ from run to run
+(the supervised BUSI job: 0.90-1.21 GB against 0.94 GB; docs/performance.md, "A batch still
+being copied"). `sharding.host_to_global` waits for its copies: a step called with a batch still
+being copied would run on one of XLA's threads, on fresh pages.
 
 The loop waits for each step on the thread that dispatched it; busjax's step loops kept at most
 one step queued anyway (`StepPacer`). JAX releases the GIL while a program runs inline, so an

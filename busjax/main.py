@@ -45,8 +45,9 @@ flags.DEFINE_bool(
   "reuse_step_memory",
   True,
   "Single-device CPU runs (glibc): every train step's temporaries on the pages of the step "
-  "before, instead of fresh ones (large models' steps 1.15-1.3x faster, peak memory about the "
-  "same; busjax/host_memory.py). --noreuse_step_memory: XLA's asynchronous dispatch, fresh pages.",
+  "before, instead of fresh ones (large models' steps 1.15-1.3x faster, a step's peak memory "
+  "about the same; busjax/host_memory.py). --noreuse_step_memory: XLA's asynchronous dispatch, "
+  "fresh pages.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 

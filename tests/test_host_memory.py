@@ -168,11 +168,7 @@ print(json.dumps(out))
 
 @glibc_only
 def test_release_free_heap_hands_back_inner_blocks_and_keeps_the_top_when_asked():
-  done = subprocess.run(
-    [sys.executable, "-c", _HEAP], cwd=ROOT, capture_output=True, text=True, timeout=60,
-    check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-  )  # fmt: skip
-  mb = json.loads(done.stdout.strip().splitlines()[-1])
+  mb = _probe("heap", _HEAP)
   assert mb["inner_freed"] - mb["inner_released"] > 200  # Freed inside the heap: resident till now.
   assert abs(mb["top_freed"] - mb["top_kept"]) < 16  # The top stays for the next step.
   assert mb["top_kept"] - mb["top_released"] > 200
