@@ -612,8 +612,10 @@ class BatchNorm(nnx.BatchNorm):
   (ReLU and ReLU6 fused into the normalisation and its hand-written gradient; any other
   activation applied after it) for the layout every busjax model uses: features last, no mask,
   no ``axis_name``, fast variance. Anything else, and evaluation mode, run flax's own code.
-  Only DenseNet opts in: its step 1.03x and its compile 30 -> 23 s, where MobileNetV2's step
-  lost 7% and ResNet-18's 1-5% (docs/performance.md, "BatchNorm's gradient written out").
+  `ConvBN` (ResNet, MobileNetV2, the fusion, multiscale and multimodal models) and DenseNet's
+  layers opt in: with the input gradient stored, train steps 1.04x (ResNet-18 w0.5) to 1.55x
+  (MobileNetV2) over flax's BatchNorm (docs/performance.md, "BatchNorm gradients stored").
+  The GAN's and the projection head's BatchNorms keep flax's.
   """
 
   def __init__(self, num_features: int, *, fused: bool = False, **kwargs):
@@ -678,6 +680,13 @@ def batch_norm_train(
   and, with a clip, the output for the activation's mask (the next convolution keeps it anyway).
   XLA:CPU's own differentiation of flax's code gave it more, smaller loops: DenseNet121's train
   step compiled in 23 s instead of 30 s.
+
+  The input gradient is `stored`: the convolution before a BatchNorm takes its kernel gradient
+  from it transposed (channels first), and XLA:CPU fused the gradient's whole expression (five
+  arrays) into that transpose, writing it in transposed order on one core: 65 ms for one of
+  DenseNet121's (16, 56, 56, 128) gradients, against 6 ms in row order. Train steps 1.40x
+  (DenseNet121, the fusion model) and 1.55x (MobileNetV2; docs/performance.md, "BatchNorm
+  gradients stored").
   """
   features = x.shape[-1]
   scale = jnp.ones((features,), x.dtype) if scale is None else scale
@@ -733,7 +742,9 @@ def _batch_norm_train_bwd(epsilon, clip, residuals, cotangents):
   dbias = jnp.sum(dz, axes)
   dscale = jnp.sum(dz * centred, axes) * rstd  # Sum of dz * normalised x.
   dx = multiplier * (dz - dbias / count - centred * (rstd * dscale / count))
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+  # Stored: the convolution before the BatchNorm takes its kernel gradient from dx transposed,
+  # and XLA:CPU fused this whole expression into that transpose (docstring).
+  return stored(dx.astype(x.dtype)), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
@@ -808,7 +819,7 @@ class ConvBN(nnx.Module):
     else:
       raise ValueError(f"kind must be 'conv' or 'depthwise', got {kind!r}")
     self.bn = batch_norm(
-      out_features, epsilon=bn_epsilon, momentum=bn_momentum, dtype=dtype, rngs=rngs
+      out_features, epsilon=bn_epsilon, momentum=bn_momentum, dtype=dtype, fused=True, rngs=rngs
     )
     self.activation = activation
 
