@@ -459,6 +459,42 @@ def test_fused_batch_norm_input_gradient_is_stored(monkeypatch):
   assert " conditional(" not in compiled_text()
 
 
+@pytest.mark.parametrize(
+  "x_shape,kernel_shape,strides,padding",
+  [
+    ((2, 9, 8, 30), (3, 3, 30, 6), (2, 2), ((1, 1), (1, 1))),
+    ((2, 9, 8, 30), (3, 3, 30, 6), (1, 1), ((1, 1), (1, 1))),
+    ((2, 7, 10, 5), (5, 3, 5, 4), (1, 1), ((2, 1), (0, 3))),  # Uneven kernel and padding.
+    ((3, 16, 15, 1), (7, 7, 1, 8), (2, 2), ((2, 3), (3, 3))),  # A grey stem, 'same' padding.
+  ],
+)
+def test_kernel_gradient_is_xlas_weight_gradient(x_shape, kernel_shape, strides, padding):
+  """The im2col kernel gradient is XLA's weight-gradient sum (only speed differs)."""
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  kernel = jnp.zeros(kernel_shape)
+  y, vjp = jax.vjp(lambda k: layers._conv(x, k, strides, padding), kernel)
+  grad = jax.random.normal(jax.random.key(1), y.shape)
+  (expected,) = vjp(grad)
+  got = layers.kernel_gradient(x, grad, kernel_shape, strides, padding)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "kernel_shape,out_shape,path",
+  [
+    ((7, 7, 1, 64), (32, 64, 64, 64), "im2col"),  # ResNet's grey stem at 128 px.
+    ((3, 3, 1, 32), (32, 112, 112, 32), "im2col"),  # MobileNetV2's grey stem at 224 px.
+    ((3, 3, 3, 32), (32, 112, 112, 32), "xla"),  # RGB at 224 px: a patch matrix too large.
+    ((7, 7, 1, 64), (16, 112, 112, 64), "xla"),  # DenseNet121's stem at 224 px: the same.
+    ((7, 7, 3, 64), (2, 8, 8, 64), "xla"),  # 147 columns: wide patches, however few.
+    ((3, 3, 32, 32), (32, 32, 32, 32), "xla"),  # Every layer past the stem.
+    ((3, 3, 128, 32), (16, 56, 56, 32), "xla"),
+  ],
+)
+def test_kernel_gradient_path_choice(kernel_shape, out_shape, path):
+  assert layers.kernel_gradient_path(kernel_shape, out_shape) == path
+
+
 def test_same_padding_is_tensorflow_same_and_differs_from_symmetric():
   # TF 'SAME' at stride 2 on an even size pads only after; torchvision pads both sides.
   assert layers.pad_widths(224, 3, 2, "same") == (0, 1)
