@@ -682,8 +682,8 @@ def batch_norm_train(
   step compiled in 23 s instead of 30 s.
 
   The input gradient is `stored`: the convolution before a BatchNorm takes its kernel gradient
-  from it transposed (channels first), and XLA:CPU fused the gradient's whole expression (five
-  arrays) into that transpose, writing it in transposed order on one core: 65 ms for one of
+  from it transposed (channels first), and XLA:CPU fused the gradient's whole expression (seven
+  operands) into that transpose, writing it in transposed order on one core: 65 ms for one of
   DenseNet121's (16, 56, 56, 128) gradients, against 6 ms in row order. Train steps 1.40x
   (DenseNet121, the fusion model) and 1.55x (MobileNetV2; docs/performance.md, "BatchNorm
   gradients stored").
