@@ -92,8 +92,8 @@ def test_pointwise_matches_nnx_conv(stride, formulation):
 
 @pytest.mark.parametrize("padding", ["symmetric", "same"])
 @pytest.mark.parametrize("kernel_size,stride", [(3, 1), (3, 2), (7, 2), (1, 2)])
-# 1 and 3 input channels: the kernel gradient is one im2col matmul (but 7x7x3 = 147 patch
-# columns: XLA's own); 40: XLA's own.
+# 1 and 3 input channels: a 3x3 kernel's gradient is one im2col matmul (a 7x7 kernel's, 49 or
+# 147 patch columns, XLA's own); 40: XLA's own.
 @pytest.mark.parametrize("channels", [1, 3, 40])
 def test_conv_matches_nnx_conv(padding, kernel_size, stride, channels, formulation):
   x = jax.random.normal(jax.random.key(0), (2, 10, 11, channels))
@@ -232,10 +232,10 @@ def test_the_rewrites_on_a_gpu_warn_once_unless_the_flag_is_set(monkeypatch):
 def test_formulations_trace_different_programs():
   """ "cpu" traces the rewrites (shifted slices; a narrow kernel's gradient as a matmul), "xla"
   XLA's own convolutions: the switch is real, not a name."""
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
-  depthwise = layers.DepthwiseConv(6, kernel_size=3, rngs=nnx.Rngs(0))
-  conv = layers.Conv(6, 4, 3, rngs=nnx.Rngs(0))
-  pointwise = layers.PointwiseConv(6, 4, strides=2, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  depthwise = layers.DepthwiseConv(3, kernel_size=3, rngs=nnx.Rngs(0))
+  conv = layers.Conv(3, 4, 3, rngs=nnx.Rngs(0))  # 27 patch columns.
+  pointwise = layers.PointwiseConv(3, 4, strides=2, rngs=nnx.Rngs(0))
   with layers.conv_formulation("cpu"):
     assert "conv_general_dilated" not in _primitives(depthwise, x)
     assert "conv_general_dilated" not in _primitives(pointwise, x)
@@ -482,7 +482,7 @@ def test_kernel_gradient_is_xlas_weight_gradient(x_shape, kernel_shape, strides,
 @pytest.mark.parametrize(
   "kernel_shape,out_shape,path",
   [
-    ((7, 7, 1, 64), (32, 64, 64, 64), "im2col"),  # ResNet's grey stem at 128 px.
+    ((7, 7, 1, 64), (32, 64, 64, 64), "xla"),  # ResNet's grey stem at 128 px: 49 columns.
     ((3, 3, 1, 32), (32, 112, 112, 32), "im2col"),  # MobileNetV2's grey stem at 224 px.
     ((3, 3, 3, 32), (32, 112, 112, 32), "xla"),  # RGB at 224 px: a patch matrix too large.
     ((7, 7, 1, 64), (16, 112, 112, 64), "xla"),  # DenseNet121's stem at 224 px: the same.

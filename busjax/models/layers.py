@@ -12,7 +12,7 @@ parameters:
   feature_group_count=C)``).
 * `Conv`: any other convolution via ``lax.conv_general_dilated`` (`conv2d`), whose kernel
   gradient is one im2col matrix product (`kernel_gradient`) where the patches are narrow and
-  few (grey stems, whose weight gradient XLA:CPU's own convolution runs 1.6-4x slower) and
+  few (3x3 grey stems, whose weight gradient XLA:CPU's own convolution runs 3-4x slower) and
   XLA's own everywhere else (docs/performance.md). On maps of at most 2 x 2 (input or output)
   the whole convolution, forward and both gradients, is one im2col matrix product
   (`small_map_conv`): XLA:CPU runs those 3x3 convolutions 2-95x slower (ResNet-18's last
@@ -288,7 +288,7 @@ def _conv(x: jax.Array, kernel: jax.Array, strides, padding, groups: int = 1) ->
 
 
 # `conv2d`'s kernel gradient is one im2col matmul (`kernel_gradient`) for kernels with at most
-# `_IM2COL_MAX_COLUMNS` patch columns (kh * kw * in: grey stems, RGB 3x3 stems on small images)
+# `_IM2COL_MAX_COLUMNS` patch columns (kh * kw * in: grey and RGB 3x3 stems on small images)
 # whose patch matrix has at most `_IM2COL_MAX_ELEMENTS` entries, and XLA's own weight-gradient
 # convolution everywhere else. Kernel gradient alone, batch 32, AVX-512 Xeon with convolutions off
 # YNNPACK (`compiler_options`), XLA's own / im2col, ms: grey 3x3/2 at 224 px 16.2 / 5.2, at 128 px
@@ -296,8 +296,12 @@ def _conv(x: jax.Array, kernel: jax.Array, strides, padding, groups: int = 1) ->
 # 48.9; RGB 3x3/2 at 224 px 22.6 / 23.4. At ResNet-18's 3x3 layers XLA's own is 1.3-3x faster than
 # any arrangement as matmuls (32x32x32x64->64: 12.2 ms vs 35.2 by kernel rows, 42.9 im2col, 51.2 per
 # tap), which were faster while YNNPACK ran the convolutions on one core (docs/performance.md,
-# "Kernel gradients back to XLA's own").
-_IM2COL_MAX_COLUMNS = 64
+# "Kernel gradients back to XLA's own"). In the train steps, with the stem's input stored
+# (`stored`), the grey 7x7 stem at 128 px is no longer faster by im2col: ResNet-18 w0.5 128/32
+# 168.1 -> 174.9 and 167.3 -> 172.9 img/s with XLA's own (1.04x, two in-process A/Bs), ResNet-18
+# 1.00x. So only 3x3 kernels on at most 3 channels (27 columns) take it; MobileNetV2's grey 3x3
+# stem: 1.00x either way.
+_IM2COL_MAX_COLUMNS = 27
 _IM2COL_MAX_ELEMENTS = 8 * 2**20
 
 
