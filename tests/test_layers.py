@@ -153,22 +153,30 @@ def test_stored_gives_its_input_and_stays_a_conditional_in_xla_cpu(monkeypatch):
   np.testing.assert_array_equal(layers.stored(nan_first), nan_first)
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
 
-  def compiled_text():  # A new function each time: traced afresh.
-    def kernel_gradient(x, kernel):
-      def loss(kernel):
-        y = layers.conv2d(jax.nn.relu(x * 2.0 + 1.0), kernel, (1, 1), ((1, 1), (1, 1)))
-        return jnp.sum(y**2)
+  def output(x, kernel):
+    return layers.conv2d(jax.nn.relu(x * 2.0 + 1.0), kernel, (1, 1), ((1, 1), (1, 1)))
 
-      return jax.grad(loss)(kernel)
-
-    return jax.jit(kernel_gradient).lower(x, kernel).compile().as_text()
-
-  assert " conditional(" in compiled_text()
-  monkeypatch.setattr(layers, "stored", lambda v: v)
-  assert " conditional(" not in compiled_text()
-  monkeypatch.undo()
+  _assert_kernel_gradient_keeps_stored(output, x, kernel, monkeypatch)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert layers.stored(x) is x  # Off the CPU: no conditional.
+
+
+def _assert_kernel_gradient_keeps_stored(output, x, kernel, monkeypatch) -> None:
+  """The compiled kernel gradient of ``sum(output(x, kernel) ** 2)`` holds a conditional (a
+  `stored` array), and none with `stored` patched to the identity."""
+
+  def has_conditional() -> bool:  # A new function each time: traced afresh.
+    def kernel_gradient(x, kernel):
+      return jax.grad(lambda k: jnp.sum(output(x, k) ** 2))(kernel)
+
+    with layers.conv_formulation("cpu"):
+      text = jax.jit(kernel_gradient).lower(x, kernel).compile().as_text()
+    return " conditional(" in text
+
+  assert has_conditional()
+  with monkeypatch.context() as patch:
+    patch.setattr(layers, "stored", lambda v: v)
+    assert not has_conditional()
 
 
 def _primitives(module, x) -> set[str]:
@@ -442,21 +450,11 @@ def test_fused_batch_norm_input_gradient_is_stored(monkeypatch):
   kernel = jax.random.normal(jax.random.key(1), (1, 1, 8, 16))
   scale, bias = jnp.linspace(0.5, 2.0, 16), jnp.linspace(-1.0, 1.0, 16)
 
-  def compiled_text():  # A new function each time: traced afresh.
-    def kernel_gradient(x, kernel):
-      def loss(kernel):
-        y = layers.pointwise_conv2d(x, kernel, (1, 1))
-        y, _, _ = layers.batch_norm_train(y, scale, bias, epsilon=1e-5, clip=(0.0, None))
-        return jnp.sum(y**2)
+  def output(x, kernel):
+    y = layers.pointwise_conv2d(x, kernel, (1, 1))
+    return layers.batch_norm_train(y, scale, bias, epsilon=1e-5, clip=(0.0, None))[0]
 
-      return jax.grad(loss)(kernel)
-
-    with layers.conv_formulation("cpu"):
-      return jax.jit(kernel_gradient).lower(x, kernel).compile().as_text()
-
-  assert " conditional(" in compiled_text()
-  monkeypatch.setattr(layers, "stored", lambda v: v)
-  assert " conditional(" not in compiled_text()
+  _assert_kernel_gradient_keeps_stored(output, x, kernel, monkeypatch)
 
 
 @pytest.mark.parametrize(
