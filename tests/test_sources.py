@@ -632,3 +632,93 @@ def test_from_config_real_phantom_classes():
   assert collection.describe()["per_class"] == {"benign or normal": 5, "malignant": 2}
   normal = [r for r in collection.records if r.meta["original_class"] == "normal"]
   assert len(normal) == 2 and all(r.label == 0 for r in normal)
+
+
+# ----------------------------------------------------------------------------------------------
+# Each file decoded once per job (records.decoded_files_kept).
+# ----------------------------------------------------------------------------------------------
+
+
+def _counting_decodes(monkeypatch) -> list[str]:
+  decoded = []
+  real = records._decode_file
+
+  def counting(path):
+    decoded.append(os.path.basename(path))
+    return real(path)
+
+  monkeypatch.setattr(records, "_decode_file", counting)
+  return decoded
+
+
+def test_a_job_decodes_each_file_once(tmp_path, monkeypatch):
+  from busjax.data import pipeline, splits
+
+  monkeypatch.setenv("BUSJAX_CACHE_DIR", "none")  # The near-duplicate search really runs.
+  root = make_busi(tmp_path / "busi", benign=4, malignant=3, normal=0)
+  decoded = _counting_decodes(monkeypatch)
+  files = sorted(n for _, _, names in os.walk(root) for n in names)
+  with records.decoded_files_kept():
+    collection = sources.busi(root)  # The check: every image and mask.
+    splits.near_duplicate_pairs(collection)
+    batches = pipeline.train_dataset(
+      collection, image_size=16, global_batch_size=2, seed=0, augment_config=None,
+      with_masks=True,
+    )  # fmt: skip
+    next(iter(batches))
+    again = records.load_image(collection.records[0])
+    assert again is records.load_image(collection.records[0])  # One array, shared...
+    assert not again.flags.writeable  # ...and nobody can change it under the others.
+  assert sorted(decoded) == files
+  records.load_image(collection.records[0])  # Outside the job: read again.
+  assert len(decoded) == len(files) + 1
+
+
+def test_kept_files_are_read_again_when_they_change(tmp_path, monkeypatch):
+  path = _save(tmp_path / "a.png", _gray(1))
+  decoded = _counting_decodes(monkeypatch)
+  with records.decoded_files_kept():
+    first = records.read_image_file(path)
+    os.utime(path, ns=(0, 0))  # Same pixels, another modification time.
+    records.read_image_file(path)
+    _save(tmp_path / "a.png", _gray(2)[:, :-1])  # Another size and content.
+    changed = records.read_image_file(path)
+    assert records.read_image_file(path) is changed
+  assert len(decoded) == 3
+  np.testing.assert_array_equal(first, _gray(1))
+  np.testing.assert_array_equal(changed, _gray(2)[:, :-1])
+
+
+def test_a_bad_file_inside_a_job_still_names_itself(tmp_path):
+  path = _save(tmp_path / "a.png", _gray(1))
+  _truncate(path)
+  with records.decoded_files_kept():
+    for _ in range(2):  # Not kept as a success the second time.
+      with pytest.raises(records.DataError, match=re.escape(f"{path}: corrupt or truncated")):
+        records.read_image_file(path)
+    with pytest.raises(records.DataError, match="missing.png: image file not found"):
+      records.read_image_file(str(tmp_path / "missing.png"))
+
+
+def test_kept_files_budget_nesting_and_mode(tmp_path, monkeypatch):
+  paths = [_save(tmp_path / f"{i}.png", _gray(i)) for i in range(3)]
+  rgb = _save(tmp_path / "rgb.png", np.stack([_gray(5)] * 3, -1), "RGB")
+  decoded = _counting_decodes(monkeypatch)
+  monkeypatch.setenv(records.DECODED_CACHE_ENV, str(2.5 * H * W / 2**20))  # Room for two.
+  with records.decoded_files_kept():
+    with records.decoded_files_kept():  # Nested: the outer one's arrays serve.
+      for path in paths * 2:
+        records.read_image_file(path)
+    records.read_image_file(paths[0])
+    assert records.read_image_file(rgb, with_mode=True)[1] == "RGB"
+  # The first two fit and were decoded once; the third, over the budget, at every read.
+  assert decoded == ["0.png", "1.png", "2.png", "2.png", "rgb.png"]
+  monkeypatch.setenv(records.DECODED_CACHE_ENV, "0")  # Off.
+  with records.decoded_files_kept():
+    records.read_image_file(paths[0])
+    records.read_image_file(paths[0])
+  assert decoded[-2:] == ["0.png", "0.png"]
+  monkeypatch.setenv(records.DECODED_CACHE_ENV, "lots")
+  with pytest.raises(records.DataError, match="BUSJAX_DECODED_CACHE_MB='lots': expected megab"):
+    with records.decoded_files_kept():
+      pass

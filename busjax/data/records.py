@@ -11,9 +11,12 @@ Label convention, everywhere in busjax: **malignant = 1**. Binary tasks use
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+import stat
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -116,14 +119,104 @@ def decode_threads() -> int:
   return min(16, 2 * (os.cpu_count() or 1))
 
 
-def read_image_file(path: str) -> np.ndarray:
-  """Reads an image file fully as uint8 grayscale (H, W), or raises DataError naming it."""
-  if not os.path.isfile(path):
+DECODED_CACHE_ENV = "BUSJAX_DECODED_CACHE_MB"
+_DECODED_CACHE_MAX_MB = 1024
+
+
+class _DecodedFiles:
+  """Decoded files by (absolute path, size, modification time), up to `budget` bytes.
+
+  Full, it keeps what it has and takes no more: the readers scan whole datasets in order, which
+  would leave a least-recently-used cache smaller than the dataset with no hits at all.
+  """
+
+  def __init__(self, budget: int):
+    self._budget = budget
+    self._used = 0
+    self._arrays: dict[tuple, tuple[np.ndarray, str]] = {}  # (pixels, PIL mode on disk)
+    self._lock = threading.Lock()  # The loaders decode in threads.
+
+  def get(self, key: tuple) -> tuple[np.ndarray, str] | None:
+    with self._lock:
+      return self._arrays.get(key)
+
+  def put(self, key: tuple, decoded: tuple[np.ndarray, str]) -> None:
+    with self._lock:
+      if key not in self._arrays and self._used + decoded[0].nbytes <= self._budget:
+        self._arrays[key] = decoded
+        self._used += decoded[0].nbytes
+
+
+_decoded: _DecodedFiles | None = None
+
+
+def _decoded_cache_budget() -> int:
+  """Bytes: $BUSJAX_DECODED_CACHE_MB, else 1 GiB but at most 1/8 of the machine's memory."""
+  value = os.environ.get(DECODED_CACHE_ENV)
+  if value is not None:
+    try:
+      return max(0, int(float(value) * 2**20))
+    except ValueError:
+      raise DataError(f"${DECODED_CACHE_ENV}={value!r}: expected megabytes, e.g. 512") from None
+  budget = _DECODED_CACHE_MAX_MB * 2**20
+  try:
+    budget = min(budget, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8)
+  except (ValueError, OSError, AttributeError):  # No sysconf (Windows) or no such name.
+    pass
+  return budget
+
+
+@contextlib.contextmanager
+def decoded_files_kept() -> Iterator[None]:
+  """Within it, `read_image_file` decodes each file once and hands out the same read-only array
+  after (a changed file, by size or modification time, is read again).
+
+  A job reads every image several times: the loader's check, the near-duplicate search, each
+  training pipeline's cache (one per fold of a cross-validation, one more for the EMA
+  BatchNorm batches), every evaluation. The trainers' `train_and_evaluate` run inside it; the
+  arrays are dropped when the outermost one exits. Budget: $BUSJAX_DECODED_CACHE_MB megabytes
+  (0 turns it off), default 1 GiB or 1/8 of the machine's memory if less; files beyond it are
+  decoded at every read, as outside it.
+  """
+  global _decoded
+  if _decoded is not None:  # Nested: the outer one's arrays serve.
+    yield
+    return
+  budget = _decoded_cache_budget()
+  _decoded = _DecodedFiles(budget) if budget > 0 else None
+  try:
+    yield
+  finally:
+    _decoded = None
+
+
+def read_image_file(path: str, *, with_mode: bool = False):
+  """Reads an image file fully as uint8 grayscale (H, W), read-only, or raises DataError naming
+  it; with `with_mode`, (pixels, the PIL mode on disk, e.g. "RGB" for colour annotations).
+  Inside `decoded_files_kept` a file already read comes back without decoding."""
+  try:
+    info = os.stat(path)
+  except OSError:
+    info = None
+  if info is None or not stat.S_ISREG(info.st_mode):
     raise DataError(f"{path}: image file not found")
+  memo = _decoded
+  key = (os.path.abspath(path), info.st_size, info.st_mtime_ns)
+  decoded = memo.get(key) if memo is not None else None
+  if decoded is None:
+    decoded = _decode_file(path)
+    decoded[0].flags.writeable = False  # Shared by every later reader.
+    if memo is not None:
+      memo.put(key, decoded)
+  return decoded if with_mode else decoded[0]
+
+
+def _decode_file(path: str) -> tuple[np.ndarray, str]:
   try:
     with Image.open(path) as img:
+      mode = img.mode  # As the header says (before any conversion the decode may make).
       img.load()  # Forces a full decode: truncated files fail here, not mid-training.
-      return _to_gray_uint8(img, path)
+      return _to_gray_uint8(img, path), mode
   except UnidentifiedImageError as e:
     raise DataError(f"{path}: not a readable image ({e})") from e
   except (OSError, SyntaxError, ValueError) as e:

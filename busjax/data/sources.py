@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from busjax.data import records
 
@@ -108,22 +107,13 @@ class _Problems:
     )
 
 
-def _image_mode(path: str) -> str:
-  """The PIL mode on disk (header only), e.g. 'RGB' for BUSI images with colour annotations."""
-  try:
-    with Image.open(path) as img:
-      return img.mode
-  except Exception:  # noqa: BLE001 - read_image_file has already reported a real problem.
-    return "unknown"
-
-
 def _check(candidate: _Candidate) -> tuple[records.Record | None, str | None]:
   """Fully decodes one image and its masks; returns (checked record, None) or (None, problem)."""
   if candidate.problem:
     return None, candidate.problem
   record = candidate.record
   try:
-    image = records.read_image_file(record.image)
+    image, mode = records.read_image_file(record.image, with_mode=True)
     shape = tuple(image.shape)
     merged = None
     for mask_path in candidate.mask_paths:
@@ -142,7 +132,7 @@ def _check(candidate: _Candidate) -> tuple[records.Record | None, str | None]:
     mask_value = merged.astype(np.uint8)  # Several masks: the lesion is their union.
   else:
     mask_value = None
-  meta = dict(record.meta, height=shape[0], width=shape[1], mode=_image_mode(record.image))
+  meta = dict(record.meta, height=shape[0], width=shape[1], mode=mode)
   if candidate.expected_shape is not None and shape != tuple(candidate.expected_shape):
     # Metadata, not pixels, is wrong here (BUS-BRA's bus_0857-r: CSV says 409 rows, image and
     # mask agree on 393): note it and let _finish warn, since image and mask are consistent.

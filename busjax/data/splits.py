@@ -23,6 +23,7 @@ cover "one is a zoomed-out copy of the other" once both are normalised to the sa
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -259,7 +260,10 @@ def _tile_score(level: _Level, a: int, b: int, match: tuple) -> float:
 
 
 def _images_of(collection: records.Collection) -> list[np.ndarray]:
-  return [records.load_image(r) for r in collection.records]
+  """Every record's image, decoded in threads as the loaders do (in a job, the loader's check
+  has usually decoded them already: `records.decoded_files_kept`)."""
+  with concurrent.futures.ThreadPoolExecutor(records.decode_threads()) as pool:
+    return list(pool.map(records.load_image, collection.records))
 
 
 def cache_dir() -> str | None:

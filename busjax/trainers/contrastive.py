@@ -441,10 +441,11 @@ def probe_split(
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pretrains (checkpoints in `workdir`), then reports the linear probe like every regime."""
-  loaded = protocol.load_data(config)  # Once: the pretraining and the probe share it.
-  pretrained = pretrain(config, workdir, loaded)
-  if config.ssl.probe == "none":
-    return {"workdir": workdir, **pretrained.info}
-  return protocol.train_and_evaluate(
-    config, workdir, functools.partial(probe_split, pretrained=pretrained), loaded=loaded
-  )
+  with records.decoded_files_kept():  # One decode per file for pretraining and probe.
+    loaded = protocol.load_data(config)  # Once: the pretraining and the probe share it.
+    pretrained = pretrain(config, workdir, loaded)
+    if config.ssl.probe == "none":
+      return {"workdir": workdir, **pretrained.info}
+    return protocol.train_and_evaluate(
+      config, workdir, functools.partial(probe_split, pretrained=pretrained), loaded=loaded
+    )

@@ -271,8 +271,13 @@ def train_and_evaluate(
   """Runs `train_split` under the protocol `config` describes; reports go under `workdir`.
 
   `loaded`: `load_data(config)`'s result when the regime already has it (no second near-duplicate
-  search).
+  search). Each image file is decoded once for the whole job (`records.decoded_files_kept`).
   """
+  with records.decoded_files_kept():
+    return _train_and_evaluate(config, workdir, train_split, loaded)
+
+
+def _train_and_evaluate(config, workdir, train_split, loaded) -> dict[str, Any]:
   _write_config(config, workdir)
   collection, pairs = loaded or load_data(config)
   external = load_external(config)
