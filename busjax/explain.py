@@ -27,9 +27,9 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from busjax import inference
+from busjax import cli, inference
 from busjax.data import augment, records
 from busjax.evaluators import saliency
 
@@ -256,4 +256,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

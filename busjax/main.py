@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from busjax import checkpointing, configlib, host_memory, sharding
+from busjax import checkpointing, cli, configlib, host_memory, sharding
 from busjax.data import records
 
 FLAGS = flags.FLAGS
@@ -124,7 +124,7 @@ def _parse_flags(argv):
 
 
 def run():
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

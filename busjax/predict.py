@@ -22,9 +22,9 @@ import dataclasses
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from busjax import inference
+from busjax import cli, inference
 from busjax.data import records
 
 
@@ -120,4 +120,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

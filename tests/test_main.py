@@ -153,3 +153,34 @@ def test_smoke_run_from_the_command_line_reports_and_stays_quiet(tmp_path):
   }
   info_files = re.findall(r"^I\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\]", result.stderr, re.MULTILINE)
   assert info_files and set(info_files) <= own_files, set(info_files) - own_files
+
+
+_EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from busjax import cli
+
+def handler():
+  print("handler ran")  # Buffered stdout: must still be flushed.
+  open(sys.argv[1] + ".handler", "w").write("ok")
+
+def late_writer():
+  time.sleep(0.3)
+  open(sys.argv[1] + ".thread", "w").write("ok")
+
+atexit.register(handler)
+threading.Thread(target=late_writer).start()  # Not a daemon: the exit waits for it.
+cli.exit_without_teardown(eval(sys.argv[2]))
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("code, status", [("3", 3), ("None", 0), ("'bad thing'", 1)])
+def test_exit_without_teardown_keeps_what_python_exit_does_first(tmp_path, code, status):
+  stem = str(tmp_path / "out")
+  result = subprocess.run(
+    [sys.executable, "-c", _EXIT_SCRIPT, stem, code], cwd=ROOT, capture_output=True, text=True
+  )
+  assert result.returncode == status
+  assert result.stdout == "handler ran\n"  # Flushed, and nothing after the exit ran.
+  assert os.path.exists(stem + ".handler") and os.path.exists(stem + ".thread")
+  assert result.stderr.strip() == ("bad thing" if status == 1 else "")
