@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from busjax import checkpointing, cli, configlib, host_memory, sharding
-from busjax.data import records
+from busjax.data import records, splits
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -38,8 +38,12 @@ flags.DEFINE_bool(
 flags.DEFINE_string(
   "compilation_cache",
   "",
-  "JAX persistent compilation cache folder (default WORKDIR/jax_cache; 'none' = off): a resumed "
-  "run, and a regime that trains the same classifier several times, skip recompiling.",
+  "JAX persistent compilation cache folder; 'none' = off. Default: jax/ in busjax's cache folder "
+  "($BUSJAX_CACHE_DIR, else ~/.cache/busjax), shared by all of this user's runs and kept under "
+  "2 GiB (least recently used programs go first), or WORKDIR/jax_cache where "
+  "BUSJAX_CACHE_DIR=none. A run whose programs compiled before (the same model in another "
+  "workdir, a resumed run, a regime training the same classifier several times) skips "
+  "recompiling them.",
 )
 flags.DEFINE_bool(
   "reuse_step_memory",
@@ -51,6 +55,7 @@ flags.DEFINE_bool(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
+_SHARED_COMPILATION_CACHE_BYTES = 2 * 2**30
 _BUSJAX_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -79,8 +84,13 @@ def main(argv):
       "--reuse_step_memory does nothing here: it needs glibc, one CPU device and one process."
     )
   if FLAGS.compilation_cache != "none":
-    cache = FLAGS.compilation_cache or os.path.join(FLAGS.workdir, "jax_cache")
-    sharding.enable_compilation_cache(cache)
+    if FLAGS.compilation_cache:
+      sharding.enable_compilation_cache(FLAGS.compilation_cache)
+    elif splits.cache_dir() is not None:
+      cache = os.path.join(splits.cache_dir(), "jax")
+      sharding.enable_compilation_cache(cache, max_bytes=_SHARED_COMPILATION_CACHE_BYTES)
+    else:
+      sharding.enable_compilation_cache(os.path.join(FLAGS.workdir, "jax_cache"))
   logging.info(
     "JAX %s, process %d/%d, %d local / %d global devices: %s",
     jax.__version__,

@@ -23,12 +23,14 @@ from busjax.models import layers
 DATA_AXIS = "data"
 
 
-def enable_compilation_cache(folder: str) -> None:
+def enable_compilation_cache(folder: str, max_bytes: int | None = None) -> None:
   """JAX's persistent compilation cache in `folder`, for every program: not only the step's but
   the eager ops' 5-100 ms ones, ~100 per launch (model initialisation, optimizer state, metrics),
-  which were 2.4 s of a warm BUSI run (docs/performance.md)."""
+  which were 2.4 s of a warm BUSI run (docs/performance.md). With `max_bytes`, the least recently
+  used programs are deleted beyond that size (JAX's own eviction, under a file lock)."""
   jax.config.update("jax_compilation_cache_dir", folder)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_compilation_cache_max_size", -1 if max_bytes is None else int(max_bytes))
 
 
 def make_mesh(mesh_config: Mapping[str, int] | None = None) -> Mesh:

@@ -130,19 +130,27 @@ def test_smoke_run_from_the_command_line_reports_and_stays_quiet(tmp_path):
   """The CLI path end to end: reports land in the workdir, the console shows busjax's own lines
   (progress, the final AUCs marked SYNTHETIC) and not the hundreds of library INFO lines Orbax
   writes per checkpoint. On this one-CPU-device process under glibc, by default, a whole run
-  (training, checkpoints, reports) with the host-page reuse: programs run inline."""
-  result = _run("--config=configs/supervised.py:smoke", f"--workdir={tmp_path}", timeout=300)
+  (training, checkpoints, reports) with the host-page reuse: programs run inline. Compiled
+  programs go to the user's shared cache folder, size-capped (JAX's eviction keeps a lock file)."""
+  shared = tmp_path / "user_cache"
+  workdir = tmp_path / "run"
+  result = _run(
+    "--config=configs/supervised.py:smoke", f"--workdir={workdir}", timeout=300,
+    BUSJAX_CACHE_DIR=str(shared),
+  )  # fmt: skip
   assert result.returncode == 0, result.stderr[-2000:]
   reuses = "Train steps reuse one set of host pages" in result.stderr
   assert reuses == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
   assert "--reuse_step_memory does nothing here" not in result.stderr  # Not asked for by name.
   for split in ("val", "test"):
-    assert os.path.exists(tmp_path / "reports" / split / "report.json")
+    assert os.path.exists(workdir / "reports" / split / "report.json")
     assert f"{split}: AUC" in result.stderr
   assert "SYNTHETIC" in result.stderr
   assert "step 4/4" in result.stderr
   # The compile cache keeps the eager ops' small programs too (the next launch reads them back).
-  cached = os.listdir(tmp_path / "jax_cache")
+  assert not os.path.exists(workdir / "jax_cache")
+  cached = os.listdir(shared / "jax")
+  assert ".lockfile" in cached
   assert any(name.startswith("jit_train_step") for name in cached)
   assert sum(name.startswith("jit__normal") for name in cached) >= 1, sorted(cached)[:20]
   # Orbax's INFO chatter is filtered: every INFO line comes from a busjax file. Library warnings
