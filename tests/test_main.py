@@ -164,7 +164,7 @@ def test_smoke_run_from_the_command_line_reports_and_stays_quiet(tmp_path):
 
 
 _EXIT_SCRIPT = """
-import atexit, sys, threading, time
+import atexit, concurrent.futures, sys, threading, time
 from busjax import cli
 
 def handler():
@@ -177,6 +177,8 @@ def late_writer():
 
 atexit.register(handler)
 threading.Thread(target=late_writer).start()  # Not a daemon: the exit waits for it.
+idle = concurrent.futures.ThreadPoolExecutor(2)  # Never shut down: its idle workers must be
+idle.submit(int).result()  # told to stop, as Python's own exit does, or the exit would hang.
 cli.exit_without_teardown(eval(sys.argv[2]))
 print("not reached")
 """
@@ -186,8 +188,9 @@ print("not reached")
 def test_exit_without_teardown_keeps_what_python_exit_does_first(tmp_path, code, status):
   stem = str(tmp_path / "out")
   result = subprocess.run(
-    [sys.executable, "-c", _EXIT_SCRIPT, stem, code], cwd=ROOT, capture_output=True, text=True
-  )
+    [sys.executable, "-c", _EXIT_SCRIPT, stem, code], cwd=ROOT, capture_output=True, text=True,
+    timeout=60,
+  )  # fmt: skip
   assert result.returncode == status
   assert result.stdout == "handler ran\n"  # Flushed, and nothing after the exit ran.
   assert os.path.exists(stem + ".handler") and os.path.exists(stem + ".thread")
