@@ -83,12 +83,14 @@ def main(argv):
     logging.warning(
       "--reuse_step_memory does nothing here: it needs glibc, one CPU device and one process."
     )
+  shared_cache = splits.cache_dir()
   if FLAGS.compilation_cache != "none":
     if FLAGS.compilation_cache:
       sharding.enable_compilation_cache(FLAGS.compilation_cache)
-    elif splits.cache_dir() is not None:
-      cache = os.path.join(splits.cache_dir(), "jax")
-      sharding.enable_compilation_cache(cache, max_bytes=_SHARED_COMPILATION_CACHE_BYTES)
+    elif shared_cache is not None:
+      sharding.enable_compilation_cache(
+        os.path.join(shared_cache, "jax"), max_bytes=_SHARED_COMPILATION_CACHE_BYTES
+      )
     else:
       sharding.enable_compilation_cache(os.path.join(FLAGS.workdir, "jax_cache"))
   logging.info(

@@ -125,3 +125,28 @@ def test_two_processes_train_cross_validate_and_report_like_one(tmp_path):
   )
   summary = json.loads((tmp_path / "two" / "summary.json").read_text())
   assert len(summary["fold_test_auc"]) == 2 and "out_of_fold" in summary
+
+
+def test_a_regime_runs_inside_one_decode_per_file(tmp_path, monkeypatch):
+  """`protocol.train_and_evaluate` (every regime's entry) keeps decoded files for the whole job:
+  two reads of one image inside it decode it once, as the loader's check, the near-duplicate
+  search, the pipelines and the reports do in a real job (tests/test_sources.py)."""
+  from PIL import Image
+
+  from busjax.data import records
+  from busjax.trainers import protocol
+
+  path = str(tmp_path / "a.png")
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+  decoded = []
+  real = records._decode_file
+  monkeypatch.setattr(records, "_decode_file", lambda p: decoded.append(p) or real(p))
+
+  def job(config, workdir, train_split, loaded):
+    records.read_image_file(path)
+    records.read_image_file(path)
+    return {}
+
+  monkeypatch.setattr(protocol, "_train_and_evaluate", job)
+  protocol.train_and_evaluate(_smoke_config(), str(tmp_path), supervised.train_split)
+  assert decoded == [path]

@@ -267,7 +267,8 @@ def _images_of(collection: records.Collection) -> list[np.ndarray]:
 
 
 def cache_dir() -> str | None:
-  """busjax's on-disk cache of derived data (near-duplicate pairs): $BUSJAX_CACHE_DIR, else
+  """busjax's on-disk cache of derived data (near-duplicate pairs; `busjax.main`'s compiled
+  programs in its jax/ folder): $BUSJAX_CACHE_DIR, else
   $XDG_CACHE_HOME/busjax, else ~/.cache/busjax; None when BUSJAX_CACHE_DIR is "none"."""
   folder = os.environ.get("BUSJAX_CACHE_DIR")
   if folder == "none":
