@@ -233,8 +233,8 @@ def make_step(defs: supervised.ModelDefs, tx, config: ml_collections.ConfigDict)
     return new_state, {
       "loss": loss,
       "positive_top1": accuracy,
-      "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(params),
+      "grad_norm": state_utils.global_norm(grads),
+      "param_norm": state_utils.global_norm(params),
     }
 
   return step

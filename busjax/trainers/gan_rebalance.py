@@ -253,10 +253,8 @@ def make_gan_step(defs: GanDefs, g_tx, d_tx, gan_config):
     new_state["generator"] = {"params": g_params, "rest": nnx.split(generator, nnx.Param, ...)[2]}
     for name, d in zip(d_names, ds, strict=True):
       new_state[name] = {"params": d_params[name], "rest": nnx.split(d, nnx.Param, ...)[2]}
-    # Warm-up keeps the early average from being dominated by the random initialisation.
-    decay = jnp.minimum(ema_decay, (1.0 + state["step"]) / (10.0 + state["step"]))
-    new_state["generator_ema"] = jax.tree.map(
-      lambda e, p: decay * e + (1.0 - decay) * p, state["generator_ema"], g_params
+    new_state["generator_ema"] = state_utils.ema_update(
+      state["generator_ema"], g_params, state["step"], ema_decay
     )
     step_metrics = {
       "d_loss": d_loss,
@@ -264,8 +262,8 @@ def make_gan_step(defs: GanDefs, g_tx, d_tx, gan_config):
       "r1": r1,
       "d1_real": d1_real_mean,
       "d1_fake": d1_fake_mean,
-      "d_grad_norm": optax.tree.norm(d_grads),
-      "g_grad_norm": optax.tree.norm(g_grads),
+      "d_grad_norm": state_utils.global_norm(d_grads),
+      "g_grad_norm": state_utils.global_norm(g_grads),
     }
     return new_state, step_metrics
 

@@ -346,16 +346,12 @@ def make_train_step(
       )
       new_state["aux"] = optax.apply_updates(state["aux"], aux_updates)
     if "ema" in state:
-      # Warm-up keeps early EMA weights from being dominated by the random initialisation.
-      decay = jnp.minimum(ema_decay, (1.0 + state["step"]) / (10.0 + state["step"]))
-      new_state["ema"] = jax.tree.map(
-        lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params
-      )
+      new_state["ema"] = state_utils.ema_update(state["ema"], params, state["step"], ema_decay)
     step_metrics = {
       "loss": total,
       "accuracy": (logits.argmax(-1) == batch["label"]).mean(),
-      "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(params),
+      "grad_norm": state_utils.global_norm(grads),
+      "param_norm": state_utils.global_norm(params),
     }
     if "aux" in state:
       step_metrics["class_loss"], step_metrics["mask_loss"] = loss, seg_loss
