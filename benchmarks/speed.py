@@ -147,7 +147,7 @@ def busjax_step(model_name: str, batch: int, dtype: str = "float32"):
   step = sharding.jit_train_step(
     supervised.make_train_step(defs, tx, config), mesh, state, constants=(np.ones(2, np.float32),)
   )
-  apply = jax.jit(supervised.make_apply(defs, config))
+  apply = sharding.jit(supervised.make_apply(defs, config))  # As busjax predicts: its XLA options.
   return step, state, apply, mesh, model_common.count_params(model)
 
 

@@ -1,7 +1,10 @@
 """benchmarks/speed.py: its row specs and one tiny row per convolution formulation (no torch)."""
 
 import math
+import re
 
+import jax
+import jax.numpy as jnp
 import pytest
 from absl import app, flags
 from absl.testing import flagsaver
@@ -41,6 +44,26 @@ def test_a_row_times_the_formulation_it_names(conv):
   assert math.isfinite(row["gflop_per_image_train"]) and row["gflop_per_image_train"] > 0
   assert 0 < row["gmac_per_image_forward"] < row["gflop_per_image_train"]
   assert "train_ratio" not in row  # No reference timed, no ratio invented.
+
+
+def _ynnpack_convolutions(compiled_text: str) -> int:
+  """Convolutions that XLA:CPU handed to YNNPACK: those inside a `ynn_fusion`'s computation."""
+  called = re.findall(r"%ynn_fusion[.\d]* = [^\n]*calls=%([\w.]+)", compiled_text)
+  blocks = {b.split(" ", 1)[0].lstrip("%"): b for b in re.split(r"\n(?=\S)", compiled_text)}
+  return sum("convolution(" in blocks.get(name, "") for name in called)
+
+
+def test_the_eval_column_times_the_program_busjax_predicts_with():
+  """busjax's predictions are jitted with its XLA options (`sharding.jit`: on CPU, convolutions
+  stay with XLA); the eval timed beside PyTorch's must be that program. Under a plain `jax.jit`
+  YNNPACK took the convolutions and the column read 1.2-1.3x slow (ResNet-18, DenseNet121)."""
+  with layers.conv_formulation("cpu"):
+    _, state, apply, _, _ = speed.busjax_step("resnet18", 4)
+    args = ((state["params"], state["rest"]), {"image": jnp.zeros((4, 32, 32, 1), jnp.uint8)})
+    timed = apply.lower(*args).compile().as_text()
+    plain = jax.jit(apply.__wrapped__).lower(*args).compile().as_text()
+  assert _ynnpack_convolutions(plain) > 0  # What the check looks for exists.
+  assert _ynnpack_convolutions(timed) == 0
 
 
 def test_a_memory_probe_counts_the_models_state_and_not_the_imports():
